@@ -1,0 +1,69 @@
+"""Command line: ``python -m daemon`` / ``ringserve``.
+
+    ringserve serve [--config FILE] [--host H] [--port P] [--port-file F]
+    ringserve check FILE            validate a config, print "ok" or the error
+    python -m daemon [...]          same as ``ringserve serve [...]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None,
+                   help=f"TOML config file (default: {DEFAULT_CONFIG})")
+    p.add_argument("--host", default=None, help="override [server] host")
+    p.add_argument("--port", type=int, default=None, help="override [server] port (0: any free port)")
+    p.add_argument("--port-file", default=None,
+                   help="write the bound port to this file once listening (for scripts and tests)")
+    p.add_argument("--check-config", metavar="FILE", default=None,
+                   help="validate FILE and exit (0 ok, 2 invalid) without serving")
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from .config import ConfigError, load_config
+
+    if argv and argv[0] == "check":
+        p = argparse.ArgumentParser(prog="ringserve check")
+        p.add_argument("file")
+        a = p.parse_args(argv[1:])
+        argv = ["--check-config", a.file]
+    elif argv and argv[0] == "serve":
+        argv = argv[1:]
+    p = argparse.ArgumentParser(prog="ringserve serve", description="Serve PyTorch models over "
+                                "msgpack/TCP with shared-memory workers.")
+    _serve_args(p)
+    a = p.parse_args(argv)
+    if a.check_config:
+        try:
+            load_config(a.check_config)
+        except ConfigError as e:
+            print(f"invalid config: {e}", file=sys.stderr)
+            return 2
+        print("ok")
+        return 0
+    path = a.config or os.environ.get("RINGSERVE_CONFIG") or str(DEFAULT_CONFIG)
+    try:
+        cfg = load_config(path)
+    except ConfigError as e:
+        print(f"invalid config: {e}", file=sys.stderr)
+        return 2
+    over = {k: v for k, v in (("host", a.host), ("port", a.port)) if v is not None}
+    if over:
+        cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, **over))
+    from . import logs
+    from .server import serve
+    logs.setup(cfg.logging.level)
+    return serve(cfg, a.port_file)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""Per-model request queues, the dispatch policy, deadlines and completion.
+
+Dispatch policy (one ``ModelQueue`` per served model version, shared by all of
+its workers):
+
+- a worker with nothing in flight is *idle*: it gets whatever is queued at
+  once (up to ``max_batch``). A lone request never waits for a window that an
+  idle device does not need.
+- otherwise a batch is handed over when ``max_batch`` requests are queued, or
+  when the oldest queued request has waited ``window_ms``, to a worker that
+  has a free ring slot (``inflight_batches`` per worker lets the front fill
+  the next batch while the worker computes the current one).
+- a finished batch frees its worker, which re-runs the policy.
+
+The queue is bounded (``queue_limit``): beyond it a request is refused with
+RESOURCE_EXHAUSTED at once. Every request is on a deadline heap; one timer,
+set for the earliest deadline, answers DEADLINE_EXCEEDED for whatever is still
+unanswered then, queued or in a worker, so a stuck worker can never hang a
+caller. A request is answered exactly once (``Pending.done``); a late result
+for an answered request is dropped.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import time
+from typing import TYPE_CHECKING
+
+from ipc.status import Status
+
+from .stats import ModelStats
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .supervisor import WorkerHandle
+
+_monotonic_ns = time.monotonic_ns
+OK = int(Status.OK)
+
+
+class Pending:
+    """One accepted infer request, from arrival to its one answer."""
+
+    __slots__ = ("id", "conn", "data", "arrival", "deadline", "done", "queue", "rid", "dispatched")
+
+    def __init__(self, req_id, conn, data, arrival, deadline, queue, rid):
+        self.id = req_id
+        self.conn = conn
+        self.data = data  # raw bytes per input, validated
+        self.arrival = arrival  # monotonic ns
+        self.deadline = deadline  # monotonic ns
+        self.done = False
+        self.queue = queue
+        self.rid = rid
+        self.dispatched = 0
+
+    def answer_error(self, status: int, message: str) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.queue.finished(self, status, {"id": self.id, "status": status, "error": message,
+                                           "rid": self.rid})
+
+
+class Deadlines:
+    """One heap and one timer for every pending request of the process."""
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.heap: list = []
+        self.seq = itertools.count()
+        self.timer = None
+        self.timer_at = 0
+
+    def add(self, req: Pending) -> None:
+        heapq.heappush(self.heap, (req.deadline, next(self.seq), req))
+        if self.timer is None or req.deadline < self.timer_at:
+            self._arm(req.deadline)
+
+    def _arm(self, at_ns: int) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer_at = at_ns
+        # loop.time() is time.monotonic() on both asyncio and uvloop
+        self.timer = self.loop.call_at(at_ns / 1e9, self._fire)
+
+    def _fire(self) -> None:
+        self.timer = None
+        now = _monotonic_ns()
+        heap = self.heap
+        while heap and (heap[0][0] <= now or heap[0][2].done):
+            _, _, req = heapq.heappop(heap)
+            if not req.done:
+                req.queue.expire(req)
+        if heap:
+            self._arm(heap[0][0])
+
+
+class ModelQueue:
+    """The queue and workers of one model version."""
+
+    def __init__(self, model_cfg, loop, deadlines: Deadlines, lane: str = "stable"):
+        self.cfg = model_cfg
+        self.name = model_cfg.name
+        self.version = model_cfg.version
+        self.lane = lane
+        self.loop = loop
+        self.deadlines = deadlines
+        self.max_batch = model_cfg.max_batch
+        self.window_ns = int(model_cfg.window_ms * 1e6)
+        self.limit = model_cfg.queue_limit
+        self.buckets = tuple(model_cfg.buckets)
+        # bucket for each batch size n (index n): the smallest bucket >= n
+        self.bucket_for = [0] * (self.max_batch + 1)
+        b = 0
+        for n in range(1, self.max_batch + 1):
+            while self.buckets[b] < n:
+                b += 1
+            self.bucket_for[n] = self.buckets[b]
+        self.q: collections.deque[Pending] = collections.deque()
+        self.queued = 0  # live (unanswered) requests in q
+        self.workers: list[WorkerHandle] = []
+        self.stats = ModelStats()
+        self.window_timer = None
+        self.outputs = []  # TensorDecl list, learned from the first worker
+        self.single_output = True
+        self.on_idle = None  # called when nothing is queued or in flight (drain)
+
+    # -- intake ------------------------------------------------------------
+    def ready_workers(self):
+        return [w for w in self.workers if w.state == "ready"]
+
+    def submit(self, req: Pending) -> str | None:
+        """Queue a request; returns an error kind instead when it cannot be
+        taken: 'busy' (queue full) or 'unavailable' (no ready worker)."""
+        if self.queued >= self.limit:
+            return "busy"
+        if not any(w.state == "ready" for w in self.workers):
+            return "unavailable"
+        self.q.append(req)
+        self.queued += 1
+        self.deadlines.add(req)
+        self.dispatch()
+        return None
+
+    # -- policy --------------------------------------------------------------
+    def _oldest(self) -> Pending | None:
+        q = self.q
+        while q and q[0].done:
+            q.popleft()
+        return q[0] if q else None
+
+    def _pick_worker(self, oldest: Pending):
+        best = None
+        for w in self.workers:
+            if w.state != "ready":
+                continue
+            inflight = w.in_flight
+            if inflight == 0:
+                return w  # idle: never make it wait
+            if w.free_slots and (best is None or inflight < best.in_flight):
+                best = w
+        if best is None:
+            return None
+        if self.queued >= self.max_batch or _monotonic_ns() - oldest.arrival >= self.window_ns:
+            return best
+        if self.window_timer is None:
+            self.window_timer = self.loop.call_at((oldest.arrival + self.window_ns) / 1e9,
+                                                  self._window_passed)
+        return None
+
+    def _window_passed(self) -> None:
+        self.window_timer = None
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        while self.queued:
+            oldest = self._oldest()
+            if oldest is None:
+                break
+            w = self._pick_worker(oldest)
+            if w is None:
+                return
+            batch = []
+            q = self.q
+            mb = self.max_batch
+            while q and len(batch) < mb:
+                r = q.popleft()
+                if not r.done:
+                    batch.append(r)
+            self.queued -= len(batch)
+            if batch:
+                n = len(batch)
+                w.submit_batch(batch, self.bucket_for[n])
+        self._maybe_idle()
+
+    # -- completion ------------------------------------------------------------
+    def set_outputs(self, outputs, single: bool) -> None:
+        self.outputs = outputs
+        self.single_output = single
+        # (name, dtype, shape) of each output, built once: answers only add data
+        self._out_meta = [(t.name, t.dtype, list(t.shape)) for t in outputs]
+
+    def complete_batch(self, batch, out_mvs, out_nbytes, status, compute_ns, err, t_sub, bucket):
+        """Answer every request of a finished batch from the result slot.
+
+        Output bytes go from shared memory straight into the answer frame:
+        each ``data`` is a memoryview slice that msgpack packs as bin, before
+        the slot is released."""
+        n = len(batch)
+        self.stats.batch(n, bucket)
+        if status:
+            for r in batch:
+                r.answer_error(int(Status.INTERNAL), f"model {self.name!r} version "
+                               f"{self.version!r} failed on this batch: {err}")
+            return
+        compute_us = compute_ns // 1000
+        meta = self._out_meta
+        single = self.single_output
+        name, version, lane = self.name, self.version, self.lane
+        finished = self.finished
+        for i, r in enumerate(batch):
+            if r.done:
+                continue
+            r.done = True
+            if single:
+                nb = out_nbytes[0]
+                _, dt, shape = meta[0]
+                outputs = {"dtype": dt, "shape": shape, "data": out_mvs[0][i * nb:(i + 1) * nb]}
+            else:
+                outputs = {}
+                for k, (oname, dt, shape) in enumerate(meta):
+                    nb = out_nbytes[k]
+                    outputs[oname] = {"dtype": dt, "shape": shape,
+                                      "data": out_mvs[k][i * nb:(i + 1) * nb]}
+            finished(r, OK, {
+                "id": r.id, "status": OK, "outputs": outputs, "model": name,
+                "version": version, "lane": lane, "arm": None, "rid": r.rid,
+                "timing": {"queue_us": (t_sub - r.arrival) // 1000, "compute_us": compute_us,
+                           "batch": n, "bucket": bucket}})
+
+    def finished(self, req: Pending, status: int, answer: dict) -> None:
+        """Send one answer (already marked done) and count it."""
+        now = _monotonic_ns()
+        self.stats.answered(status, (now - req.arrival) // 1000)
+        req.conn.send(answer)
+
+    def expire(self, req: Pending) -> None:
+        """Deadline passed: answer now, wherever the request is."""
+        if not req.dispatched:
+            self.queued -= 1
+            if len(self.q) > 2 * self.limit:
+                self.q = collections.deque(r for r in self.q if not r.done)
+        req.answer_error(int(Status.DEADLINE_EXCEEDED),
+                         f"deadline exceeded after {(_monotonic_ns() - req.arrival) // 1000} us "
+                         f"{'in the worker' if req.dispatched else 'in the queue'} of model "
+                         f"{self.name!r} version {self.version!r}; raise deadline_ms or reduce load")
+        self._maybe_idle()
+
+    def fail_all_queued(self, status: int, message: str) -> None:
+        q, self.q = self.q, collections.deque()
+        self.queued = 0
+        for r in q:
+            r.answer_error(status, message)
+        self._maybe_idle()
+
+    def worker_changed(self) -> None:
+        """A worker became ready or went away."""
+        if not any(w.state == "ready" for w in self.workers) and self.queued:
+            states = ", ".join(sorted({w.state for w in self.workers})) or "none"
+            self.fail_all_queued(int(Status.UNAVAILABLE),
+                                 f"model {self.name!r} version {self.version!r} has no ready "
+                                 f"worker (workers: {states}); retry shortly")
+        self.dispatch()
+
+    @property
+    def in_flight(self) -> int:
+        return sum(w.in_flight for w in self.workers)
+
+    def idle(self) -> bool:
+        return self.queued == 0 and self.in_flight == 0
+
+    def _maybe_idle(self) -> None:
+        if self.on_idle is not None and self.idle():
+            self.on_idle()

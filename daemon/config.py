@@ -1,0 +1,809 @@
+"""The daemon's configuration: one table of settings, a TOML loader, frozen results.
+
+Every key is declared exactly once, in ``SETTINGS``, as a ``Setting``: the
+section it belongs to, its name, its type as the docs write it, its default,
+a one-line doc and a ``check`` that validates and normalises a value read from
+the file (raising ``ValueError`` with a message a person can act on). The
+loader, the error messages, the ``Config`` objects and the reference in
+``docs/config.md`` (``render_reference``, checked by a unit test) all come from
+that table, so they cannot disagree.
+
+Sections are declared in ``SECTIONS``: a table (``[server]``) or an array of
+tables (``[[models]]``), the frozen dataclass it becomes, and the cross-checks
+that involve several keys of one entry (``build``) or several entries
+(``check_items``). Adding a section means: a frozen dataclass, a ``Section``,
+its ``Setting`` rows, and a field of the same name on ``Config``.
+
+What ``load_config`` returns is immutable all the way down (frozen, slotted
+dataclasses, tuples, strings and numbers), so the front, the supervisor and
+the reload logic can share one ``Config`` and compare an old one with a new
+one without copying.
+
+This module must stay importable without torch: the front process imports it,
+and the front never imports torch. The protocol's dtypes are therefore listed
+here rather than taken from ``ipc.tensors``.
+
+Run ``python -m daemon.config --check FILE`` to validate a file and
+``python -m daemon.config --markdown`` to print the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import math
+import os
+import re
+import sys
+import tomllib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+__all__ = [
+    "PROTOCOL_DTYPES", "RING_SLOT_BYTES", "REQUIRED", "Derived", "ConfigError", "Setting", "Section",
+    "SETTINGS", "SECTIONS", "TensorShape", "ServerConfig", "LoggingConfig",
+    "ModelConfig", "Config", "load_config", "parse_config", "render_reference",
+]
+
+# The tensor dtypes of the wire protocol (protocol.md, "Tensors"), with their
+# item sizes in bytes. Kept here, torch-free, on purpose (see the docstring).
+PROTOCOL_DTYPES: tuple[tuple[str, int], ...] = (
+    ("float32", 4), ("float16", 2), ("bfloat16", 2), ("float64", 8),
+    ("int64", 8), ("int32", 4), ("int16", 2), ("int8", 1), ("uint8", 1),
+    ("bool", 1),
+)
+_ITEMSIZE = dict(PROTOCOL_DTYPES)
+
+# One request slot of a worker's ring holds a whole batch of inputs, so
+# max_batch x (bytes of one sample's inputs) must fit in it.
+RING_SLOT_BYTES = 256 * 1024 * 1024
+
+_MIB = 1024 * 1024
+_GIB = 1024 * _MIB
+
+
+class ConfigError(ValueError):
+    """A config file (or dict) that cannot be served.
+
+    The message names the file, the key path and the problem, e.g.
+    ``configs/x.toml: models[0] ("demo").max_batch: must be an integer from 1
+    to 4096, got 0``. ``source`` and ``key`` (the key path, or None when the
+    problem is with the file as a whole) are kept for callers that log them.
+    """
+
+    def __init__(self, message: str, *, source: str | None = None,
+                 key: str | None = None):
+        super().__init__(message)
+        self.source = source
+        self.key = key
+
+
+# --------------------------------------------------------------------------
+# The frozen results
+
+
+@dataclass(frozen=True, slots=True)
+class TensorShape:
+    """The dtype and shape of one sample of one tensor (no batch dimension)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def itemsize(self) -> int:
+        return _ITEMSIZE[self.dtype]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str
+    port: int
+    max_frame_bytes: int
+    deadline_ms: int
+    max_connections: int
+    drain_timeout_s: float
+    start_timeout_s: float
+    restart_backoff_max_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    name: str
+    version: str
+    factory: str | None           # "module:function"; exactly one of factory/artifact
+    artifact: str | None          # absolute path of a torch.export .pt2 file
+    checkpoint: str | None        # absolute path of a state_dict file (factory only)
+    inputs: tuple[tuple[str, TensorShape], ...]
+    single_input: bool            # True: one unnamed input, named "input"
+    outputs: tuple[tuple[str, TensorShape], ...]   # () when not declared
+    single_output: bool | None    # None when no output schema is declared
+    devices: tuple[str, ...]      # one worker process per entry
+    threads: int                  # 0 = auto (decided by the daemon)
+    compile: str
+    dtype: str                    # autocast dtype of the forward pass
+    max_batch: int
+    window_ms: float
+    buckets: tuple[int, ...]      # strictly increasing, ends at max_batch
+    queue_limit: int
+    inflight_batches: int
+
+    @property
+    def sample_bytes(self) -> int:
+        """Bytes of one sample's inputs, all inputs together."""
+        return sum(spec.nbytes for _, spec in self.inputs)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig
+    logging: LoggingConfig
+    models: tuple[ModelConfig, ...]
+    source: str                   # the path it was loaded from, as given
+
+    def model(self, name: str, version: str | None = None) -> ModelConfig | None:
+        """The entry for (name, version); version None: the first listed with that name."""
+        if version is not None:
+            version = str(version)
+        for m in self.models:
+            if m.name == name and (version is None or m.version == version):
+                return m
+        return None
+
+
+# --------------------------------------------------------------------------
+# Declarations
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+"""Default of a key that must be given."""
+
+
+@dataclass(frozen=True, slots=True)
+class Derived:
+    """Default computed from the entry's other (already checked) values."""
+
+    doc: str
+    compute: Callable[[dict[str, Any]], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Context:
+    source: str     # the file name used in messages
+    base_dir: str   # absolute; relative paths in the file are resolved against it
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One key: declared once; everything else is derived from it.
+
+    ``type`` is the type as the docs write it. ``default`` is the value used
+    when the key is absent: REQUIRED, a Derived, None (unset) or a value
+    already in its normalised form. ``check(value, ctx)`` validates a value
+    read from the file and returns it normalised (lists become tuples, paths
+    absolute strings); it raises ``ValueError`` with the problem, and its
+    ``rule`` attribute, when present, is the "allowed" column of the docs.
+    """
+
+    section: str
+    name: str
+    type: str
+    default: Any
+    doc: str
+    check: Callable[[Any, _Context], Any]
+
+    @property
+    def rule(self) -> str:
+        return getattr(self.check, "rule", "")
+
+
+@dataclass(frozen=True, slots=True)
+class Section:
+    """A top-level key of the file: a table or an array of tables.
+
+    ``build(values, ctx)`` turns the checked values of one entry into its
+    frozen dataclass and does the checks that involve several keys (raising
+    ``_Invalid`` with ``at`` set to the key it blames). ``check_items`` does
+    the checks across the entries of an array. ``label`` names the key whose
+    value is shown after the index in messages: ``models[0] ("demo")``.
+    """
+
+    name: str
+    array: bool
+    doc: str
+    build: Callable[[dict[str, Any], _Context], Any]
+    check_items: Callable[[tuple[Any, ...], _Context], None] | None = None
+    min_items: int = 0
+    label: str | None = None
+
+
+class _Invalid(ValueError):
+    """A problem found by a check; ``at`` is appended to the key path."""
+
+    def __init__(self, problem: str, at: str = ""):
+        super().__init__(problem)
+        self.problem = problem
+        self.at = at
+
+
+class _Unknown(_Invalid):
+    def __init__(self, key: str, valid, at: str = "", hint: str = ""):
+        valid = list(valid)
+        close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
+        if close:
+            tail = f"; did you mean {close[0]!r}?"
+        else:
+            tail = "; valid keys: " + ", ".join(valid)
+        super().__init__(f"unknown key {key!r}", at)
+        self.key = key
+        self.tail = tail + hint
+
+
+# --------------------------------------------------------------------------
+# Checks. Each takes (value, ctx) and returns the normalised value.
+
+
+def _show(v: Any, limit: int = 80) -> str:
+    """A value as TOML writes it, for messages."""
+    if isinstance(v, bool):
+        s = "true" if v else "false"
+    elif isinstance(v, str):
+        s = json.dumps(v)
+    elif isinstance(v, (list, tuple)):
+        s = "[" + ", ".join(_show(x, limit) for x in v) + "]"
+    elif isinstance(v, dict):
+        s = "{" + ", ".join(f"{k} = {_show(x, limit)}" for k, x in v.items()) + "}"
+    else:
+        s = repr(v)
+    return s if len(s) <= limit else s[:limit - 3] + "..."
+
+
+def _rule(text: str):
+    def mark(fn):
+        fn.rule = text
+        return fn
+    return mark
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int_in(lo: int, hi: int):
+    @_rule(f"{lo} to {hi}")
+    def check(v, ctx):
+        if not _is_int(v) or not lo <= v <= hi:
+            raise _Invalid(f"must be an integer from {lo} to {hi}, got {_show(v)}")
+        return v
+    return check
+
+
+def _float_in(lo: float, hi: float | None = None, *, lo_open: bool = False):
+    if hi is None:
+        text = f"greater than {lo:g}" if lo_open else f"at least {lo:g}"
+    else:
+        text = f"{lo:g} to {hi:g}"
+
+    @_rule(text)
+    def check(v, ctx):
+        ok = (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+        if ok:
+            ok = (v > lo if lo_open else v >= lo) and (hi is None or v <= hi)
+        if not ok:
+            raise _Invalid(f"must be a number {'from ' if hi is not None else ''}{text}, got {_show(v)}")
+        return float(v)
+    return check
+
+
+def _one_of(*options: str, fold_case: bool = False):
+    listed = ", ".join(json.dumps(o) for o in options)
+
+    @_rule(listed + (" (any case)" if fold_case else ""))
+    def check(v, ctx):
+        key = v.lower() if fold_case and isinstance(v, str) else v
+        if isinstance(key, str) and key in options:
+            return key
+        hint = ""
+        if isinstance(v, str):
+            close = difflib.get_close_matches(v, options, n=1, cutoff=0.6)
+            if close:
+                hint = f"; did you mean {json.dumps(close[0])}?"
+        raise _Invalid(f"must be one of {listed}, got {_show(v)}{hint}")
+    return check
+
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_NAME_RULE = "1 to 64 of A-Z a-z 0-9 . _ -, starting with a letter or digit"
+
+
+@_rule("non-empty, no spaces")
+def _check_host(v, ctx):
+    if not isinstance(v, str) or not v or any(c.isspace() for c in v):
+        raise _Invalid(f'must be a host name or address such as "127.0.0.1" or "::", got {_show(v)}')
+    return v
+
+
+@_rule(_NAME_RULE)
+def _check_name(v, ctx):
+    if not isinstance(v, str) or not _NAME_RE.fullmatch(v):
+        raise _Invalid(f"must be a string of {_NAME_RULE}, got {_show(v)}")
+    return v
+
+
+@_rule(_NAME_RULE + "; an integer is read as its decimal string")
+def _check_version(v, ctx):
+    if _is_int(v) and v >= 0:
+        v = str(v)
+    if not isinstance(v, str) or not _NAME_RE.fullmatch(v):
+        raise _Invalid(f'must be a string (or integer) of {_NAME_RULE}, such as "1" or "2024-06-01", got {_show(v)}')
+    return v
+
+
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+_FACTORY_RE = re.compile(rf"{_IDENT}(?:\.{_IDENT})*:{_IDENT}")
+
+
+@_rule('"package.module:function"')
+def _check_factory(v, ctx):
+    if not isinstance(v, str) or not _FACTORY_RE.fullmatch(v):
+        raise _Invalid('must be "module:function" (a dotted module path, a colon, '
+                       f'a function name), such as "daemon.zoo:mlp_scorer", got {_show(v)}')
+    return v
+
+
+@_rule("an existing file")
+def _check_file(v, ctx):
+    if not isinstance(v, str) or not v:
+        raise _Invalid(f"must be a file path, got {_show(v)}")
+    path = os.path.normpath(os.path.join(ctx.base_dir, os.path.expanduser(v)))
+    if not os.path.exists(path):
+        where = "" if os.path.isabs(os.path.expanduser(v)) else \
+            f" (a relative path is resolved against the config file's directory, {ctx.base_dir})"
+        raise _Invalid(f"file not found: {path}{where}; fix the path or create the file")
+    if not os.path.isfile(path):
+        raise _Invalid(f"is not a regular file: {path}")
+    return path
+
+
+_DTYPE_LIST = ", ".join(name for name, _ in PROTOCOL_DTYPES)
+_TENSOR_EXAMPLE = '{ dtype = "float32", shape = [128] }'
+
+
+def _tensor(v, at: str = "") -> TensorShape:
+    if not isinstance(v, dict):
+        raise _Invalid(f"must be a table like {_TENSOR_EXAMPLE}, got {_show(v)}", at)
+    for key in v:
+        if key not in ("dtype", "shape"):
+            hint = ""
+            if isinstance(v[key], dict):
+                hint = " (for named tensors use inputs/outputs, not input/output)"
+            raise _Unknown(key, ("dtype", "shape"), at, hint)
+    if "dtype" not in v or "shape" not in v:
+        missing = "dtype" if "dtype" not in v else "shape"
+        raise _Invalid(f"missing {missing}; write it like {_TENSOR_EXAMPLE}", at)
+    dtype, shape = v["dtype"], v["shape"]
+    if dtype not in _ITEMSIZE:
+        raise _Invalid(f"must be one of {_DTYPE_LIST}, got {_show(dtype)}", at + ".dtype")
+    if (not isinstance(shape, list) or not shape
+            or not all(_is_int(d) and d > 0 for d in shape)):
+        raise _Invalid("must be a non-empty list of positive integers (the shape of one "
+                       f"sample, no batch dimension), got {_show(shape)}", at + ".shape")
+    return TensorShape(dtype, tuple(shape))
+
+
+@_rule("dtype: " + _DTYPE_LIST + "; shape: positive integers")
+def _check_tensor(v, ctx) -> TensorShape:
+    return _tensor(v)
+
+
+_TENSOR_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+@_rule("names: Python identifiers; each as for input")
+def _check_tensors(v, ctx) -> tuple[tuple[str, TensorShape], ...]:
+    if not isinstance(v, dict) or not v:
+        raise _Invalid("must be a table of named tensors, like { ids = { dtype = \"int64\", "
+                       f"shape = [8] }}, dense = {_TENSOR_EXAMPLE} }}, got {_show(v)}")
+    out = []
+    for name, spec in v.items():
+        if not _TENSOR_NAME_RE.fullmatch(name):
+            raise _Invalid("tensor names must be Python identifiers of at most 64 "
+                           f"characters, got {json.dumps(name)}")
+        out.append((name, _tensor(spec, f".{name}")))
+    return tuple(out)
+
+
+_DEVICE_RE = re.compile(r"cpu|cuda|cuda:(?:0|[1-9][0-9]{0,2})")
+
+
+@_rule('"cpu", "cuda", "cuda:N"; at least one')
+def _check_devices(v, ctx) -> tuple[str, ...]:
+    if not isinstance(v, list) or not v:
+        raise _Invalid(f'must be a non-empty list of devices such as ["cpu"] or ["cuda:0", "cuda:1"], got {_show(v)}')
+    for i, d in enumerate(v):
+        if not isinstance(d, str) or not _DEVICE_RE.fullmatch(d):
+            raise _Invalid(f'must be "cpu", "cuda" or "cuda:N", got {_show(d)}', f"[{i}]")
+    return tuple(v)
+
+
+_BUCKETS_PROBLEM = "must be strictly increasing positive integers ending exactly at max_batch"
+
+
+@_rule("strictly increasing, ending at max_batch")
+def _check_buckets(v, ctx) -> tuple[int, ...]:
+    if (not isinstance(v, list) or not v or not all(_is_int(b) and b > 0 for b in v)
+            or any(a >= b for a, b in zip(v, v[1:]))):
+        raise _Invalid(f"{_BUCKETS_PROBLEM}, got {_show(v)}")
+    return tuple(v)
+
+
+def _default_buckets(values: dict[str, Any]) -> tuple[int, ...]:
+    """Powers of two below max_batch, then max_batch: 48 -> 1 2 4 8 16 32 48."""
+    max_batch = values["max_batch"]
+    out, b = [], 1
+    while b < max_batch:
+        out.append(b)
+        b *= 2
+    return tuple(out) + (max_batch,)
+
+
+# --------------------------------------------------------------------------
+# Cross-checks of a model entry and of the models array
+
+
+def _pick(values, one: str, many: str, required: bool):
+    single, named = values[one], values[many]
+    if single is not None and named is not None:
+        raise _Invalid(f"set {one} or {many}, not both", "." + many)
+    if single is not None:
+        return ((one, single),), True
+    if named is not None:
+        return named, False
+    if required:
+        raise _Invalid(f"missing {one}/{many}: set {one} = {_TENSOR_EXAMPLE} for one unnamed "
+                       f"tensor, or {many} = {{ NAME = {_TENSOR_EXAMPLE}, ... }} for named ones")
+    return (), None
+
+
+def _build_model(values: dict[str, Any], ctx: _Context) -> ModelConfig:
+    factory, artifact = values["factory"], values["artifact"]
+    if (factory is None) == (artifact is None):
+        raise _Invalid(
+            "set exactly one of factory (\"module:function\" returning an nn.Module) "
+            "or artifact (a torch.export .pt2 file); "
+            + ("both are set" if factory is not None else "neither is set"))
+    if values["checkpoint"] is not None and factory is None:
+        raise _Invalid("only applies with factory (an artifact carries its own weights); "
+                       "remove checkpoint", ".checkpoint")
+    inputs, single_input = _pick(values, "input", "inputs", required=True)
+    outputs, single_output = _pick(values, "output", "outputs", required=False)
+
+    max_batch, buckets = values["max_batch"], values["buckets"]
+    if buckets[-1] != max_batch:
+        raise _Invalid(f"{_BUCKETS_PROBLEM} ({max_batch}), got {_show(buckets)}; end the list "
+                       f"with {max_batch} or change max_batch", ".buckets")
+
+    sample = sum(spec.nbytes for _, spec in inputs)
+    if max_batch * sample > RING_SLOT_BYTES:
+        fits = RING_SLOT_BYTES // sample
+        advice = (f"lower max_batch to {fits} or less, or send smaller inputs" if fits
+                  else "one sample alone is larger than the slot; send smaller inputs")
+        raise _Invalid(
+            f"{max_batch} x {sample} bytes of inputs per sample = {max_batch * sample} bytes "
+            f"({max_batch * sample / _MIB:.1f} MiB), more than the {RING_SLOT_BYTES // _MIB} MiB "
+            f"ring slot; {advice}", ".max_batch")
+
+    fields = {k: v for k, v in values.items() if k not in ("input", "output")}
+    fields.update(inputs=inputs, single_input=single_input,
+                  outputs=outputs, single_output=single_output)
+    return ModelConfig(**fields)
+
+
+def _check_models(models: tuple[ModelConfig, ...], ctx: _Context) -> None:
+    seen: dict[tuple[str, str], int] = {}
+    for i, m in enumerate(models):
+        first = seen.setdefault((m.name, m.version), i)
+        if first != i:
+            key = f'models[{i}] ({json.dumps(m.name)}).version'
+            raise ConfigError(
+                f"{ctx.source}: {key}: {json.dumps(m.name)} version {json.dumps(m.version)} "
+                f"is already declared by models[{first}]; give each entry its own version "
+                "(list several devices in one entry for more workers)",
+                source=ctx.source, key=key)
+
+
+# --------------------------------------------------------------------------
+# The table
+
+
+SECTIONS: tuple[Section, ...] = (
+    Section("server", False,
+            "The TCP front: where it listens, its limits, and how it supervises the workers.",
+            lambda values, ctx: ServerConfig(**values)),
+    Section("logging", False,
+            "The daemon's own diagnostic log.",
+            lambda values, ctx: LoggingConfig(**values)),
+    Section("models", True,
+            "One `[[models]]` table per served model version; at least one. Each entry of "
+            "`devices` gets its own worker process. `max_batch` x the bytes of one sample's "
+            f"inputs must fit the {RING_SLOT_BYTES // _MIB} MiB ring slot.",
+            _build_model, _check_models, min_items=1, label="name"),
+)
+
+SETTINGS: tuple[Setting, ...] = (
+    # [server]
+    Setting("server", "host", "string", "127.0.0.1",
+            "Address to listen on; the loopback default keeps the daemon private to the "
+            "machine; \"0.0.0.0\" or \"::\" serves the network.", _check_host),
+    Setting("server", "port", "integer", 7070,
+            "TCP port; 0 picks a free ephemeral port (used by tests).", _int_in(0, 65535)),
+    Setting("server", "max_frame_bytes", "integer", 8 * _MIB,
+            "Largest frame accepted from a client; a larger one is answered "
+            "RESOURCE_EXHAUSTED and the connection is closed.", _int_in(1024, _GIB)),
+    Setting("server", "deadline_ms", "integer", 1000,
+            "Default per-request deadline, counted from arrival, for requests that send no "
+            "deadline_ms; past it the answer is DEADLINE_EXCEEDED.", _int_in(1, 3_600_000)),
+    Setting("server", "max_connections", "integer", 1024,
+            "Most client connections open at once; further ones are refused.",
+            _int_in(1, 1_000_000)),
+    Setting("server", "drain_timeout_s", "float", 30.0,
+            "On SIGTERM, how long accepted requests may take to be answered before the "
+            "workers are stopped anyway.", _float_in(0, lo_open=True)),
+    Setting("server", "start_timeout_s", "float", 300.0,
+            "How long a worker may take to load and warm up before it counts as failed.",
+            _float_in(0, lo_open=True)),
+    Setting("server", "restart_backoff_max_s", "float", 30.0,
+            "Cap of the exponential backoff between restarts of a crashed worker.",
+            _float_in(0, lo_open=True)),
+    # [logging]
+    Setting("logging", "level", "string", "info",
+            "Lowest level of the daemon's log records that are written.",
+            _one_of("debug", "info", "warning", "error", fold_case=True)),
+    # [[models]]
+    Setting("models", "name", "string", REQUIRED,
+            "Model name, as clients send it in `model`.", _check_name),
+    Setting("models", "version", "string", "1",
+            "Version of this entry; (name, version) pairs are unique.", _check_version),
+    Setting("models", "factory", "string", None,
+            "Function that returns the nn.Module (imported by the worker, not at load); "
+            "set exactly one of factory and artifact.", _check_factory),
+    Setting("models", "artifact", "path", None,
+            "torch.export .pt2 file; set exactly one of factory and artifact; relative to "
+            "the config file's directory, checked at load.", _check_file),
+    Setting("models", "checkpoint", "path", None,
+            "state_dict file loaded into the factory's module (factory only); relative to "
+            "the config file's directory, checked at load.", _check_file),
+    Setting("models", "input", "tensor", None,
+            f"The one unnamed input of one sample (no batch dimension), like "
+            f"`{_TENSOR_EXAMPLE}`; set exactly one of input and inputs.", _check_tensor),
+    Setting("models", "inputs", "table of tensors", None,
+            "Named inputs, `{ NAME = { dtype = ..., shape = [...] }, ... }` or "
+            "`[models.inputs.NAME]` tables; set exactly one of input and inputs.",
+            _check_tensors),
+    Setting("models", "output", "tensor", None,
+            "Declared unnamed output of one sample, checked against the model at warm-up; "
+            "optional.", _check_tensor),
+    Setting("models", "outputs", "table of tensors", None,
+            "Declared named outputs, checked against the model at warm-up; optional; at "
+            "most one of output and outputs.", _check_tensors),
+    Setting("models", "devices", "list of strings", ("cpu",),
+            "Where workers run: one worker process per entry, so a device listed twice "
+            "gets two workers.", _check_devices),
+    Setting("models", "threads", "integer", 0,
+            "torch intra-op threads of each CPU worker; 0 = auto: the daemon shares the "
+            "cores among the CPU workers and leaves the front process a core of its own.",
+            _int_in(0, 1024)),
+    Setting("models", "compile", "string", "auto",
+            "torch.compile mode; \"auto\" = \"off\" on CPU (measured: torch.compile makes "
+            "small MLPs slower on CPU and costs ~20 s of start-up), \"default\" on CUDA.",
+            _one_of("auto", "off", "default", "reduce-overhead", "max-autotune")),
+    Setting("models", "dtype", "string", "float32",
+            "Autocast dtype of the forward pass; float32 runs without autocast.",
+            _one_of("float32", "bfloat16", "float16")),
+    Setting("models", "max_batch", "integer", 64,
+            "Largest batch handed to a worker.", _int_in(1, 4096)),
+    Setting("models", "window_ms", "float", 2.0,
+            "How long the oldest queued request may wait for a fuller batch when every "
+            "worker is busy; an idle worker never waits.", _float_in(0, 10)),
+    Setting("models", "buckets", "list of integers",
+            Derived("powers of two below max_batch, then max_batch", _default_buckets),
+            "Batch sizes that batches are padded up to, so compiled graphs are reused.",
+            _check_buckets),
+    Setting("models", "queue_limit", "integer", 1024,
+            "Requests queued in the front for this model; beyond it a request gets "
+            "RESOURCE_EXHAUSTED at once.", _int_in(1, 1_000_000)),
+    Setting("models", "inflight_batches", "integer", 2,
+            "Batches handed to one worker before the first comes back; 2 lets the front "
+            "fill the next while the worker computes.", _int_in(1, 8)),
+)
+
+_SECTION_BY_NAME = {s.name: s for s in SECTIONS}
+_SETTINGS_BY_SECTION: dict[str, dict[str, Setting]] = {s.name: {} for s in SECTIONS}
+for _s in SETTINGS:
+    assert _s.name not in _SETTINGS_BY_SECTION[_s.section], _s
+    _SETTINGS_BY_SECTION[_s.section][_s.name] = _s
+del _s
+
+
+# --------------------------------------------------------------------------
+# Loading
+
+
+def _fail(ctx: _Context, path: str, exc: _Invalid) -> ConfigError:
+    key = path + exc.at
+    if isinstance(exc, _Unknown):
+        message = f"{ctx.source}: unknown key {exc.key!r} in {key}{exc.tail}"
+    else:
+        message = f"{ctx.source}: {key}: {exc.problem}"
+    return ConfigError(message, source=ctx.source, key=key)
+
+
+def _parse_entry(section: Section, raw: dict[str, Any], where: str, ctx: _Context) -> Any:
+    settings = _SETTINGS_BY_SECTION[section.name]
+    if section.label and section.label in raw:
+        try:
+            label = settings[section.label].check(raw[section.label], ctx)
+        except ValueError:
+            pass
+        else:
+            where = f"{where} ({json.dumps(label)})"
+    for key in raw:
+        if key not in settings:
+            raise _fail(ctx, where, _Unknown(key, settings))
+    values: dict[str, Any] = {}
+    derived = []
+    for s in settings.values():
+        if s.name in raw:
+            try:
+                values[s.name] = s.check(raw[s.name], ctx)
+            except _Invalid as e:
+                raise _fail(ctx, f"{where}.{s.name}", e) from None
+            except ValueError as e:     # a check that raises a plain ValueError
+                raise _fail(ctx, f"{where}.{s.name}", _Invalid(str(e))) from None
+        elif s.default is REQUIRED:
+            raise _fail(ctx, f"{where}.{s.name}",
+                        _Invalid(f"missing; this key is required ({s.doc})"))
+        elif isinstance(s.default, Derived):
+            derived.append(s)
+        else:
+            values[s.name] = s.default
+    for s in derived:
+        values[s.name] = s.default.compute(values)
+    try:
+        return section.build(values, ctx)
+    except _Invalid as e:
+        raise _fail(ctx, where, e) from None
+
+
+def _parse_section(section: Section, raw: Any, ctx: _Context) -> Any:
+    name = section.name
+    if not section.array:
+        raw = {} if raw is None else raw
+        if not isinstance(raw, dict):
+            raise _fail(ctx, name, _Invalid(f"must be a table ([{name}]), got {_show(raw)}"))
+        return _parse_entry(section, raw, name, ctx)
+    raw = [] if raw is None else raw
+    if not isinstance(raw, list) or not all(isinstance(e, dict) for e in raw):
+        raise _fail(ctx, name, _Invalid(
+            f"must be an array of tables, one [[{name}]] per entry, got {_show(raw)}"))
+    if len(raw) < section.min_items:
+        raise _fail(ctx, name, _Invalid(
+            f"at least {section.min_items} [[{name}]] table is required, found {len(raw)}"))
+    items = tuple(_parse_entry(section, e, f"{name}[{i}]", ctx) for i, e in enumerate(raw))
+    if section.check_items is not None:
+        section.check_items(items, ctx)
+    return items
+
+
+def parse_config(data: dict, source: str = "<config>", *,
+                 base_dir: str | os.PathLike | None = None) -> Config:
+    """Validate a dict as tomllib returns it; raise ConfigError on the first problem.
+
+    Relative paths are resolved against ``base_dir``; by default the directory
+    of ``source`` when it names a file, else the current directory.
+    """
+    if base_dir is None:
+        base_dir = os.getcwd() if source.startswith("<") else os.path.dirname(os.path.abspath(source))
+    ctx = _Context(source, os.path.abspath(base_dir))
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: must be a table of sections, got {_show(data)}",
+                          source=source)
+    for key in data:
+        if key not in _SECTION_BY_NAME:
+            close = difflib.get_close_matches(str(key), list(_SECTION_BY_NAME), n=1, cutoff=0.6)
+            tail = (f"; did you mean {close[0]!r}?" if close
+                    else "; valid sections: " + ", ".join(_SECTION_BY_NAME))
+            raise ConfigError(f"{source}: unknown section {key!r}{tail}", source=source, key=key)
+    built = {s.name: _parse_section(s, data.get(s.name), ctx) for s in SECTIONS}
+    return Config(**built, source=source)
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Read, parse and validate a TOML config file; raise ConfigError if it is unusable."""
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{source}: cannot read the config file: {e.strerror or e}",
+                          source=source) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{source}: is not UTF-8 text ({e.reason} at byte {e.start})",
+                          source=source) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: invalid TOML: {e}", source=source) from None
+    return parse_config(data, source)
+
+
+# --------------------------------------------------------------------------
+# The reference (docs/config.md holds this output between its markers)
+
+
+def _toml(v: Any) -> str:
+    if v is REQUIRED:
+        return "required"
+    if v is None:
+        return "unset"
+    if isinstance(v, Derived):
+        return v.doc
+    return f"`{_show(v, limit=1000)}`"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_reference() -> str:
+    """The settings table as markdown: one heading and one table per section."""
+    out = []
+    for section in SECTIONS:
+        heading = f"[[{section.name}]]" if section.array else f"[{section.name}]"
+        out += [f"### `{heading}`", "", section.doc, "",
+                "| key | type | default | allowed | meaning |",
+                "| --- | --- | --- | --- | --- |"]
+        for s in _SETTINGS_BY_SECTION[section.name].values():
+            out.append("| " + " | ".join(_cell(c) for c in (
+                f"`{s.name}`", s.type, _toml(s.default), s.rule, s.doc)) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m daemon.config",
+                                     description="Check a ringserve config file or print the reference.")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--check", metavar="FILE", help="validate FILE: print ok, or the error and exit 2")
+    group.add_argument("--markdown", action="store_true", help="print the settings reference")
+    args = parser.parse_args(argv)
+    if args.markdown:
+        sys.stdout.write(render_reference())
+        return 0
+    try:
+        load_config(args.check)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    print("ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""The front process: startup, serving, shutdown, and the request ops.
+
+Lifecycle (after uvicorn's server): start every worker, listen, serve; on
+SIGTERM/SIGINT stop listening, answer new requests UNAVAILABLE ("draining"),
+let every accepted request finish (bounded by ``server.drain_timeout_s``),
+flush the answers, stop the workers, unlink shared memory, exit 0. Signal
+handlers only enqueue the signal; ``run`` dispatches them in one place.
+
+The infer path is the hot path, one small function per step:
+``handle`` (op) -> ``infer`` (validate, route) -> ``ModelQueue.submit``
+(enqueue, dispatch) -> ``WorkerHandle.submit_batch`` (shared memory) ...
+``WorkerHandle._on_done`` -> ``ModelQueue.complete_batch`` (answer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import random
+import signal
+import sys
+import time
+
+from ipc import shm
+from ipc.status import (InvalidArgument, NotFound, ProtocolError, ResourceExhausted, Status,
+                        Unavailable)
+from ipc.tensors import decode_inputs
+
+from .batcher import Deadlines, ModelQueue, Pending
+from .protocol import Connection
+from .supervisor import WorkerHandle
+
+log = logging.getLogger("ringserve.server")
+PROTOCOL_VERSIONS = (1,)
+OPS = ("infer", "health", "stats", "models", "feedback")
+MAX_DEADLINE_MS = 3_600_000
+_monotonic_ns = time.monotonic_ns
+
+
+def default_threads(cfg) -> int:
+    """Torch threads per CPU worker when the config says 0: the cores this
+    process may use, less one for the front (a worker that takes every core
+    starves the event loop), shared among the CPU workers."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    cpu_workers = sum(1 for m in cfg.models for d in m.devices if d == "cpu")
+    return max(1, (cores - 1) // max(1, cpu_workers))
+
+
+class App:
+    def __init__(self, cfg, loop, port_file: str | None = None):
+        self.cfg = cfg
+        self.loop = loop
+        self.port_file = port_file
+        self.workdir = os.getcwd()
+        self.worker_env = dict(os.environ)
+        # Workers import model factories by module path: make the working
+        # directory importable for them, as it is for `python -m daemon`.
+        self.worker_env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (self.workdir, os.environ.get("PYTHONPATH", "")) if p)
+        self.deadlines = Deadlines(loop)
+        self.queues: dict[tuple[str, str], ModelQueue] = {}
+        self.default_version: dict[str, str] = {}
+        self.conns: set[Connection] = set()
+        self.server = None
+        self.port = None
+        self.draining = False
+        self.stopping = False
+        self.started = time.monotonic()
+        self.rejected: collections.Counter = collections.Counter()
+        self.default_deadline_ns = cfg.server.deadline_ms * 1_000_000
+        # rid = 23 random bits of this boot, then a counter: unique across
+        # restarts without coordination, and an unsigned int on the wire.
+        self._rid = (random.getrandbits(23) << 40)
+        self._signals: asyncio.Queue = asyncio.Queue()
+        self._ready_event = asyncio.Event()
+
+    # -- startup ---------------------------------------------------------------
+    async def start(self) -> None:
+        removed = shm.sweep_stale()
+        if removed:
+            log.warning("removed shared memory left by a front that died",
+                        extra={"segments": removed})
+        threads = default_threads(self.cfg)
+        for m in self.cfg.models:
+            q = ModelQueue(m, self.loop, self.deadlines)
+            q.specs = tuple(m.inputs)
+            self.queues[(m.name, m.version)] = q
+            self.default_version.setdefault(m.name, m.version)
+            for i, dev in enumerate(m.devices):
+                t = m.threads or threads if dev == "cpu" else 1
+                q.workers.append(WorkerHandle(self, q, i, dev, t))
+        for q in self.queues.values():
+            for w in q.workers:
+                w.start()
+        s = self.cfg.server
+        self.server = await self.loop.create_server(
+            lambda: Connection(self), s.host, s.port, reuse_address=True, backlog=1024)
+        self.port = self.server.sockets[0].getsockname()[1]
+        if self.port_file:
+            tmp = self.port_file + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(f"{self.port}\n")
+            os.replace(tmp, self.port_file)
+        log.info("listening", extra={"host": s.host, "port": self.port, "pid": os.getpid(),
+                                     "config": self.cfg.source,
+                                     "models": [f"{m.name}@{m.version}" for m in self.cfg.models]})
+
+    def worker_ready(self, w) -> None:
+        if self.ready():
+            log.info("ready: every worker has warmed up")
+
+    def ready(self) -> bool:
+        return not self.draining and all(
+            w.state == "ready" for q in self.queues.values() for w in q.workers)
+
+    # -- connections -------------------------------------------------------------
+    def connection_opened(self, conn: Connection) -> None:
+        self.conns.add(conn)
+        if len(self.conns) > self.cfg.server.max_connections:
+            self.count_rejected(int(Status.RESOURCE_EXHAUSTED))
+            conn.send(ResourceExhausted(
+                f"too many connections (server.max_connections = "
+                f"{self.cfg.server.max_connections}); reuse a connection (requests pipeline) "
+                "or retry later").answer())
+            conn.close()
+        elif self.draining:
+            conn.send(Unavailable("server is draining (shutting down); connect to another "
+                                  "instance").answer())
+            conn.close()
+
+    def connection_closed(self, conn: Connection) -> None:
+        self.conns.discard(conn)
+
+    def count_rejected(self, status: int) -> None:
+        self.rejected[status] += 1
+
+    # -- ops ---------------------------------------------------------------------
+    def handle(self, conn: Connection, msg: dict) -> None:
+        req_id = msg.get("id", 0)
+        try:
+            if type(req_id) is not int or req_id < 0:
+                req_id = 0
+                raise InvalidArgument("'id' must be an unsigned integer")
+            v = msg.get("v", 1)
+            if v not in PROTOCOL_VERSIONS:
+                raise InvalidArgument(f"protocol version {v!r} is not supported; this server "
+                                      f"speaks {list(PROTOCOL_VERSIONS)} (send v=1 or omit it)")
+            op = msg.get("op", "infer")
+            if op == "infer":
+                self.infer(conn, req_id, msg)
+            elif op == "health":
+                conn.send(self.health(req_id, msg))
+            elif op == "stats":
+                conn.send(self.stats(req_id, msg))
+            elif op == "models":
+                conn.send(self.models(req_id, msg))
+            elif op == "feedback":
+                raise InvalidArgument("op 'feedback' is not available in this build yet: it "
+                                      "arrives with canary rollouts and A/B experiments")
+            else:
+                raise InvalidArgument(f"unknown op {op!r}; ops are: {', '.join(OPS)}")
+        except ProtocolError as e:
+            self.count_rejected(int(e.status))
+            e.req_id = req_id
+            conn.send(e.answer())
+
+    def route(self, name, version) -> ModelQueue:
+        if type(name) is not str:
+            if name is None:
+                raise InvalidArgument(f"request has no 'model'; models served here: "
+                                      f"{', '.join(sorted(self.default_version))}")
+            raise InvalidArgument(f"'model' must be a string, got {type(name).__name__}")
+        if version is None:
+            version = self.default_version.get(name)
+            if version is None:
+                raise NotFound(f"model {name!r} is not served here; models: "
+                               f"{', '.join(sorted(self.default_version))}")
+        elif type(version) is not str:
+            raise InvalidArgument(f"'version' must be a string, got {type(version).__name__}")
+        q = self.queues.get((name, version))
+        if q is None:
+            versions = sorted(v for (n, v) in self.queues if n == name)
+            if not versions:
+                raise NotFound(f"model {name!r} is not served here; models: "
+                               f"{', '.join(sorted(self.default_version))}")
+            raise NotFound(f"model {name!r} has no version {version!r}; versions: "
+                           f"{', '.join(versions)}")
+        return q
+
+    def infer(self, conn: Connection, req_id: int, msg: dict) -> None:
+        if self.draining:
+            raise Unavailable("server is draining (shutting down); retry on another instance")
+        q = self.route(msg.get("model"), msg.get("version"))
+        inputs = msg.get("inputs")
+        if inputs is None:
+            raise InvalidArgument("request has no 'inputs'; send one sample as a tensor map "
+                                  "{dtype, shape, data} or a list of numbers")
+        data = decode_inputs(inputs, q.specs, q.cfg.single_input)
+        dl = msg.get("deadline_ms")
+        if dl is None:
+            dl_ns = self.default_deadline_ns
+        elif type(dl) is int and 0 < dl <= MAX_DEADLINE_MS:
+            dl_ns = dl * 1_000_000
+        else:
+            raise InvalidArgument(f"'deadline_ms' must be an integer from 1 to {MAX_DEADLINE_MS}, "
+                                  f"got {dl!r}")
+        now = _monotonic_ns()
+        self._rid += 1
+        req = Pending(req_id, conn, data, now, now + dl_ns, q, self._rid)
+        refused = q.submit(req)
+        if refused is not None:
+            if refused == "busy":
+                status = int(Status.RESOURCE_EXHAUSTED)
+                err = (f"model {q.name!r} version {q.version!r} is busy: its queue is full "
+                       f"(queue_limit = {q.limit}); retry with backoff")
+            else:
+                status = int(Status.UNAVAILABLE)
+                states = ", ".join(sorted({w.state for w in q.workers}))
+                err = (f"model {q.name!r} version {q.version!r} has no ready worker "
+                       f"(workers: {states}); retry shortly")
+            req.done = True
+            q.finished(req, status, {"id": req_id, "status": status, "error": err, "rid": req.rid})
+
+    def health(self, req_id: int, msg: dict) -> dict:
+        name = msg.get("model")
+        workers = [w.health() for q in self.queues.values() for w in q.workers
+                   if name is None or q.name == name]
+        return {"id": req_id, "status": 0, "live": True, "ready": self.ready(),
+                "draining": self.draining, "models": workers}
+
+    def models(self, req_id: int, msg: dict) -> dict:
+        out = []
+        for q in self.queues.values():
+            m = q.cfg
+            entry = {"name": m.name, "version": m.version, "lane": q.lane,
+                     "devices": list(m.devices), "dtype": m.dtype,
+                     "batching": {"max_batch": m.max_batch, "window_ms": m.window_ms,
+                                  "buckets": list(m.buckets), "queue_limit": m.queue_limit,
+                                  "inflight_batches": m.inflight_batches}}
+            ins = {n: {"dtype": s.dtype, "shape": list(s.shape)} for n, s in m.inputs}
+            if m.single_input:
+                entry["input"] = next(iter(ins.values()))
+            else:
+                entry["inputs"] = ins
+            outs = {t.name: {"dtype": t.dtype, "shape": list(t.shape)} for t in q.outputs}
+            if outs and q.single_output:
+                entry["output"] = next(iter(outs.values()))
+            elif outs:
+                entry["outputs"] = outs
+            out.append(entry)
+        return {"id": req_id, "status": 0, "models": out}
+
+    def stats(self, req_id: int, msg: dict) -> dict:
+        name = msg.get("model")
+        out = []
+        for q in self.queues.values():
+            if name is not None and q.name != name:
+                continue
+            d = {"name": q.name, "version": q.version, "lane": q.lane,
+                 "queue_depth": q.queued, "in_flight_batches": q.in_flight}
+            d.update(q.stats.snapshot())
+            d["workers"] = [w.stats() for w in q.workers]
+            out.append(d)
+        return {"id": req_id, "status": 0, "uptime_s": round(time.monotonic() - self.started, 3),
+                "connections": len(self.conns), "draining": self.draining,
+                "rejected": {str(k): v for k, v in sorted(self.rejected.items())},
+                "models": out}
+
+    # -- signals and shutdown ------------------------------------------------------------
+    def on_signal(self, signum: int) -> None:
+        self._signals.put_nowait(signum)
+
+    async def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            self.loop.add_signal_handler(sig, self.on_signal, sig)
+        await self.start()
+        while True:
+            sig = await self._signals.get()
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                log.info("shutting down", extra={"signal": signal.Signals(sig).name})
+                await self.shutdown()
+                return 0
+            if sig == signal.SIGHUP:
+                log.warning("SIGHUP ignored: config reload is not in this build yet; "
+                            "restart the daemon to apply a new config")
+
+    async def shutdown(self) -> None:
+        self.draining = True
+        if self.server is not None:
+            self.server.close()
+        grace = self.cfg.server.drain_timeout_s
+        t_end = time.monotonic() + grace
+        while any(not q.idle() for q in self.queues.values()) and time.monotonic() < t_end:
+            await asyncio.sleep(0.005)
+        left = sum(q.queued + sum(len(b) for w in q.workers for b, _, _ in w.inflight)
+                   for q in self.queues.values())
+        if left:
+            log.error("drain timed out; answering what is left UNAVAILABLE",
+                      extra={"requests": left, "drain_timeout_s": grace})
+        self.stopping = True
+        for q in self.queues.values():
+            q.fail_all_queued(int(Status.UNAVAILABLE), "server shut down before this request ran")
+            for w in q.workers:
+                for batch, _, _ in w.inflight:
+                    for r in batch:
+                        r.answer_error(int(Status.UNAVAILABLE),
+                                       "server shut down before this request finished")
+        # Let answers reach the peers before the sockets close.
+        t_flush = time.monotonic() + 2.0
+        while time.monotonic() < t_flush and any(
+                not c.closed and c.transport.get_write_buffer_size() for c in self.conns):
+            await asyncio.sleep(0.005)
+        for c in list(self.conns):
+            c.close()
+        await asyncio.gather(*(w.stop() for q in self.queues.values() for w in q.workers))
+        if self.port_file:
+            try:
+                os.unlink(self.port_file)
+            except FileNotFoundError:
+                pass
+        log.info("stopped", extra={"answered": sum(sum(q.stats.by_status.values())
+                                                   for q in self.queues.values())})
+
+
+def serve(cfg, port_file: str | None = None) -> int:
+    import uvloop
+
+    async def main() -> int:
+        app = App(cfg, asyncio.get_running_loop(), port_file)
+        try:
+            return await app.run()
+        except BaseException:
+            # Whatever went wrong, take the workers and their memory with us.
+            app.stopping = True
+            await asyncio.gather(*(w.stop(1.0) for q in app.queues.values() for w in q.workers),
+                                 return_exceptions=True)
+            raise
+
+    if sys.version_info >= (3, 12):  # pragma: no cover
+        return asyncio.run(main(), loop_factory=uvloop.new_event_loop)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main())

@@ -1,0 +1,125 @@
+"""Named POSIX shared-memory segments: create, attach, close, unlink.
+
+Why not ``multiprocessing.shared_memory``: on Python < 3.13 every process that
+*attaches* registers the segment with its own resource tracker, which unlinks
+it when that process exits, so a restarted worker would pull the ring out
+from under the front. Here ownership is explicit, as in CPython's module
+documentation recommends: the creator (the front) unlinks exactly once, every
+process closes its own mapping.
+
+Segments live in ``/dev/shm`` under ``ringserve-<pid>-...`` where ``<pid>`` is
+the creating front process. That naming lets a later daemon remove the
+segments of a front that was killed with SIGKILL (``sweep_stale``), the one
+exit path on which the creator cannot clean up after itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import re
+
+SHM_DIR = "/dev/shm"
+PREFIX = "ringserve-"
+_STALE_RE = re.compile(r"^ringserve-(\d+)-")
+
+
+class Segment:
+    """One mapped segment. ``buf`` is a writable memoryview over all of it."""
+
+    def __init__(self, name: str, size: int, mm: mmap.mmap, owner: bool):
+        self.name = name
+        self.size = size
+        self.owner = owner
+        self._mm = mm
+        self.buf: memoryview | None = memoryview(mm)
+
+    @classmethod
+    def create(cls, name: str, size: int) -> "Segment":
+        if not name.startswith(PREFIX) or "/" in name:
+            raise ValueError(f"segment name {name!r} must start with {PREFIX!r} and hold no '/'")
+        path = os.path.join(SHM_DIR, name)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        os.close(fd)
+        return cls(name, size, mm, owner=True)
+
+    @classmethod
+    def attach(cls, name: str) -> "Segment":
+        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        return cls(name, size, mm, owner=False)
+
+    def address(self) -> int:
+        """Start address of the mapping (for cudaHostRegister)."""
+        return ctypes.addressof(ctypes.c_char.from_buffer(self._mm))
+
+    def close(self) -> None:
+        """Release this process's mapping. Safe to call twice and after a
+        failed init. Views taken from ``buf`` must be released first; a view
+        still alive is reported rather than crashing the caller's shutdown."""
+        if self.buf is not None:
+            try:
+                self.buf.release()
+            except BufferError:
+                pass
+            self.buf = None
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:
+                # A tensor view still points into the mapping (a worker that is
+                # exiting anyway); the OS unmaps it at process exit.
+                pass
+            self._mm = None
+
+    def unlink(self) -> None:
+        """Remove the name (creator only). The memory lives until every
+        process has closed its mapping."""
+        try:
+            os.unlink(os.path.join(SHM_DIR, self.name))
+        except FileNotFoundError:
+            pass
+
+
+def unlink_name(name: str) -> None:
+    try:
+        os.unlink(os.path.join(SHM_DIR, name))
+    except FileNotFoundError:
+        pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale() -> list[str]:
+    """Unlink segments left by ringserve fronts that no longer run."""
+    removed = []
+    try:
+        names = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        m = _STALE_RE.match(name)
+        if m and not _pid_alive(int(m.group(1))):
+            unlink_name(name)
+            removed.append(name)
+    return removed

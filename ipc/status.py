@@ -1,0 +1,78 @@
+"""Status codes of the wire protocol and the exceptions that carry them.
+
+The codes are gRPC's (protocol.md, "Answers"), so that people and tools that
+know gRPC read them without a table. Two families of exception:
+
+- ``ProtocolError`` and its subclasses: the *peer* sent something wrong, or
+  the server refuses it. They carry the status to put on the wire and a
+  message meant for the person at the other end.
+- Local misuse (calling an API wrongly in-process) raises the ordinary Python
+  exceptions (``ValueError``, ``TypeError``), never a ``ProtocolError``.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Status(enum.IntEnum):
+    OK = 0
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    RESOURCE_EXHAUSTED = 8
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    UNAUTHENTICATED = 16
+
+
+class ProtocolError(Exception):
+    """An error to be answered on the wire with ``status`` and ``message``.
+
+    ``req_id`` is the id of the request it answers (0 when none could be
+    read). ``fatal`` means the byte stream can no longer be trusted and the
+    connection must be closed after the answer is sent.
+    """
+
+    status: Status = Status.INTERNAL
+
+    def __init__(self, message: str, *, req_id: int = 0, fatal: bool = False,
+                 status: Status | None = None):
+        super().__init__(message)
+        self.message = message
+        self.req_id = req_id
+        self.fatal = fatal
+        if status is not None:
+            self.status = status
+
+    def answer(self) -> dict:
+        """The answer map for this error (protocol.md, "Answers")."""
+        return {"id": self.req_id, "status": int(self.status), "error": self.message}
+
+
+class InvalidArgument(ProtocolError):
+    status = Status.INVALID_ARGUMENT
+
+
+class DeadlineExceeded(ProtocolError):
+    status = Status.DEADLINE_EXCEEDED
+
+
+class NotFound(ProtocolError):
+    status = Status.NOT_FOUND
+
+
+class ResourceExhausted(ProtocolError):
+    status = Status.RESOURCE_EXHAUSTED
+
+
+class Internal(ProtocolError):
+    status = Status.INTERNAL
+
+
+class Unavailable(ProtocolError):
+    status = Status.UNAVAILABLE
+
+
+class Unauthenticated(ProtocolError):
+    status = Status.UNAUTHENTICATED

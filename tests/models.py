@@ -1,0 +1,57 @@
+"""Models that exist only to exercise the daemon in tests. Workers import
+them by module path (``tests.models:...``) from the repository root."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from torch import nn
+
+
+class TwoInputs(nn.Module):
+    """Named inputs in, named outputs out: score = sum(dense) + sum(ids)."""
+
+    def forward(self, ids: torch.Tensor, dense: torch.Tensor):
+        s = dense.sum(dim=1, keepdim=True) + ids.sum(dim=1, keepdim=True).to(dense.dtype)
+        return {"score": s, "twice": dense * 2}
+
+
+def two_inputs() -> nn.Module:
+    return TwoInputs()
+
+
+class Slow(nn.Module):
+    """Sleeps SLOW_MS (env RINGSERVE_TEST_SLOW_MS, default 100) per batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+        self.ms = float(os.environ.get("RINGSERVE_TEST_SLOW_MS", "100"))
+
+    def forward(self, x):
+        time.sleep(self.ms / 1000)
+        return self.lin(x)
+
+
+def slow() -> nn.Module:
+    torch.manual_seed(0)
+    return Slow()
+
+
+class RaisesOnMagic(nn.Module):
+    """Fails the whole batch when any sample's first feature is 777."""
+
+    def forward(self, x):
+        if bool((x[:, 0] == 777).any()):
+            raise ValueError("magic value 777 in the batch")
+        return x * 3
+
+
+def raises_on_magic() -> nn.Module:
+    return RaisesOnMagic()
+
+
+def broken() -> nn.Module:
+    raise RuntimeError("this factory is broken on purpose")

@@ -1,0 +1,596 @@
+"""daemon/config.py: the settings table, the loader, its messages, the docs."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import pickle
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from daemon import config as cfg
+from daemon.config import (
+    PROTOCOL_DTYPES, RING_SLOT_BYTES, SECTIONS, SETTINGS, Config, ConfigError,
+    LoggingConfig, ModelConfig, ServerConfig, TensorShape, load_config,
+    parse_config, render_reference,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_TOML = ROOT / "configs" / "default.toml"
+DOCS = ROOT / "docs" / "config.md"
+SRC = "t.toml"
+
+MODEL = {"name": "m", "factory": "pkg.mod:build", "input": {"dtype": "float32", "shape": [4]}}
+
+
+def conf(**sections):
+    """A minimal valid config dict, with sections (or model keys) overridden."""
+    data = {"models": [dict(MODEL)]}
+    data.update(sections)
+    return data
+
+
+def model(**keys):
+    m = dict(MODEL)
+    m.update(keys)
+    for k, v in list(m.items()):
+        if v is None:
+            del m[k]
+    return parse_config({"models": [m]}, SRC).models[0]
+
+
+def model_error(**keys) -> str:
+    m = dict(MODEL)
+    m.update(keys)
+    for k, v in list(m.items()):
+        if v is None:
+            del m[k]
+    with pytest.raises(ConfigError) as e:
+        parse_config({"models": [m]}, SRC)
+    return str(e.value)
+
+
+# --------------------------------------------------------------------------
+# The bundled file and the defaults
+
+
+def test_default_toml_loads():
+    c = load_config(DEFAULT_TOML)
+    assert isinstance(c, Config)
+    assert c.source == str(DEFAULT_TOML)
+    assert c.server == ServerConfig("127.0.0.1", 7070, 8388608, 1000, 1024, 30.0, 300.0, 30.0)
+    assert c.logging == LoggingConfig("info")
+    (m,) = c.models
+    assert (m.name, m.version, m.factory, m.artifact, m.checkpoint) == \
+        ("demo", "1", "daemon.zoo:mlp_scorer", None, None)
+    assert m.inputs == (("input", TensorShape("float32", (128,))),)
+    assert m.single_input is True
+    assert m.outputs == (("output", TensorShape("float32", (2,))),)
+    assert m.single_output is True
+    assert m.devices == ("cpu",)
+    assert (m.max_batch, m.window_ms, m.queue_limit) == (64, 2.0, 1024)
+    assert m.buckets == (1, 2, 4, 8, 16, 32, 64)
+    assert c.model("demo") is m and c.model("demo", "1") is m
+
+
+def test_cli_check_and_markdown():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "daemon.config", *a],
+                                    cwd=ROOT, env=env, capture_output=True, text=True)
+    ok = run("--check", str(DEFAULT_TOML))
+    assert (ok.returncode, ok.stdout) == (0, "ok\n")
+    bad = run("--check", "/nonexistent/x.toml")
+    assert bad.returncode == 2 and "/nonexistent/x.toml" in bad.stderr
+    md = run("--markdown")
+    assert md.returncode == 0 and md.stdout == render_reference()
+
+
+def test_every_default():
+    c = parse_config(conf())
+    assert dataclasses.asdict(c.server) == {
+        "host": "127.0.0.1", "port": 7070, "max_frame_bytes": 8 * 1024 * 1024,
+        "deadline_ms": 1000, "max_connections": 1024, "drain_timeout_s": 30.0,
+        "start_timeout_s": 300.0, "restart_backoff_max_s": 30.0}
+    assert c.logging.level == "info"
+    m = c.models[0]
+    assert m.version == "1"
+    assert m.artifact is None and m.checkpoint is None
+    assert m.outputs == () and m.single_output is None
+    assert m.devices == ("cpu",)
+    assert m.threads == 0
+    assert m.compile == "auto"
+    assert m.dtype == "float32"
+    assert m.max_batch == 64
+    assert m.window_ms == 2.0 and isinstance(m.window_ms, float)
+    assert m.buckets == (1, 2, 4, 8, 16, 32, 64)
+    assert m.queue_limit == 1024
+    assert m.inflight_batches == 2
+    assert c.source == "<config>"
+
+
+def test_every_default_passes_its_own_check():
+    ctx = cfg._Context("<t>", os.getcwd())
+    for s in SETTINGS:
+        if s.default is cfg.REQUIRED or s.default is None or isinstance(s.default, cfg.Derived):
+            continue
+        toml_form = list(s.default) if isinstance(s.default, tuple) else s.default
+        assert s.check(toml_form, ctx) == s.default, s.name
+
+
+def test_settings_declared_once_and_sections_match_dataclasses():
+    names = [(s.section, s.name) for s in SETTINGS]
+    assert len(names) == len(set(names))
+    fields = lambda cls: {f.name for f in dataclasses.fields(cls)}
+    assert {s.name for s in SETTINGS if s.section == "server"} == fields(ServerConfig)
+    assert {s.name for s in SETTINGS if s.section == "logging"} == fields(LoggingConfig)
+    declared = {s.name for s in SETTINGS if s.section == "models"}
+    assert declared - {"input", "output"} | {"single_input", "single_output"} == fields(ModelConfig)
+    assert {s.name for s in SECTIONS} | {"source"} == fields(Config)
+
+
+# --------------------------------------------------------------------------
+# Validation errors: each names the file, the key path and the bad value
+
+
+@pytest.mark.parametrize("key, value, expect", [
+    ("host", "", 'server.host: must be a host name'),
+    ("host", 12, "server.host: must be a host name or address such as \"127.0.0.1\" or \"::\", got 12"),
+    ("port", 70000, "server.port: must be an integer from 0 to 65535, got 70000"),
+    ("port", -1, "server.port: must be an integer from 0 to 65535, got -1"),
+    ("port", "7070", 'server.port: must be an integer from 0 to 65535, got "7070"'),
+    ("port", True, "server.port: must be an integer from 0 to 65535, got true"),
+    ("max_frame_bytes", 1023, "server.max_frame_bytes: must be an integer from 1024 to 1073741824, got 1023"),
+    ("max_frame_bytes", 2**30 + 1, "server.max_frame_bytes: must be an integer from 1024 to 1073741824, got 1073741825"),
+    ("deadline_ms", 0, "server.deadline_ms: must be an integer from 1 to 3600000, got 0"),
+    ("deadline_ms", 3_600_001, "server.deadline_ms: must be an integer from 1 to 3600000, got 3600001"),
+    ("max_connections", 0, "server.max_connections: must be an integer from 1 to 1000000, got 0"),
+    ("drain_timeout_s", 0, "server.drain_timeout_s: must be a number greater than 0, got 0"),
+    ("drain_timeout_s", float("inf"), "server.drain_timeout_s: must be a number greater than 0, got inf"),
+    ("start_timeout_s", -1.5, "server.start_timeout_s: must be a number greater than 0, got -1.5"),
+    ("restart_backoff_max_s", "30", 'server.restart_backoff_max_s: must be a number greater than 0, got "30"'),
+])
+def test_server_errors(key, value, expect):
+    with pytest.raises(ConfigError) as e:
+        parse_config(conf(server={key: value}), SRC)
+    assert str(e.value) == f"{SRC}: {expect}" or str(e.value).startswith(f"{SRC}: {expect}")
+    assert e.value.key == f"server.{key}" and e.value.source == SRC
+
+
+def test_server_values_and_int_to_float():
+    s = parse_config(conf(server={"port": 0, "drain_timeout_s": 5, "host": "::"})).server
+    assert (s.port, s.drain_timeout_s, s.host) == (0, 5.0, "::")
+    assert isinstance(s.drain_timeout_s, float)
+
+
+def test_logging_level():
+    assert parse_config(conf(logging={"level": "WARNING"})).logging.level == "warning"
+    with pytest.raises(ConfigError) as e:
+        parse_config(conf(logging={"level": "verbose"}), SRC)
+    assert str(e.value) == (f'{SRC}: logging.level: must be one of "debug", "info", '
+                            f'"warning", "error", got "verbose"')
+    with pytest.raises(ConfigError, match='got "warn"; did you mean "warning"'):
+        parse_config(conf(logging={"level": "warn"}), SRC)
+
+
+@pytest.mark.parametrize("keys, expect", [
+    ({"max_batch": 0}, 'models[0] ("m").max_batch: must be an integer from 1 to 4096, got 0'),
+    ({"max_batch": 4097}, 'models[0] ("m").max_batch: must be an integer from 1 to 4096, got 4097'),
+    ({"max_batch": 8.0}, 'models[0] ("m").max_batch: must be an integer from 1 to 4096, got 8.0'),
+    ({"window_ms": 10.5}, 'models[0] ("m").window_ms: must be a number from 0 to 10, got 10.5'),
+    ({"window_ms": -1}, 'models[0] ("m").window_ms: must be a number from 0 to 10, got -1'),
+    ({"queue_limit": 0}, 'models[0] ("m").queue_limit: must be an integer from 1 to 1000000, got 0'),
+    ({"inflight_batches": 9}, 'models[0] ("m").inflight_batches: must be an integer from 1 to 8, got 9'),
+    ({"threads": -1}, 'models[0] ("m").threads: must be an integer from 0 to 1024, got -1'),
+    ({"compile": "fast"}, 'models[0] ("m").compile: must be one of "auto", "off", "default", '
+                          '"reduce-overhead", "max-autotune", got "fast"'),
+    ({"dtype": "int8"}, 'models[0] ("m").dtype: must be one of "float32", "bfloat16", "float16", got "int8"'),
+    ({"devices": []}, 'models[0] ("m").devices: must be a non-empty list of devices'),
+    ({"devices": "cpu"}, 'models[0] ("m").devices: must be a non-empty list of devices'),
+    ({"devices": ["cpu", "gpu0"]}, 'models[0] ("m").devices[1]: must be "cpu", "cuda" or "cuda:N", got "gpu0"'),
+    ({"devices": ["cuda:-1"]}, 'models[0] ("m").devices[0]: must be "cpu", "cuda" or "cuda:N", got "cuda:-1"'),
+    ({"name": "bad name"}, 'models[0].name: must be a string of 1 to 64 of'),
+    ({"name": "-x"}, 'models[0].name: must be a string of 1 to 64 of'),
+    ({"name": "x" * 65}, 'models[0].name: must be a string of 1 to 64 of'),
+    ({"name": None}, 'models[0].name: missing; this key is required'),
+    ({"version": "v 2"}, 'models[0] ("m").version: must be a string (or integer) of 1 to 64'),
+    ({"version": 1.5}, 'models[0] ("m").version: must be a string (or integer) of 1 to 64'),
+    ({"version": True}, 'models[0] ("m").version: must be a string (or integer) of 1 to 64'),
+    ({"factory": "pkg.mod.build"}, 'models[0] ("m").factory: must be "module:function" '
+                                   '(a dotted module path, a colon, a function name), such as '
+                                   '"daemon.zoo:mlp_scorer", got "pkg.mod.build"'),
+    ({"factory": "pkg..mod:f"}, 'models[0] ("m").factory: must be "module:function"'),
+    ({"factory": "pkg:f()"}, 'models[0] ("m").factory: must be "module:function"'),
+    ({"factory": None}, 'models[0] ("m"): set exactly one of factory'),
+    ({"input": {"dtype": "float", "shape": [4]}},
+     'models[0] ("m").input.dtype: must be one of float32, float16, bfloat16, float64, int64, '
+     'int32, int16, int8, uint8, bool, got "float"'),
+    ({"input": {"dtype": "float32", "shape": []}},
+     'models[0] ("m").input.shape: must be a non-empty list of positive integers'),
+    ({"input": {"dtype": "float32", "shape": [4, 0]}},
+     'models[0] ("m").input.shape: must be a non-empty list of positive integers (the shape of '
+     'one sample, no batch dimension), got [4, 0]'),
+    ({"input": {"dtype": "float32", "shape": [4.0]}}, 'models[0] ("m").input.shape: must be a non-empty list'),
+    ({"input": {"dtype": "float32"}}, 'models[0] ("m").input: missing shape'),
+    ({"input": {"shape": [4]}}, 'models[0] ("m").input: missing dtype'),
+    ({"input": [4]}, 'models[0] ("m").input: must be a table like { dtype = "float32", shape = [128] }, got [4]'),
+    ({"input": None}, 'models[0] ("m"): missing input/inputs'),
+    ({"inputs": {}}, 'models[0] ("m").inputs: must be a table of named tensors'),
+    ({"input": None, "inputs": {"a b": {"dtype": "int64", "shape": [1]}}},
+     'models[0] ("m").inputs: tensor names must be Python identifiers of at most 64 characters, got "a b"'),
+    ({"input": None, "inputs": {"ids": {"dtype": "int64", "shape": [0]}}},
+     'models[0] ("m").inputs.ids.shape: must be a non-empty list of positive integers'),
+    ({"inputs": {"ids": {"dtype": "int64", "shape": [1]}}}, 'models[0] ("m").inputs: set input or inputs, not both'),
+    ({"output": {"dtype": "float32", "shape": [1]}, "outputs": {"s": {"dtype": "float32", "shape": [1]}}},
+     'models[0] ("m").outputs: set output or outputs, not both'),
+    ({"output": {"dtype": "complex64", "shape": [1]}}, 'models[0] ("m").output.dtype: must be one of'),
+    ({"buckets": [1, 2, 4]}, 'models[0] ("m").buckets: must be strictly increasing positive integers '
+                             'ending exactly at max_batch (64), got [1, 2, 4]; end the list with 64'),
+    ({"buckets": [1, 4, 4, 64]}, 'models[0] ("m").buckets: must be strictly increasing positive '
+                                 'integers ending exactly at max_batch, got [1, 4, 4, 64]'),
+    ({"buckets": [0, 64]}, 'models[0] ("m").buckets: must be strictly increasing'),
+    ({"buckets": [8, 64, 128]}, 'models[0] ("m").buckets: must be strictly increasing positive '
+                                'integers ending exactly at max_batch (64), got [8, 64, 128]'),
+    ({"buckets": []}, 'models[0] ("m").buckets: must be strictly increasing'),
+])
+def test_model_errors(keys, expect):
+    msg = model_error(**keys)
+    assert msg.startswith(f"{SRC}: {expect}"), msg
+
+
+def test_error_is_value_error_with_key():
+    with pytest.raises(ValueError) as e:
+        parse_config(conf(models=[dict(MODEL, max_batch=0)]), SRC)
+    assert isinstance(e.value, ConfigError)
+    assert e.value.key == 'models[0] ("m").max_batch'
+    assert str(e.value) == f'{SRC}: models[0] ("m").max_batch: must be an integer from 1 to 4096, got 0'
+
+
+def test_second_model_index_in_path():
+    data = {"models": [dict(MODEL), dict(MODEL, name="b", window_ms=11)]}
+    with pytest.raises(ConfigError, match=re.escape('models[1] ("b").window_ms: must be a number from 0 to 10, got 11')):
+        parse_config(data, SRC)
+
+
+def test_factory_and_artifact_exclusive(tmp_path):
+    art = tmp_path / "m.pt2"
+    art.write_bytes(b"x")
+    msg = model_error(artifact=str(art))
+    assert 'models[0] ("m"): set exactly one of factory' in msg and "both are set" in msg
+    assert "neither is set" in model_error(factory=None)
+    m = model(factory=None, artifact=str(art))
+    assert (m.factory, m.artifact) == (None, str(art))
+    msg = model_error(factory=None, artifact=str(art), checkpoint=str(art))
+    assert msg.startswith(f'{SRC}: models[0] ("m").checkpoint: only applies with factory')
+
+
+def test_missing_files_are_named(tmp_path):
+    msg = model_error(factory=None, artifact=str(tmp_path / "nope.pt2"))
+    assert msg == f'{SRC}: models[0] ("m").artifact: file not found: {tmp_path / "nope.pt2"}; fix the path or create the file'
+    with pytest.raises(ConfigError) as e:
+        parse_config(conf(models=[dict(MODEL, checkpoint="w/ckpt.pt")]), SRC, base_dir=tmp_path)
+    assert str(e.value).startswith(f'{SRC}: models[0] ("m").checkpoint: file not found: {tmp_path / "w" / "ckpt.pt"}')
+    assert f"resolved against the config file's directory, {tmp_path}" in str(e.value)
+    msg = model_error(checkpoint=str(tmp_path))
+    assert msg == f'{SRC}: models[0] ("m").checkpoint: is not a regular file: {tmp_path}'
+
+
+def test_duplicate_name_version():
+    data = {"models": [dict(MODEL), dict(MODEL, name="n"), dict(MODEL, version=1)]}
+    with pytest.raises(ConfigError) as e:
+        parse_config(data, SRC)
+    assert str(e.value).startswith(
+        f'{SRC}: models[2] ("m").version: "m" version "1" is already declared by models[0]')
+    # Same name, other version: fine; Config.model picks by version, first by default.
+    c = parse_config({"models": [dict(MODEL, version="a"), dict(MODEL, version="b")]})
+    assert c.model("m").version == "a"
+    assert c.model("m", "b").version == "b"
+    assert c.model("m", "c") is None and c.model("zz") is None
+
+
+def test_models_required_and_shape():
+    for data, expect in [
+        ({}, "models: at least 1 [[models]] table is required, found 0"),
+        ({"models": []}, "models: at least 1 [[models]] table is required, found 0"),
+        ({"models": dict(MODEL)}, "models: must be an array of tables, one [[models]] per entry"),
+        ({"models": [dict(MODEL)], "server": 5}, "server: must be a table ([server]), got 5"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            parse_config(data, SRC)
+        assert str(e.value).startswith(f"{SRC}: {expect}"), str(e.value)
+
+
+def test_ring_slot_cross_check():
+    # 4096 x 128 KiB = 512 MiB > 256 MiB
+    msg = model_error(max_batch=4096, input={"dtype": "float32", "shape": [32768]})
+    assert msg == (f'{SRC}: models[0] ("m").max_batch: 4096 x 131072 bytes of inputs per sample '
+                   f'= 536870912 bytes (512.0 MiB), more than the 256 MiB ring slot; lower '
+                   f'max_batch to 2048 or less, or send smaller inputs')
+    # Exactly the slot is fine; named inputs are summed.
+    m = model(max_batch=2048, input={"dtype": "float32", "shape": [32768]})
+    assert m.max_batch * m.sample_bytes == RING_SLOT_BYTES
+    msg = model_error(max_batch=2048, input=None, inputs={
+        "a": {"dtype": "float32", "shape": [32768]}, "b": {"dtype": "bool", "shape": [1]}})
+    assert "2048 x 131073 bytes of inputs per sample" in msg and "lower max_batch to 2047" in msg
+    msg = model_error(max_batch=1, input={"dtype": "float64", "shape": [32768, 1025]})
+    assert "one sample alone is larger than the slot" in msg
+
+
+# --------------------------------------------------------------------------
+# Unknown keys
+
+
+def test_unknown_key_suggestion():
+    msg = model_error(max_bach=8)
+    assert msg == f"""{SRC}: unknown key 'max_bach' in models[0] ("m"); did you mean 'max_batch'?"""
+    with pytest.raises(ConfigError) as e:
+        parse_config(conf(server={"prot": 1}), SRC)
+    assert str(e.value) == f"{SRC}: unknown key 'prot' in server; did you mean 'port'?"
+    assert e.value.key == "server"
+
+
+def test_unknown_key_without_close_match_lists_valid_keys():
+    with pytest.raises(ConfigError) as e:
+        parse_config(conf(logging={"zzz": 1}), SRC)
+    assert str(e.value) == f"{SRC}: unknown key 'zzz' in logging; valid keys: level"
+
+
+def test_unknown_section_and_nested_unknown():
+    with pytest.raises(ConfigError) as e:
+        parse_config(conf(modles=[]), SRC)
+    assert str(e.value) == f"{SRC}: unknown section 'modles'; did you mean 'models'?"
+    msg = model_error(input=None, inputs={"ids": {"dtyp": "int64", "shape": [2]}})
+    assert msg == f"""{SRC}: unknown key 'dtyp' in models[0] ("m").inputs.ids; did you mean 'dtype'?"""
+    msg = model_error(input={"ids": {"dtype": "int64", "shape": [2]}})
+    assert msg.startswith(f"""{SRC}: unknown key 'ids' in models[0] ("m").input""")
+    assert "use inputs/outputs" in msg
+
+
+# --------------------------------------------------------------------------
+# Frozen
+
+
+def test_frozen_all_the_way_down():
+    c = load_config(DEFAULT_TOML)
+    m = c.models[0]
+    for obj, attr, value in [(c, "source", "x"), (c.server, "port", 1), (c.logging, "level", "debug"),
+                             (m, "max_batch", 1), (m.inputs[0][1], "shape", (1,))]:
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(obj, attr, value)
+    with pytest.raises(AttributeError):     # slots: no new attributes either
+        object.__setattr__(c, "extra", 1)
+
+    def walk(x):
+        assert not isinstance(x, (list, dict, set, bytearray)), x
+        if dataclasses.is_dataclass(x):
+            assert type(x).__dataclass_params__.frozen
+            for f in dataclasses.fields(x):
+                walk(getattr(x, f.name))
+        elif isinstance(x, tuple):
+            for y in x:
+                walk(y)
+        else:
+            assert isinstance(x, (str, int, float, bool, type(None))), x
+    walk(c)
+    hash(c)     # hashable, so old and new configs can be compared and used as keys
+
+
+def test_pickles_and_equal():
+    c = load_config(DEFAULT_TOML)
+    assert pickle.loads(pickle.dumps(c)) == c
+    assert load_config(DEFAULT_TOML) == c
+
+
+def test_input_data_not_mutated():
+    data = conf(models=[dict(MODEL, devices=["cpu"], buckets=[1, 64])])
+    before = copy.deepcopy(data)
+    parse_config(data)
+    assert data == before
+
+
+# --------------------------------------------------------------------------
+# Buckets, inputs, outputs, devices, versions
+
+
+@pytest.mark.parametrize("max_batch, buckets", [
+    (1, (1,)), (2, (1, 2)), (3, (1, 2, 3)), (48, (1, 2, 4, 8, 16, 32, 48)),
+    (64, (1, 2, 4, 8, 16, 32, 64)), (65, (1, 2, 4, 8, 16, 32, 64, 65)),
+    (4096, (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)),
+])
+def test_default_buckets(max_batch, buckets):
+    assert model(max_batch=max_batch).buckets == buckets
+
+
+def test_given_buckets():
+    assert model(max_batch=100, buckets=[8, 100]).buckets == (8, 100)
+    assert model(max_batch=1, buckets=[1]).buckets == (1,)
+
+
+def test_single_input_form():
+    m = model(input={"dtype": "int64", "shape": [3, 5]})
+    assert m.single_input is True
+    assert m.inputs == (("input", TensorShape("int64", (3, 5))),)
+    assert m.inputs[0][1].nbytes == 3 * 5 * 8 and m.sample_bytes == 120
+
+
+def test_named_inputs_both_toml_forms():
+    inline = tomllib.loads("""
+[[models]]
+name = "r"
+factory = "a.b:c"
+inputs = { ids = { dtype = "int64", shape = [8] }, dense = { dtype = "float16", shape = [2, 3] } }
+outputs = { score = { dtype = "float32", shape = [1] }, emb = { dtype = "bfloat16", shape = [4] } }
+""")
+    tables = tomllib.loads("""
+[[models]]
+name = "r"
+factory = "a.b:c"
+[models.inputs.ids]
+dtype = "int64"
+shape = [8]
+[models.inputs.dense]
+dtype = "float16"
+shape = [2, 3]
+[models.outputs.score]
+dtype = "float32"
+shape = [1]
+[models.outputs.emb]
+dtype = "bfloat16"
+shape = [4]
+""")
+    a, b = parse_config(inline).models[0], parse_config(tables).models[0]
+    assert a == b
+    assert a.single_input is False and a.single_output is False
+    assert a.inputs == (("ids", TensorShape("int64", (8,))), ("dense", TensorShape("float16", (2, 3))))
+    assert a.outputs == (("score", TensorShape("float32", (1,))), ("emb", TensorShape("bfloat16", (4,))))
+    assert a.sample_bytes == 8 * 8 + 6 * 2
+
+
+def test_one_named_input_is_not_single():
+    m = model(input=None, inputs={"x": {"dtype": "float32", "shape": [4]}})
+    assert m.single_input is False and m.inputs == (("x", TensorShape("float32", (4,))),)
+
+
+def test_protocol_dtypes():
+    assert [d for d, _ in PROTOCOL_DTYPES] == ["float32", "float16", "bfloat16", "float64", "int64",
+                                               "int32", "int16", "int8", "uint8", "bool"]
+    for dtype, size in PROTOCOL_DTYPES:
+        spec = model(input={"dtype": dtype, "shape": [2, 3]}).inputs[0][1]
+        assert spec.itemsize == size and spec.nbytes == 6 * size
+
+
+def test_devices_and_version_normalised():
+    m = model(devices=["cuda", "cuda:0", "cuda:0", "cpu", "cuda:12"], version=7)
+    assert m.devices == ("cuda", "cuda:0", "cuda:0", "cpu", "cuda:12")
+    assert m.version == "7"
+    assert model(version="2024-06-01_rc.1").version == "2024-06-01_rc.1"
+
+
+def test_factory_forms():
+    for f in ["m:f", "a.b.c:build_model", "_p.q2:F"]:
+        assert model(factory=f).factory == f
+
+
+# --------------------------------------------------------------------------
+# Paths
+
+
+def test_relative_paths_resolved_against_the_config_file(tmp_path, monkeypatch):
+    d = tmp_path / "conf"
+    (d / "art").mkdir(parents=True)
+    (d / "art" / "m.pt2").write_bytes(b"x")
+    (d / "w.pt").write_bytes(b"x")
+    (d / "c.toml").write_text("""
+[[models]]
+name = "a"
+artifact = "art/m.pt2"
+input = { dtype = "float32", shape = [4] }
+[[models]]
+name = "b"
+factory = "x:y"
+checkpoint = "./art/../w.pt"
+input = { dtype = "float32", shape = [4] }
+""")
+    monkeypatch.chdir(tmp_path)                 # cwd is not the file's directory
+    c = load_config("conf/c.toml")
+    assert c.source == "conf/c.toml"
+    assert c.models[0].artifact == str(d / "art" / "m.pt2")
+    assert c.models[1].checkpoint == str(d / "w.pt")
+    assert os.path.isabs(c.models[0].artifact)
+
+
+def test_parse_config_base_dir(tmp_path, monkeypatch):
+    (tmp_path / "w.pt").write_bytes(b"x")
+    data = conf(models=[dict(MODEL, checkpoint="w.pt")])
+    assert parse_config(data, base_dir=tmp_path).models[0].checkpoint == str(tmp_path / "w.pt")
+    monkeypatch.chdir(tmp_path)                 # "<config>": relative to the cwd
+    assert parse_config(data).models[0].checkpoint == str(tmp_path / "w.pt")
+
+
+# --------------------------------------------------------------------------
+# Reading files
+
+
+def test_toml_syntax_error(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text('[server]\nport = 70 70\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: invalid TOML: ")
+    assert "line 2" in msg and "column" in msg
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'none.toml'}: cannot read the config file")):
+        load_config(tmp_path / "none.toml")
+    with pytest.raises(ConfigError, match="cannot read the config file"):
+        load_config(tmp_path)
+    p = tmp_path / "latin1.toml"
+    p.write_bytes(b'# caf\xe9\n')
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(p)
+
+
+def test_errors_name_the_file(tmp_path):
+    p = tmp_path / "x.toml"
+    p.write_text('[[models]]\nname = "demo"\nfactory = "a:b"\ninput = { dtype = "float32", shape = [1] }\nmax_batch = 0\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value) == f'{p}: models[0] ("demo").max_batch: must be an integer from 1 to 4096, got 0'
+
+
+# --------------------------------------------------------------------------
+# The docs cannot drift
+
+
+def _between_markers(text: str) -> str:
+    begin, end = "<!-- settings:begin -->", "<!-- settings:end -->"
+    assert text.count(begin) == 1 and text.count(end) == 1
+    return text.split(begin, 1)[1].split(end, 1)[0]
+
+
+def test_docs_match_the_settings_table():
+    text = DOCS.read_text()
+    assert _between_markers(text).strip("\n") == render_reference().strip("\n"), (
+        "docs/config.md is out of date: paste the output of "
+        "`python -m daemon.config --markdown` between the settings markers")
+    for s in SETTINGS:
+        assert f"| `{s.name}` |" in text, s.name
+    for section in SECTIONS:
+        assert f"[{section.name}]" in text
+
+
+def test_reference_lists_every_setting_with_its_doc():
+    ref = render_reference()
+    for s in SETTINGS:
+        row = next(line for line in ref.splitlines() if line.startswith(f"| `{s.name}` |"))
+        assert s.doc.replace("|", "\\|") in row
+
+
+def test_docs_full_example_parses(tmp_path):
+    text = DOCS.read_text()
+    example = text.split("## Full example", 1)[1]
+    block = re.search(r"```toml\n(.*?)```", example, re.S).group(1)
+    data = tomllib.loads(block)
+    for m in data["models"]:            # the example's files, made to exist
+        for key in ("artifact", "checkpoint"):
+            if key in m:
+                (tmp_path / m[key]).parent.mkdir(parents=True, exist_ok=True)
+                (tmp_path / m[key]).write_bytes(b"x")
+    c = parse_config(data, "docs/config.md", base_dir=tmp_path)
+    assert [(m.name, m.version) for m in c.models] == [
+        ("ranker", "2024-06-01"), ("ranker", "2024-07-15"), ("fraud", "3")]
+    assert c.models[0].inputs == c.models[1].inputs
+    assert c.models[2].buckets == (1, 2, 4, 8, 16, 32, 48)
+
+
+def test_module_is_torch_free():
+    code = "import sys, daemon.config; assert 'torch' not in sys.modules and 'numpy' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
+                   env=dict(os.environ, PYTHONPATH=str(ROOT)))
