@@ -133,9 +133,9 @@ class Runner:
             self._autocast = lambda: torch.autocast(self.device.type, dtype=TORCH_DTYPES[spec.dtype])
         self.compile_mode = resolve_compile(spec.compile, self.device)
         if self.compile_mode != "off":
-            import torch._dynamo
+            from torch import _dynamo
             # one graph per bucket; the default cache of 8 would recompile forever
-            torch._dynamo.config.cache_size_limit = max(16, 2 * len(spec.buckets))
+            _dynamo.config.cache_size_limit = max(16, 2 * len(spec.buckets))
             self.forward = torch.compile(self.model, mode=self.compile_mode, dynamic=False)
         else:
             self.forward = self.model

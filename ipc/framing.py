@@ -181,7 +181,9 @@ def _undecodable(body: memoryview, e: Exception) -> InvalidArgument:
     if isinstance(e, msgpack.ExtraData):
         problem = "holds bytes after the end of the first msgpack object"
     else:
-        problem = f"is not valid msgpack for this protocol ({e})"
+        # msgpack's own wording, minus its option names; FormatError has none.
+        detail = str(e).replace(" when strict_map_key=True", "; keys must be strings")
+        problem = f"is not valid msgpack for this protocol ({detail or type(e).__name__})"
     return InvalidArgument(
         f"frame body of {n} bytes {problem}; each frame must hold exactly one msgpack map",
         req_id=_salvage_id(body))

@@ -32,6 +32,7 @@ def shm_segments() -> set[str]:
 class Daemon:
     def __init__(self, tmp_path: Path, config: str, env: dict | None = None):
         self.dir = tmp_path
+        tmp_path.mkdir(parents=True, exist_ok=True)
         self.config_path = tmp_path / "ringserve.toml"
         self.config_path.write_text(config)
         self.port_file = tmp_path / "port"
@@ -132,11 +133,6 @@ def daemon_factory(tmp_path):
     def make(config: str, *, env: dict | None = None, wait_ready: bool = True,
              sub: str | None = None) -> Daemon:
         d = Daemon(tmp_path / (sub or f"d{len(started)}"), config, env)
-        d.dir.mkdir(parents=True, exist_ok=True)
-        d.config_path = d.dir / "ringserve.toml"
-        d.config_path.write_text(config)
-        d.port_file = d.dir / "port"
-        d.log_path = d.dir / "daemon.log"
         started.append(d)
         return d.start(wait_ready=wait_ready)
 

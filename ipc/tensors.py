@@ -1,0 +1,589 @@
+"""Tensors on the wire (protocol.md, "Tensors") and their validation.
+
+A tensor travels as a msgpack map::
+
+    {"dtype": str, "shape": [int, ...], "data": bin}
+
+``data`` holds prod(shape) * itemsize bytes: the elements in C order, each
+little-endian. bool is one byte, 0 or 1. bfloat16 is the upper 16 bits of the
+IEEE float32 (sign, 8 exponent bits, 7 mantissa bits). A request may instead
+send a plain (nested) msgpack array of numbers, cast here to the dtype the
+model declares.
+
+``decode_tensor``/``decode_inputs`` check one sample of a request against a
+model's ``TensorSpec`` and return its raw bytes, ready to be copied into the
+ring once; every complaint is an ``InvalidArgument`` whose message says what
+to send instead. ``from_array``/``encode_tensor`` build the map,
+``to_numpy``/``to_torch`` read it back.
+
+This module must not import torch at import time (the front process never
+loads it); torch is imported only when a torch tensor is handed in or asked
+for, so bfloat16 is converted with numpy integer arithmetic here.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from ipc.status import InvalidArgument
+
+__all__ = [
+    "DType", "DTYPES", "TensorSpec", "decode_tensor", "decode_inputs",
+    "encode_tensor", "from_array", "to_numpy", "to_torch",
+]
+
+if sys.byteorder != "little":  # torch buffers and frombuffer views assume it
+    raise ImportError("ipc.tensors supports little-endian hosts only")
+
+
+@dataclass(frozen=True)
+class DType:
+    name: str
+    itemsize: int
+    is_float: bool
+    numpy_name: str | None   # None for bfloat16: numpy has no such dtype
+
+
+DTYPES: dict[str, DType] = {d.name: d for d in (
+    DType("float32", 4, True, "float32"),
+    DType("float16", 2, True, "float16"),
+    DType("bfloat16", 2, True, None),
+    DType("float64", 8, True, "float64"),
+    DType("int64", 8, False, "int64"),
+    DType("int32", 4, False, "int32"),
+    DType("int16", 2, False, "int16"),
+    DType("int8", 1, False, "int8"),
+    DType("uint8", 1, False, "uint8"),
+    DType("bool", 1, False, "bool"),
+)}
+_SUPPORTED = ", ".join(DTYPES)
+
+# The numpy dtype that reads the wire bytes: explicitly little-endian, and
+# for bfloat16 its bit pattern as uint16.
+_NP: dict[str, np.dtype] = {
+    name: np.dtype(d.numpy_name or "uint16").newbyteorder("<") for name, d in DTYPES.items()}
+_F32 = np.dtype("<f4")
+_F64 = np.dtype("<f8")
+_U8 = np.dtype("u1")
+_U16 = np.dtype("<u2")
+_U32 = np.dtype("<u4")
+
+_frombuffer = np.frombuffer
+_max = np.maximum.reduce
+_np_isfinite = np.isfinite
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One sample of a model's input or output: dtype and shape, no batch dim."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; supported: {_SUPPORTED}")
+        shape = tuple(self.shape)
+        for d in shape:
+            if type(d) is not int or d < 1:
+                raise ValueError(f"shape {list(shape)}: dimensions must be positive ints")
+        object.__setattr__(self, "shape", shape)
+        # Derived once: decode_tensor reads them on every request.
+        numel = math.prod(shape)
+        object.__setattr__(self, "_numel", numel)
+        object.__setattr__(self, "_nbytes", numel * DTYPES[self.dtype].itemsize)
+        object.__setattr__(self, "_shape_list", list(shape))  # what msgpack hands back
+
+    @property
+    def numel(self) -> int:
+        return self._numel
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
+
+    def describe(self) -> str:
+        return f"{self.dtype}[{', '.join(map(str, self.shape))}]"
+
+
+def _as_spec(spec) -> TensorSpec:
+    # Accepts look-alikes (daemon.config.TensorShape) at the price of a
+    # conversion; pass TensorSpec on the hot path.
+    if type(spec) is TensorSpec:
+        return spec
+    try:
+        return TensorSpec(spec.dtype, tuple(spec.shape))
+    except AttributeError:
+        raise TypeError(f"expected a TensorSpec, got {type(spec).__name__}") from None
+
+
+# --- decoding a request's tensors -------------------------------------------
+
+_TENSOR_FORM = ('a tensor is {"dtype": str, "shape": [int...], "data": bin} '
+                "or a plain (nested) list of numbers")
+
+
+def decode_tensor(obj, spec: TensorSpec, where: str):
+    """Check one sample against ``spec``; return its raw bytes (spec.nbytes long).
+
+    The binary form returns its ``data`` object itself (no copy); the list
+    form returns new ``bytes``. Raises InvalidArgument, naming ``where``.
+    """
+    if type(spec) is not TensorSpec:
+        spec = _as_spec(spec)
+    if type(obj) is not dict:
+        return _decode_list(obj, spec, where)
+    try:
+        dtype = obj["dtype"]
+        shape = obj["shape"]
+        data = obj["data"]
+    except KeyError:
+        raise _missing_keys(obj, where) from None
+    if dtype != spec.dtype:
+        raise _bad_dtype(dtype, spec, where)
+    if shape != spec._shape_list and not (type(shape) is tuple and shape == spec.shape):
+        raise _bad_shape(shape, spec, where)
+    t = type(data)
+    if t is bytes or t is bytearray:
+        n = len(data)
+    elif t is memoryview:
+        n = data.nbytes
+    else:
+        raise InvalidArgument(f"{where}: data must be bin (raw bytes), got {_kind(data)}; "
+                              "msgpack writers pack bytes as bin with use_bin_type=True")
+    if n != spec._nbytes:
+        d = DTYPES[spec.dtype]
+        raise InvalidArgument(
+            f"{where}: data holds {n} bytes, but {spec.describe()} needs {spec._nbytes} "
+            f"({spec._numel} elements x {d.itemsize} bytes)")
+    check = _CHECKS.get(dtype)
+    if check is not None:
+        check(data, spec, where)
+    return data
+
+
+def _check_float(data, spec: TensorSpec, where: str) -> None:
+    # isfinite rather than a cheaper-looking reduction (a sum, a dot with
+    # zeros): those raise FP flags on Inf and overflow, which numpy turns
+    # into RuntimeWarnings, and errstate to silence them costs more than it
+    # saves. isfinite also beats integer views of the exponent bits (measured).
+    a = _frombuffer(data, _NP[spec.dtype])
+    finite = _np_isfinite(a)
+    if not finite.all():
+        i = int(np.flatnonzero(~finite)[0])
+        raise _not_finite(i, float(a[i]), where)
+
+
+def _check_bfloat16(data, spec: TensorSpec, where: str) -> None:
+    # Exponent bits all ones is Inf or NaN.
+    masked = _frombuffer(data, _U16) & 0x7F80
+    if _max(masked) != 0x7F80:
+        return
+    i = int(np.flatnonzero(masked == 0x7F80)[0])
+    raise _not_finite(i, float(_bf16_to_f32(_frombuffer(data, _U16)[i:i + 1])[0]), where)
+
+
+def _check_bool(data, spec: TensorSpec, where: str) -> None:
+    # Other byte values would reach the model as undefined bools.
+    u = _frombuffer(data, _U8)
+    if _max(u) > 1:
+        i = int(np.flatnonzero(u > 1)[0])
+        raise InvalidArgument(f"{where}: bool data must hold bytes 0 or 1; "
+                              f"the byte at flat index {i} is {int(u[i])}")
+
+
+_CHECKS = {"float32": _check_float, "float64": _check_float, "float16": _check_float,
+           "bfloat16": _check_bfloat16, "bool": _check_bool}
+
+
+def _not_finite(i: int, value: float, where: str) -> InvalidArgument:
+    return InvalidArgument(f"{where}: the element at flat index {i} is {value}; "
+                           "NaN and infinity are not accepted, send finite numbers")
+
+
+def _missing_keys(obj: dict, where: str) -> InvalidArgument:
+    missing = [k for k in ("dtype", "shape", "data") if k not in obj]
+    return InvalidArgument(f"{where}: tensor map is missing {_join(missing)}; {_TENSOR_FORM}")
+
+
+def _bad_dtype(dtype, spec: TensorSpec, where: str) -> InvalidArgument:
+    if type(dtype) is not str:
+        return InvalidArgument(f"{where}: dtype must be a string, got {_kind(dtype)}; "
+                               f"the model's input is {spec.describe()}")
+    if dtype not in DTYPES:
+        return InvalidArgument(f"{where}: unknown dtype {_show(dtype)}; supported dtypes are "
+                               f"{_SUPPORTED}, and the model's input is {spec.describe()}")
+    return InvalidArgument(
+        f"{where}: dtype {dtype} does not match the model's input {spec.describe()}; "
+        f"send {spec.dtype} data or a plain list of numbers")
+
+
+def _bad_shape(shape, spec: TensorSpec, where: str) -> InvalidArgument:
+    if type(shape) not in (list, tuple) or any(type(d) is not int or d < 0 for d in shape):
+        return InvalidArgument(f"{where}: shape must be an array of non-negative integers, "
+                               f"got {_show(shape)}")
+    hint = ""
+    if len(shape) == len(spec.shape) + 1 and tuple(shape[1:]) == spec.shape:
+        hint = "; drop the leading batch dimension"
+    return InvalidArgument(
+        f"{where}: shape {list(shape)} does not match the model's input {spec.describe()}; "
+        f"send one sample of shape {list(spec.shape)} (no batch dimension){hint}")
+
+
+# --- the plain-list form ----------------------------------------------------
+
+# Integer ranges, as Python ints; bool takes 0 and 1 (or False and True).
+_INT_RANGE = {name: (int(np.iinfo(_NP[name]).min), int(np.iinfo(_NP[name]).max))
+              for name, d in DTYPES.items() if not d.is_float and name != "bool"}
+_INT_RANGE["bool"] = (0, 1)
+_EXACT_IN_F64 = 2**53   # beyond it, ints that numpy turned into float64 lost digits
+
+
+def _decode_list(obj, spec: TensorSpec, where: str) -> bytes:
+    t = type(obj)
+    if t is not list and t is not tuple and not (spec.shape == () and t in (int, float, bool)):
+        raise InvalidArgument(f"{where}: expected a tensor, got {_kind(obj)}; {_TENSOR_FORM}")
+    try:
+        a = np.array(obj)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise InvalidArgument(f"{where}: the list is not a regular array of numbers ({e}); "
+                              f"send nested lists of shape {list(spec.shape)}") from None
+    if a.shape != spec.shape:
+        raise InvalidArgument(
+            f"{where}: list of shape {list(a.shape)} does not match the model's input "
+            f"{spec.describe()}; send one sample (no batch dimension)")
+    is_float = DTYPES[spec.dtype].is_float
+    kind = a.dtype.kind
+    if kind not in "biuf":
+        # numpy made objects (ints beyond 64 bits; None; maps) or strings
+        # (a string anywhere turns every number into one, too).
+        values = list(_flat(obj))
+        for i, v in enumerate(values):
+            if type(v) not in (int, float, bool):
+                raise InvalidArgument(f"{where}: the element at flat index {i} is {_kind(v)}, "
+                                      f"not a number; the model's input is {spec.describe()}")
+        if not is_float:
+            return _exact_ints(values, spec, where)
+        try:
+            a = np.array(values, dtype=_F64).reshape(spec.shape)
+        except OverflowError:
+            i = next(i for i, v in enumerate(values) if abs(v) > sys.float_info.max)
+            raise _out_of_range(i, values[i], spec, where) from None
+        kind = "f"
+
+    if kind == "f":
+        finite = np.isfinite(a)
+        if not finite.all():
+            i = int(np.flatnonzero(~finite)[0])
+            raise _not_finite(i, float(a.flat[i]), where)
+    if is_float:
+        if kind == "b":
+            raise InvalidArgument(f"{where}: got booleans for the model's input "
+                                  f"{spec.describe()}; send numbers")
+        return _cast_float(a, spec, where)
+    if kind == "b":
+        if spec.dtype != "bool":
+            raise InvalidArgument(f"{where}: got booleans for the model's input "
+                                  f"{spec.describe()}; send integers")
+        return a.tobytes()
+    if kind == "f" and _max(np.abs(a)) >= _EXACT_IN_F64:
+        return _exact_ints(list(_flat(obj)), spec, where)
+    return _cast_int(a, spec, where, kind)
+
+
+def _flat(obj):
+    """The leaves of a nested list in C order (np.array already checked it is regular)."""
+    if type(obj) is list or type(obj) is tuple:
+        for x in obj:
+            yield from _flat(x)
+    else:
+        yield obj
+
+
+def _cast_float(a: np.ndarray, spec: TensorSpec, where: str) -> bytes:
+    with np.errstate(over="ignore"):
+        if spec.dtype == "bfloat16":
+            # Through float32 first, as torch does for Python floats.
+            out = _f32_to_bf16(a.astype(_F32))
+            finite = (out & 0x7F80) != 0x7F80
+        else:
+            out = a.astype(_NP[spec.dtype])
+            finite = np.isfinite(out)
+    if not finite.all():
+        i = int(np.flatnonzero(~finite)[0])
+        raise _out_of_range(i, a.flat[i].item(), spec, where)
+    return out.tobytes()
+
+
+def _cast_int(a: np.ndarray, spec: TensorSpec, where: str, kind: str) -> bytes:
+    """Ints, or floats below 2**53, to an integer (or bool) dtype, exactly."""
+    if kind == "f":
+        whole = a == np.trunc(a)
+        if not whole.all():
+            i = int(np.flatnonzero(~whole)[0])
+            raise _not_integer(i, float(a.flat[i]), spec, where)
+    lo, hi = _INT_RANGE[spec.dtype]
+    # Compared as Python ints: numpy would compare uint64 with int64 in float64.
+    if not (lo <= int(a.min()) and int(a.max()) <= hi):
+        i = next(i for i, v in enumerate(a.flat) if not lo <= int(v) <= hi)
+        raise _out_of_range(i, a.flat[i].item(), spec, where)
+    return a.astype(_NP[spec.dtype]).tobytes()
+
+
+def _exact_ints(values: list, spec: TensorSpec, where: str) -> bytes:
+    """The slow, exact path for ints that numpy could not hold losslessly."""
+    lo, hi = _INT_RANGE[spec.dtype]
+    ints = []
+    for i, v in enumerate(values):
+        if type(v) is float:
+            if not math.isfinite(v):
+                raise _not_finite(i, v, where)
+            if not v.is_integer():
+                raise _not_integer(i, v, spec, where)
+            v = int(v)
+        if not lo <= v <= hi:
+            raise _out_of_range(i, v, spec, where)
+        ints.append(v)
+    return np.array(ints, dtype=_NP[spec.dtype]).tobytes()
+
+
+def _not_integer(i: int, value: float, spec: TensorSpec, where: str) -> InvalidArgument:
+    return InvalidArgument(f"{where}: the element at flat index {i} is {value}, not an "
+                           f"integer; the model's input is {spec.describe()}")
+
+
+def _out_of_range(i: int, value, spec: TensorSpec, where: str) -> InvalidArgument:
+    d = spec.dtype
+    if d in _INT_RANGE:
+        lo, hi = _INT_RANGE[d]
+        bounds = f"{d} holds {lo}..{hi}"
+    else:
+        bounds = f"{d} cannot represent it"
+    return InvalidArgument(f"{where}: the element at flat index {i} is {_show(value)}, out of "
+                           f"range for the model's input {spec.describe()} ({bounds})")
+
+
+def _f32_to_bf16(a: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits, rounding to nearest even (as torch does).
+
+    NaN must not reach it (rounding could carry a NaN's payload into Inf);
+    callers reject NaN first.
+    """
+    u = a.view(_U32)
+    return ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(_U16)
+
+
+def _bf16_to_f32(u: np.ndarray) -> np.ndarray:
+    return (u.astype(_U32) << 16).view(_F32)
+
+
+# --- a request's `inputs` field -----------------------------------------------
+
+_WHERE: dict[str, str] = {}   # name -> "inputs['name']", built once per declared name
+
+
+def _where(name: str) -> str:
+    w = _WHERE.get(name)
+    if w is None:
+        w = _WHERE[name] = f"inputs[{name!r}]"
+    return w
+
+
+def decode_inputs(obj, specs: tuple[tuple[str, TensorSpec], ...], single: bool) -> list:
+    """Validate a request's ``inputs``; return the raw bytes of each, in spec order.
+
+    ``single``: the model declares one unnamed input, sent as a bare tensor
+    (a map {name: tensor} with that one name is accepted too). Otherwise
+    ``inputs`` is a map with exactly the declared names.
+    """
+    if single:
+        name, spec = specs[0]
+        if type(obj) is dict and not ("data" in obj and "dtype" in obj):
+            if len(obj) == 1 and name in obj:
+                return [decode_tensor(obj[name], spec, _where(name))]
+            if not any(k in obj for k in ("dtype", "shape", "data")):
+                raise InvalidArgument(
+                    f"inputs: the model takes one input {spec.describe()}, sent as a tensor "
+                    f"(or as {{{name!r}: tensor}}); got a map of {_join(list(obj))}")
+        return [decode_tensor(obj, spec, "inputs")]
+
+    if type(obj) is not dict or ("data" in obj and "dtype" in obj):
+        raise InvalidArgument(f"inputs: the model takes named inputs {_expected(specs)}; "
+                              "send a map of name to tensor")
+    if len(obj) != len(specs):
+        raise _names_error(obj, specs)
+    out = []
+    for name, spec in specs:
+        t = obj.get(name, _MISSING)
+        if t is _MISSING:
+            raise _names_error(obj, specs)
+        out.append(decode_tensor(t, spec, _where(name)))
+    return out
+
+
+_MISSING = object()
+
+
+def _expected(specs) -> str:
+    return ", ".join(f"{name!r} {_as_spec(spec).describe()}" for name, spec in specs)
+
+
+def _names_error(obj: dict, specs) -> InvalidArgument:
+    declared = [name for name, _ in specs]
+    missing = [n for n in declared if n not in obj]
+    unknown = [k for k in obj if k not in declared]
+    parts = []
+    if missing:
+        parts.append(f"missing {_join(missing)}")
+    if unknown:
+        parts.append(f"unknown {_join(unknown)}")
+    return InvalidArgument(f"inputs: {'; '.join(parts)}; the model takes {_expected(specs)}")
+
+
+# --- building and reading tensor maps -----------------------------------------
+
+def encode_tensor(dtype: str, shape, data) -> dict:
+    """The wire map. ``data`` (bytes, bytearray or a C-contiguous memoryview,
+    e.g. a slice of shared memory) is kept as-is; msgpack packs it as bin."""
+    d = DTYPES.get(dtype)
+    if d is None:
+        raise ValueError(f"unknown dtype {dtype!r}; supported: {_SUPPORTED}")
+    shape = list(shape)
+    n = data.nbytes if type(data) is memoryview else len(data)
+    if n != math.prod(shape) * d.itemsize:
+        raise ValueError(f"{n} bytes of data do not make a {dtype}{shape} tensor "
+                         f"({math.prod(shape) * d.itemsize} bytes)")
+    return {"dtype": dtype, "shape": shape, "data": data}
+
+
+_NP_KIND = {("f", 4): "float32", ("f", 2): "float16", ("f", 8): "float64",
+            ("i", 8): "int64", ("i", 4): "int32", ("i", 2): "int16", ("i", 1): "int8",
+            ("u", 1): "uint8", ("b", 1): "bool"}
+
+
+def from_array(x) -> dict:
+    """A numpy array, CPU torch tensor, list or number -> wire map.
+
+    The map's data is a memoryview of the array's own buffer when it is
+    already C-contiguous little-endian (no copy); it keeps the array alive.
+    """
+    if type(x).__module__.startswith("torch"):
+        return _from_torch(x)
+    if not isinstance(x, np.ndarray):
+        if not isinstance(x, (list, tuple, int, float, bool, np.generic)):
+            raise TypeError(f"expected a numpy array, torch tensor or list, got "
+                            f"{type(x).__name__}")
+        x = np.asarray(x)
+    dt = x.dtype
+    name = _NP_KIND.get((dt.kind, dt.itemsize))
+    if name is None:
+        if dt.name != "bfloat16" or dt.itemsize != 2:   # ml_dtypes' bfloat16 is welcome
+            raise ValueError(f"numpy dtype {dt} has no protocol dtype; supported: {_SUPPORTED}")
+        name, x = "bfloat16", x.view(_U16)
+    elif dt.byteorder == ">":
+        x = x.astype(dt.newbyteorder("<"))
+    if not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x)
+    return {"dtype": name, "shape": list(x.shape), "data": _byte_view(x)}
+
+
+def _byte_view(x: np.ndarray) -> memoryview:
+    if x.size == 0:
+        return memoryview(b"")   # memoryview.cast refuses zeros in the shape
+    return memoryview(x).cast("B")
+
+
+def _from_torch(x) -> dict:
+    import torch
+
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if x.device.type != "cpu":
+        raise ValueError(f"tensor is on {x.device}; move it to the CPU first (.cpu())")
+    name = str(x.dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"torch dtype {x.dtype} has no protocol dtype; supported: {_SUPPORTED}")
+    t = x.detach().resolve_conj().resolve_neg().contiguous()
+    # numpy has no bfloat16: hand over its bits.
+    a = t.view(torch.int16).numpy() if name == "bfloat16" else t.numpy()
+    return {"dtype": name, "shape": list(t.shape), "data": _byte_view(a)}
+
+
+def _parts(obj) -> tuple[str, list, object]:
+    """Validated (dtype, shape, data) of a wire map read by to_numpy/to_torch."""
+    if type(obj) is not dict:
+        raise InvalidArgument(f"expected a tensor map, got {_kind(obj)}; {_TENSOR_FORM}")
+    try:
+        dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
+    except KeyError:
+        raise _missing_keys(obj, "tensor") from None
+    d = DTYPES.get(dtype) if type(dtype) is str else None
+    if d is None:
+        raise InvalidArgument(f"tensor: unknown dtype {_show(dtype)}; supported: {_SUPPORTED}")
+    if type(shape) not in (list, tuple) or any(type(s) is not int or s < 0 for s in shape):
+        raise InvalidArgument(f"tensor: shape must be an array of non-negative integers, "
+                              f"got {_show(shape)}")
+    if type(data) not in (bytes, bytearray, memoryview):
+        raise InvalidArgument(f"tensor: data must be bin (raw bytes), got {_kind(data)}")
+    n = data.nbytes if type(data) is memoryview else len(data)
+    want = math.prod(shape) * d.itemsize
+    if n != want:
+        raise InvalidArgument(f"tensor: data holds {n} bytes, but {dtype}{list(shape)} "
+                              f"needs {want}")
+    return dtype, shape, data
+
+
+def to_numpy(obj) -> np.ndarray:
+    """Wire map -> numpy array viewing ``data`` (no copy; read-only for bytes).
+
+    bfloat16, which numpy lacks, comes back upcast to float32 (exact, but a
+    new array). Raises InvalidArgument for a malformed map.
+    """
+    dtype, shape, data = _parts(obj)
+    if dtype == "bfloat16":
+        return _bf16_to_f32(_frombuffer(data, _U16)).reshape(shape)
+    return _frombuffer(data, _NP[dtype]).reshape(shape)
+
+
+def to_torch(obj):
+    """Wire map -> torch tensor of the same dtype, bfloat16 included.
+
+    The bytes are copied once, into memory the tensor owns and may write:
+    torch cannot honour a read-only buffer such as ``bytes``.
+    """
+    import torch
+
+    dtype, shape, data = _parts(obj)
+    tdtype = getattr(torch, dtype)
+    if math.prod(shape) == 0:   # frombuffer refuses an empty buffer
+        return torch.empty(tuple(shape), dtype=tdtype)
+    return torch.frombuffer(bytearray(data), dtype=tdtype).reshape(tuple(shape))
+
+
+# --- message helpers -------------------------------------------------------------
+
+def _join(names) -> str:
+    return ", ".join(_show(n) for n in names)
+
+
+def _show(v, limit: int = 60) -> str:
+    s = repr(v)
+    return s if len(s) <= limit else s[:limit - 3] + "..."
+
+
+def _kind(v) -> str:
+    """What a wire value is, for messages ("the string 'abc'", "a map")."""
+    t = type(v)
+    if v is None:
+        return "nil"
+    if t is str or t is bool or t is int or t is float:
+        return f"the {_TYPE_WORDS[t]} {_show(v)}"
+    return _TYPE_WORDS.get(t) or f"a value of type {t.__name__}"
+
+
+_TYPE_WORDS = {str: "string", bool: "boolean", int: "integer", float: "float",
+               dict: "a map", list: "an array", tuple: "an array", bytes: "bin"}
