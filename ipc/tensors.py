@@ -24,6 +24,7 @@ for, so bfloat16 is converted with numpy integer arithmetic here.
 from __future__ import annotations
 
 import math
+import reprlib
 import sys
 from dataclasses import dataclass
 
@@ -111,14 +112,28 @@ class TensorSpec:
 
 
 def _as_spec(spec) -> TensorSpec:
-    # Accepts look-alikes (daemon.config.TensorShape) at the price of a
-    # conversion; pass TensorSpec on the hot path.
+    """``spec`` as a TensorSpec; look-alikes (daemon.config.TensorShape) work too.
+
+    Their conversion is cached by identity so that a caller holding config
+    objects pays a dict lookup per request, not a TensorSpec construction.
+    The cache holds the object itself, so its id cannot be reused while cached.
+    """
     if type(spec) is TensorSpec:
         return spec
+    hit = _CONVERTED.get(id(spec))
+    if hit is not None and hit[0] is spec:
+        return hit[1]
     try:
-        return TensorSpec(spec.dtype, tuple(spec.shape))
+        converted = TensorSpec(spec.dtype, tuple(spec.shape))
     except AttributeError:
         raise TypeError(f"expected a TensorSpec, got {type(spec).__name__}") from None
+    if len(_CONVERTED) >= 4096:   # config reloads only ever add a few
+        _CONVERTED.clear()
+    _CONVERTED[id(spec)] = (spec, converted)
+    return converted
+
+
+_CONVERTED: dict[int, tuple[object, TensorSpec]] = {}
 
 
 # --- decoding a request's tensors -------------------------------------------
@@ -226,12 +241,13 @@ def _bad_shape(shape, spec: TensorSpec, where: str) -> InvalidArgument:
     if type(shape) not in (list, tuple) or any(type(d) is not int or d < 0 for d in shape):
         return InvalidArgument(f"{where}: shape must be an array of non-negative integers, "
                                f"got {_show(shape)}")
-    hint = ""
     if len(shape) == len(spec.shape) + 1 and tuple(shape[1:]) == spec.shape:
-        hint = "; drop the leading batch dimension"
+        hint = ": drop the leading batch dimension"
+    else:
+        hint = " (no batch dimension)"
     return InvalidArgument(
-        f"{where}: shape {list(shape)} does not match the model's input {spec.describe()}; "
-        f"send one sample of shape {list(spec.shape)} (no batch dimension){hint}")
+        f"{where}: shape {_show(shape)} does not match the model's input {spec.describe()}; "
+        f"send one sample of shape {list(spec.shape)}{hint}")
 
 
 # --- the plain-list form ----------------------------------------------------
@@ -566,13 +582,18 @@ def to_torch(obj):
 
 # --- message helpers -------------------------------------------------------------
 
-def _join(names) -> str:
-    return ", ".join(_show(n) for n in names)
+def _join(names, most: int = 10) -> str:
+    shown = ", ".join(_show(n) for n in names[:most])
+    return shown if len(names) <= most else f"{shown} and {len(names) - most} more"
 
 
-def _show(v, limit: int = 60) -> str:
-    s = repr(v)
-    return s if len(s) <= limit else s[:limit - 3] + "..."
+# reprlib bounds the work as well as the text: a peer's 8 MB string or a
+# deep list must not be rendered whole just to be cut.
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = 60
+_repr.maxlong = 40
+_repr.maxlevel = 2
+_show = _repr.repr
 
 
 def _kind(v) -> str:

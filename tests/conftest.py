@@ -161,3 +161,14 @@ queue_limit = {queue_limit}
 def demo_config(max_batch=16, window_ms=2.0, queue_limit=1024, server="") -> str:
     return ("[server]\nhost = \"127.0.0.1\"\n" + server + "\n" +
             DEMO_MODEL.format(max_batch=max_batch, window_ms=window_ms, queue_limit=queue_limit))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def dev_shm_left_as_found():
+    """The whole suite leaves /dev/shm as it found it."""
+    before = shm_segments()
+    yield
+    t_end = time.monotonic() + 10
+    while shm_segments() - before and time.monotonic() < t_end:
+        time.sleep(0.1)
+    assert shm_segments() - before == set(), "tests leaked shared-memory segments"

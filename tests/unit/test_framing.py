@@ -17,12 +17,9 @@ def raw_frame(body: bytes) -> bytes:
 
 
 def req(i: int, **extra) -> dict:
-    return {"id": i, "model": "m", "inputs": {"dtype": "uint8", "shape": [3], "data": bytes([i % 256] * 3)},
-            **extra}
-
-
-def errors(items):
-    return [x for x in items if not isinstance(x, dict)]
+    data = bytes([i % 256] * 3)
+    tensor = {"dtype": "uint8", "shape": [3], "data": data}
+    return {"id": i, "model": "m", "inputs": tensor, **extra}
 
 
 def test_whole_frame():

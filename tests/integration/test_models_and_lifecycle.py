@@ -1,0 +1,179 @@
+"""Model sources, dtypes, compile, dispatch policy, connection limits and the
+front's own death."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from daemon.runtime import weights_hash
+from daemon.zoo import mlp_scorer
+from tests.conftest import demo_config, shm_segments
+from tests.wire import out_array, tensor
+
+OK, EXHAUSTED = 0, 8
+
+
+def _x(n=1, seed=7):
+    return np.random.default_rng(seed).standard_normal((n, 128), dtype=np.float32)
+
+
+def test_checkpoint_is_loaded_and_hashed(daemon_factory, tmp_path):
+    other = mlp_scorer(seed=5)
+    torch.save(other.state_dict(), tmp_path / "weights.pt")
+    d = daemon_factory(f"""
+[[models]]
+name = "demo"
+version = "5"
+factory = "daemon.zoo:mlp_scorer"
+checkpoint = "{tmp_path / 'weights.pt'}"
+input = {{ dtype = "float32", shape = [128] }}
+threads = 1
+""")
+    (w,) = d.health()["models"]
+    assert w["hash"] == weights_hash(other) != weights_hash(mlp_scorer())
+    x = _x()[0]
+    with d.client() as c:
+        ans = c.call({"model": "demo", "inputs": tensor(x)})
+    assert ans["version"] == "5"
+    with torch.inference_mode():
+        assert np.array_equal(out_array(ans), other(torch.from_numpy(x)[None]).numpy()[0])
+
+
+def test_torch_export_artifact(daemon_factory, tmp_path):
+    model = mlp_scorer(seed=3)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    ep = torch.export.export(model, (torch.zeros(4, 128),), dynamic_shapes={"x": {0: batch}})
+    torch.export.save(ep, tmp_path / "demo.pt2")
+    d = daemon_factory(f"""
+[[models]]
+name = "exported"
+artifact = "{tmp_path / 'demo.pt2'}"
+input = {{ dtype = "float32", shape = [128] }}
+max_batch = 8
+threads = 1
+""")
+    xs = _x(5)
+    with d.client() as c:
+        answers = [c.call({"model": "exported", "inputs": tensor(x)}) for x in xs]
+    with torch.inference_mode():
+        want = model(torch.from_numpy(xs)).numpy()
+    for a, w in zip(answers, want):
+        assert a["status"] == OK, a
+        np.testing.assert_allclose(out_array(a), w, rtol=0, atol=1e-5)
+
+
+def test_bfloat16_autocast_on_cpu(daemon_factory):
+    d = daemon_factory(demo_config().replace('threads = 1', 'threads = 1\ndtype = "bfloat16"'))
+    model = mlp_scorer()
+    x = _x()[0]
+    with d.client() as c:
+        ans = c.call({"model": "demo", "inputs": tensor(x)})
+        m = c.call({"op": "models"})["models"][0]
+    assert m["dtype"] == "bfloat16"
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(torch.from_numpy(x)[None])[0]
+    assert ans["outputs"]["dtype"] == str(want.dtype).removeprefix("torch.")
+    got = torch.from_numpy(np.frombuffer(ans["outputs"]["data"], np.uint8).copy()).view(want.dtype)
+    assert torch.equal(got, want)
+
+
+def test_torch_compile_on_cpu(daemon_factory):
+    """compile = "default" is honoured where asked (auto keeps it off on the
+    CPU); every bucket is compiled during warm-up, before ready."""
+    d = daemon_factory(demo_config(max_batch=2).replace('threads = 1', 'threads = 1\ncompile = "default"'))
+    model = mlp_scorer()
+    xs = _x(4)
+    with d.client() as c:
+        for x in xs:
+            c.send({"model": "demo", "inputs": tensor(x)})
+        answers = c.recv_n(4)
+    with torch.inference_mode():
+        want = {x.tobytes(): model(torch.from_numpy(x)[None]).numpy()[0] for x in xs}
+    got = sorted(out_array(a).tolist() for a in answers)
+    assert len(got) == 4 and all(a["status"] == OK for a in answers)
+    np.testing.assert_allclose(np.array(got), np.array(sorted(w.tolist() for w in want.values())),
+                               rtol=0, atol=1e-5)
+    assert '"compile": "default"' in d.log()
+
+
+def test_idle_worker_never_waits_for_the_window(daemon_factory):
+    d = daemon_factory(demo_config(window_ms=10.0))
+    with d.client() as c:
+        for x in _x(20):
+            ans = c.call({"model": "demo", "inputs": tensor(x)})
+            assert ans["timing"]["batch"] == 1
+            assert ans["timing"]["queue_us"] < 5000, ans["timing"]  # far below the 10 ms window
+
+
+def test_busy_worker_batches_what_arrives_within_the_window(daemon_factory):
+    d = daemon_factory("""
+[[models]]
+name = "slow"
+factory = "tests.models:slow"
+input = { dtype = "float32", shape = [4] }
+threads = 1
+max_batch = 8
+window_ms = 10.0
+""", env={"RINGSERVE_TEST_SLOW_MS": "300"})
+    x = tensor(np.ones(4, np.float32))
+    with d.client() as c:
+        c.send({"id": 0, "model": "slow", "inputs": x})  # worker idle: goes at once, alone
+        time.sleep(0.05)
+        for i in (1, 2, 3):  # worker busy: wait for the window, then go together
+            c.send({"id": i, "model": "slow", "inputs": x})
+        answers = {a["id"]: a for a in c.recv_n(4)}
+    assert answers[0]["timing"]["batch"] == 1
+    assert [answers[i]["timing"]["batch"] for i in (1, 2, 3)] == [3, 3, 3]
+    assert all(answers[i]["timing"]["bucket"] == 4 for i in (1, 2, 3))
+    # they left the queue after the window, not after the first batch finished
+    assert all(answers[i]["timing"]["queue_us"] < 250_000 for i in (1, 2, 3))
+
+
+def test_max_connections(daemon_factory):
+    d = daemon_factory(demo_config(server="max_connections = 2"))
+    a, b = d.client(), d.client()
+    try:
+        assert a.call({"op": "health"})["status"] == OK
+        assert b.call({"op": "health"})["status"] == OK
+        with d.client() as c:
+            ans = c.recv()
+            assert ans["status"] == EXHAUSTED and "max_connections" in ans["error"]
+            assert c.closed_by_peer()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_client_that_does_not_read_does_not_stall_others(daemon_factory):
+    d = daemon_factory(demo_config(queue_limit=100000))
+    frame_x = tensor(_x()[0])
+    lazy = d.client()
+    n = 20000
+    for i in range(n):  # ~14 MB of answers it does not read yet
+        lazy.send({"id": i, "model": "demo", "inputs": frame_x})
+    with d.client() as c:
+        for _ in range(20):
+            assert c.call({"model": "demo", "inputs": frame_x}, )["status"] == OK
+    answers = lazy.recv_n(n)
+    assert sorted(a["id"] for a in answers) == list(range(n))
+    assert all(a["status"] == OK for a in answers)
+    lazy.close()
+
+
+def test_front_killed_leaves_no_segment_or_worker(daemon_factory):
+    d = daemon_factory(demo_config())
+    pid = d.proc.pid
+    children = psutil.Process(pid).children(recursive=True)
+    assert children and any(s.startswith(f"ringserve-{pid}-") for s in shm_segments())
+    os.kill(pid, signal.SIGKILL)
+    d.proc.wait(10)
+    # each worker sees its control socket close, unlinks its ring and exits
+    d.children = children
+    d.assert_clean(timeout=15)
