@@ -26,7 +26,7 @@ import time
 from ipc import shm
 from ipc.status import (InvalidArgument, NotFound, ProtocolError, ResourceExhausted, Status,
                         Unavailable)
-from ipc.tensors import decode_inputs
+from ipc.tensors import TensorSpec, decode_inputs
 
 from .batcher import Deadlines, ModelQueue, Pending
 from .protocol import Connection
@@ -88,7 +88,7 @@ class App:
         threads = default_threads(self.cfg)
         for m in self.cfg.models:
             q = ModelQueue(m, self.loop, self.deadlines)
-            q.specs = tuple(m.inputs)
+            q.specs = tuple((n, TensorSpec(s.dtype, tuple(s.shape))) for n, s in m.inputs)
             self.queues[(m.name, m.version)] = q
             self.default_version.setdefault(m.name, m.version)
             for i, dev in enumerate(m.devices):

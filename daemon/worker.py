@@ -41,7 +41,7 @@ EXIT_LOAD_FAILED = 3
 # wake-up across cores costs ~20-27 us on these machines, and under load the
 # next batch is usually already being filled. Bounded so an idle worker does
 # not burn a core.
-SPIN_S = 50e-6
+SPIN_S = float(os.environ.get("RINGSERVE_WORKER_SPIN_US", "50")) * 1e-6
 _ONE = (1).to_bytes(8, "little")
 
 

@@ -43,8 +43,9 @@ _unpackb = msgpack.unpackb
 def _refuse_ext(code: int, data: bytes):
     # The protocol has no ext types; turning them into an error here keeps
     # ExtType objects from travelling into code that expects plain values.
-    # (Timestamps, ext -1, are decoded inside msgpack without calling this
-    # hook; they come out as msgpack.Timestamp and fail the field checks.)
+    # Timestamps (ext -1) are decoded inside msgpack without calling this
+    # hook: they come out as msgpack.Timestamp values, which no field of the
+    # protocol accepts, so the request checks refuse them.
     raise ValueError(f"msgpack ext type {code} is not part of the protocol")
 
 

@@ -112,28 +112,9 @@ class TensorSpec:
 
 
 def _as_spec(spec) -> TensorSpec:
-    """``spec`` as a TensorSpec; look-alikes (daemon.config.TensorShape) work too.
-
-    Their conversion is cached by identity so that a caller holding config
-    objects pays a dict lookup per request, not a TensorSpec construction.
-    The cache holds the object itself, so its id cannot be reused while cached.
-    """
-    if type(spec) is TensorSpec:
-        return spec
-    hit = _CONVERTED.get(id(spec))
-    if hit is not None and hit[0] is spec:
-        return hit[1]
-    try:
-        converted = TensorSpec(spec.dtype, tuple(spec.shape))
-    except AttributeError:
-        raise TypeError(f"expected a TensorSpec, got {type(spec).__name__}") from None
-    if len(_CONVERTED) >= 4096:   # config reloads only ever add a few
-        _CONVERTED.clear()
-    _CONVERTED[id(spec)] = (spec, converted)
-    return converted
-
-
-_CONVERTED: dict[int, tuple[object, TensorSpec]] = {}
+    if type(spec) is not TensorSpec:
+        raise TypeError(f"expected a TensorSpec, got {type(spec).__name__}")
+    return spec
 
 
 # --- decoding a request's tensors -------------------------------------------

@@ -452,11 +452,12 @@ def test_named_input_error_names_the_input():
     assert msg.startswith("inputs['ids']:") and "index 1" in msg
 
 
-def test_look_alike_specs_are_accepted():
-    class Shape:   # what daemon.config hands out: dtype and shape only
+def test_specs_must_be_tensor_specs():
+    class Shape:   # a look-alike is local misuse, not a peer error
         def __init__(self, dtype, shape):
             self.dtype, self.shape = dtype, shape
-    assert decode_inputs(F4, (("input", Shape("float32", (4,))),), True) == [F4["data"]]
+    with pytest.raises(TypeError, match="expected a TensorSpec"):
+        decode_inputs(F4, (("input", Shape("float32", (4,))),), True)
 
 
 def test_module_does_not_import_torch():
