@@ -39,6 +39,13 @@ _monotonic_ns = time.monotonic_ns
 OK = int(Status.OK)
 
 
+def loop_time_at(loop, monotonic_ns: int) -> float:
+    """The event loop's clock reading at a ``time.monotonic_ns()`` instant.
+    Converted relative to now: uvloop's clock is libuv's, which need not share
+    time.monotonic()'s origin or resolution."""
+    return loop.time() + (monotonic_ns - _monotonic_ns()) / 1e9
+
+
 class Pending:
     """One accepted infer request, from arrival to its one answer."""
 
@@ -82,8 +89,7 @@ class Deadlines:
         if self.timer is not None:
             self.timer.cancel()
         self.timer_at = at_ns
-        # loop.time() is time.monotonic() on both asyncio and uvloop
-        self.timer = self.loop.call_at(at_ns / 1e9, self._fire)
+        self.timer = self.loop.call_at(loop_time_at(self.loop, at_ns), self._fire)
 
     def _fire(self) -> None:
         self.timer = None
@@ -166,8 +172,8 @@ class ModelQueue:
         if self.queued >= self.max_batch or _monotonic_ns() - oldest.arrival >= self.window_ns:
             return best
         if self.window_timer is None:
-            self.window_timer = self.loop.call_at((oldest.arrival + self.window_ns) / 1e9,
-                                                  self._window_passed)
+            self.window_timer = self.loop.call_at(
+                loop_time_at(self.loop, oldest.arrival + self.window_ns), self._window_passed)
         return None
 
     def _window_passed(self) -> None:

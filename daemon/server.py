@@ -168,6 +168,12 @@ class App:
             self.count_rejected(int(e.status))
             e.req_id = req_id
             conn.send(e.answer())
+        except Exception as e:  # a bug of ours: answer it, log it, keep serving everyone
+            log.exception("internal error while handling a request", extra={"op": msg.get("op")})
+            self.count_rejected(int(Status.INTERNAL))
+            conn.send({"id": req_id, "status": int(Status.INTERNAL),
+                       "error": f"internal server error ({type(e).__name__}); it is logged, "
+                                "please report it"})
 
     def route(self, name, version) -> ModelQueue:
         if type(name) is not str:
