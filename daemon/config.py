@@ -20,8 +20,7 @@ the reload logic can share one ``Config`` and compare an old one with a new
 one without copying.
 
 This module must stay importable without torch: the front process imports it,
-and the front never imports torch. The protocol's dtypes are therefore listed
-here rather than taken from ``ipc.tensors``.
+and the front never imports torch.
 
 Run ``python -m daemon.config --check FILE`` to validate a file and
 ``python -m daemon.config --markdown`` to print the reference.
@@ -40,6 +39,8 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ipc.tensors import DTYPES
+
 __all__ = [
     "PROTOCOL_DTYPES", "RING_SLOT_BYTES", "REQUIRED", "Derived", "ConfigError", "Setting", "Section",
     "SETTINGS", "SECTIONS", "TensorShape", "ServerConfig", "LoggingConfig",
@@ -47,12 +48,8 @@ __all__ = [
 ]
 
 # The tensor dtypes of the wire protocol (protocol.md, "Tensors"), with their
-# item sizes in bytes. Kept here, torch-free, on purpose (see the docstring).
-PROTOCOL_DTYPES: tuple[tuple[str, int], ...] = (
-    ("float32", 4), ("float16", 2), ("bfloat16", 2), ("float64", 8),
-    ("int64", 8), ("int32", 4), ("int16", 2), ("int8", 1), ("uint8", 1),
-    ("bool", 1),
-)
+# item sizes in bytes, from the codec's table (ipc.tensors is torch-free).
+PROTOCOL_DTYPES: tuple[tuple[str, int], ...] = tuple((d.name, d.itemsize) for d in DTYPES.values())
 _ITEMSIZE = dict(PROTOCOL_DTYPES)
 
 # One request slot of a worker's ring holds a whole batch of inputs, so

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8,
-            "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
+from ipc.tensors import DTYPES
+
+ITEMSIZE = {name: d.itemsize for name, d in DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,6 @@ class ModelSpec:
         d["inputs"] = [TensorDecl.from_json(t) for t in d["inputs"]]
         d["outputs"] = [TensorDecl.from_json(t) for t in d.get("outputs", [])]
         return cls(**d)
-
 
 
 def spec_for(model_cfg, device: str, threads: int) -> ModelSpec:

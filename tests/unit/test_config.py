@@ -591,6 +591,6 @@ def test_docs_full_example_parses(tmp_path):
 
 
 def test_module_is_torch_free():
-    code = "import sys, daemon.config; assert 'torch' not in sys.modules and 'numpy' not in sys.modules"
+    code = "import sys, daemon.config; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
                    env=dict(os.environ, PYTHONPATH=str(ROOT)))
