@@ -67,7 +67,7 @@ def _measure(plan: Plan, host: str, port: int, pid: int | None, role: str, with_
     """Run the load at host:port; sample the server (CPU, stats) at the window's marks."""
 
     def mark(label):
-        out = {}
+        out = {"machine": servers.machine_sample()}
         if pid is not None:
             out["cpu"] = servers.cpu_sample(pid, role)
         if with_stats:
@@ -80,6 +80,7 @@ def _measure(plan: Plan, host: str, port: int, pid: int | None, role: str, with_
     plan.host, plan.port = host, port
     run = run_load(plan, mark)
     marks = run.pop("marks")
+    run["machine_cpu"] = servers.machine_delta(marks["start"]["machine"], marks["end"]["machine"])
     if pid is not None:
         cpu = servers.cpu_delta(marks["start"]["cpu"], marks["end"]["cpu"])
         run["server_cpu"] = cpu

@@ -284,6 +284,7 @@ class _Open(_Conn):
         self.request = request
         self.frames = [b""]
         self.free: list[int] = []   # ids with nothing in flight; a frame is encoded per id, once
+        self.arrivals: _Arrivals | None = None
         self.pending: list[bytes] = []
 
     def enqueue(self, intended: int) -> None:
@@ -335,17 +336,21 @@ class _Open(_Conn):
             run.last_answer = now
             self.inflight -= n
             self.maybe_done()
+        if self.arrivals.next <= now:
+            self.arrivals.poll(now)
 
 
 class _Arrivals:
     """Poisson arrivals from ``start`` to t1, dealt round-robin to the connections.
 
     asyncio timers have millisecond resolution (uvloop rounds to whole ms),
-    so arrivals closer together than that leave in bursts, each late by up
-    to about a millisecond. Sending early would flatter the latency and
-    spinning would steal a core from the server, so arrivals are never sent
-    before their time, and the lateness is recorded (``send_lag_us``) for
-    the reader to weigh against the latency figures.
+    so a timer alone would send arrivals in bursts, each late by up to about
+    a millisecond. Arrivals are therefore also sent whenever an answer comes
+    in (``poll``: one clock comparison), which under load is far more often
+    than every millisecond; the timer covers quiet stretches. Sending early
+    would flatter the latency and spinning would steal a core from the
+    server, so an arrival never leaves before its time, and its lateness is
+    recorded (``send_lag_us``) for the reader to weigh against the latency.
     """
 
     def __init__(self, loop, run: _Run, conns: list[_Open], rate: float, seed: int):
@@ -353,8 +358,10 @@ class _Arrivals:
         self.rng = np.random.default_rng(seed)
         self.mean_ns = 1e9 / rate
         self.gaps = iter(())
-        self.next = 0
+        self.next = _FAR      # intended time of the next arrival
         self.k = 0
+        for c in conns:
+            c.arrivals = self
 
     def _gap(self) -> int:
         try:
@@ -368,8 +375,8 @@ class _Arrivals:
         self.next = t_start + self._gap()
         self._tick()
 
-    def _tick(self) -> None:
-        now = clock()
+    def poll(self, now: int) -> None:
+        """Send every arrival due by ``now``."""
         run, conns = self.run, self.conns
         t0, t1, n, k, nxt = run.t0, run.t1, len(conns), self.k, self.next
         while nxt <= now and nxt < t1:
@@ -378,15 +385,20 @@ class _Arrivals:
                 run.lag.append(now - nxt)
             k += 1
             nxt += self._gap()
-        self.k, self.next = k, nxt
+        self.k = k
         for c in conns:
             c.flush()
         if nxt >= t1:
+            nxt = _FAR
             for c in conns:
                 c.stop_sending()
-            return
-        wait_ms = max(1, math.ceil((nxt - clock()) / 1e6))   # ceil: never wake early
-        self.loop.call_later(wait_ms / 1000, self._tick)
+        self.next = nxt
+
+    def _tick(self) -> None:
+        self.poll(clock())
+        if self.next != _FAR:
+            wait_ms = max(1, math.ceil((self.next - clock()) / 1e6))   # ceil: never wake early
+            self.loop.call_later(wait_ms / 1000, self._tick)
 
 
 def _delay(t_ns: int) -> float:
@@ -465,7 +477,11 @@ def _recv(pipe, proc, timeout: float | None, what: str):
             raise RuntimeError(f"load process {proc.pid} exited ({proc.exitcode}) before {what}")
         if t_end is not None and time.monotonic() > t_end:
             raise RuntimeError(f"load process {proc.pid}: no {what} within {timeout:g} s")
-    msg = pipe.recv()
+    try:
+        msg = pipe.recv()
+    except EOFError:
+        proc.join(1)
+        raise RuntimeError(f"load process {proc.pid} exited ({proc.exitcode}) before {what}") from None
     if isinstance(msg, dict) and "error" in msg:
         raise RuntimeError(f"load process {proc.pid} failed:\n{msg['error']}")
     return msg

@@ -109,22 +109,29 @@ def _run_rows(runs: dict[str, dict]) -> list[tuple[str, list[str]]]:
              ("server CPU us per answer", [_n(r.get("server_cpu_us_per_answer"), 1) for r in runs.values()]),
              ("server CPU (% of a core)", [_n((r.get("server_cpu") or {}).get("cpu_pct"), 1)
                                            for r in runs.values()])]
-    roles = max(len((r.get("server_cpu") or {}).get("by_process", [])) for r in runs.values())
-    for i in range(roles):
-        cells, name = [], None
-        for r in runs.values():
-            procs = (r.get("server_cpu") or {}).get("by_process", [])
-            if i < len(procs):
-                name = name or procs[i]["role"]
-                cells.append(f"{procs[i]['role']} {_n(procs[i]['cpu_pct'], 1)}")
-            else:
-                cells.append("")
-        rows.append((f"  process {i + 1}", cells))
+    by_role = [_by_role(r) for r in runs.values()]
+    for role in dict.fromkeys(k for d in by_role for k in d):
+        rows.append((f"  {role}", [_n(d.get(role), 1) for d in by_role]))
     rows.append(("load-gen CPU (% of a core)",
                  [f"{_n(r['loadgen_cpu_pct'], 1)}" + (f" ({'+'.join(_n(x) for x in r['loadgen_cpu_pct_by_proc'])})"
                                                         if r["procs"] > 1 else "")
                   for r in runs.values()]))
+    cores = max((r.get("machine_cpu") or {}).get("cores", 0) for r in runs.values())
+    rows.append((f"machine CPU busy (% of a core, {cores} cores)",
+                 [_n((r.get("machine_cpu") or {}).get("busy_pct"), 1) for r in runs.values()]))
     return rows
+
+
+def _by_role(run: dict) -> dict[str, float]:
+    """% of a core per server process, by role; a second worker is "worker#2"."""
+    out: dict[str, float] = {}
+    for p in (run.get("server_cpu") or {}).get("by_process", []):
+        name, i = p["role"], 1
+        while name in out:
+            i += 1
+            name = f"{p['role']}#{i}"
+        out[name] = p["cpu_pct"]
+    return out
 
 
 def _table(header: list[str], rows: list[tuple[str, list[str]]]) -> list[str]:
@@ -151,16 +158,15 @@ def render(doc: dict) -> str:
                   f"  queue depth mid-run {_n(s['queue_depth_mid'])}, in-flight batches mid-run "
                   f"{_n(s['in_flight_batches_mid'])}, queue depth after the run {_n(s['queue_depth_after'])}, "
                   f"worker busy {s['worker_busy']}",
-                  "  batch sizes (size:batches): " + _wrap([f"{k}:{v:,}" for k, v in s["batch_sizes"].items()])]
+                  "  batch sizes (size:batches):", "    " + _wrap([f"{k}:{v:,}" for k, v in s["batch_sizes"].items()])]
 
     c = doc.get("ceiling")
     if c:
         lines += ["", f"in-process model ceiling ({c['model']}, {c['torch_threads']} torch thread, "
                       "padded to the server's buckets):"]
         lines += ["  " + ln for ln in _table(
-            ["batch", "bucket", "batches", "us/batch", "samples/s"],
-            [(str(r["batch"]), [str(r["bucket"]), _n(r["batches"]), _n(r["us_per_batch"], 1),
-                                _n(r["samples_per_s"])]) for r in c["by_batch"]])]
+            ["batch sizes", "bucket", "batches", "us/batch", "samples/s at mean", "at full bucket"],
+            _ceiling_rows(c["by_batch"]))]
         lines.append(f"  at the server's batch mix: {_n(c['mix_samples_per_s'])} samples/s "
                      f"({_n(c['mix_compute_s'], 2)} s of compute for the window's batches)")
 
@@ -172,6 +178,21 @@ def render(doc: dict) -> str:
                   f"  throughput, ours / in-process ceiling: {_n(q['throughput_ours_over_model_ceiling'], 3)}"
                   "  (share of the window the model alone would need)"]
     return "\n".join(lines)
+
+
+def _ceiling_rows(by_batch: list[dict]) -> list[tuple[str, list[str]]]:
+    """One row per bucket (every size in it costs the same padded batch);
+    the JSON keeps one entry per batch size."""
+    rows = []
+    for bucket in sorted({r["bucket"] for r in by_batch}):
+        rs = [r for r in by_batch if r["bucket"] == bucket]
+        batches = sum(r["batches"] for r in rs)
+        mean_n = sum(r["batch"] * r["batches"] for r in rs) / batches
+        us = rs[0]["us_per_batch"]
+        lo, hi = rs[0]["batch"], rs[-1]["batch"]
+        rows.append((str(lo) if lo == hi else f"{lo}-{hi}",
+                     [str(bucket), _n(batches), _n(us, 1), _n(mean_n / us * 1e6), _n(bucket / us * 1e6)]))
+    return rows
 
 
 def _wrap(items: list[str], width: int = 96) -> str:

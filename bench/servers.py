@@ -168,3 +168,24 @@ def cpu_delta(a: dict, b: dict) -> dict:
                    "cpu_pct": round(100 * used / wall, 1)})
     total = sum(p["cpu_s"] for p in by) + (b["reaped"] - a["reaped"])
     return {"cpu_s": round(total, 3), "cpu_pct": round(100 * total / wall, 1), "by_process": by}
+
+
+def machine_sample() -> dict:
+    return {"t": time.perf_counter(), "cpu": psutil.cpu_times()}
+
+
+def machine_delta(a: dict, b: dict) -> dict:
+    """Whole-machine CPU between two samples, as % of one core (so 2 busy
+    cores read 200): on a small box the server, its workers and the load
+    generator share the cores, and this shows whether they ran out.
+
+    Busy = cores x wall - idle: the kernel keeps idle time exactly (tickless
+    idle), while its user/system/softirq counters are tick samples that
+    undercount a machine full of short sleeps (measured here: the fields
+    summed to ~175% of 2 cores' wall time).
+    """
+    wall = b["t"] - a["t"]
+    cores = psutil.cpu_count() or 1
+    idle = sum(getattr(b["cpu"], k) - getattr(a["cpu"], k) for k in ("idle", "iowait")
+               if hasattr(b["cpu"], k))
+    return {"cores": cores, "busy_pct": round(100 * (cores * wall - idle) / wall, 1)}
