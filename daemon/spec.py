@@ -51,6 +51,7 @@ class ModelSpec:
     compile: str = "auto"
     threads: int = 1
     buckets: list[int] = field(default_factory=lambda: [1])
+    spin_us: float = 0.0
 
     def to_json(self) -> dict:
         d = dict(self.__dict__)
@@ -76,4 +77,4 @@ def spec_for(model_cfg, device: str, threads: int) -> ModelSpec:
         outputs=[TensorDecl(n, s.dtype, tuple(s.shape)) for n, s in model_cfg.outputs],
         single_output=model_cfg.single_output,
         device=device, dtype=model_cfg.dtype, compile=model_cfg.compile, threads=threads,
-        buckets=list(model_cfg.buckets))
+        buckets=list(model_cfg.buckets), spin_us=model_cfg.spin_us)

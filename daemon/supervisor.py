@@ -221,6 +221,7 @@ class WorkerHandle:
                 off += nb
         for r in batch:
             r.dispatched = 1
+            r.data = None  # in shared memory now: let the frame bytes go
         now = time.monotonic_ns()
         self._seq += 1
         ring.submit(self._seq, len(batch), bucket, now)

@@ -37,11 +37,6 @@ import time
 import traceback
 
 EXIT_LOAD_FAILED = 3
-# After a batch, poll the ring this long before sleeping on the eventfd: a
-# wake-up across cores costs ~20-27 us on these machines, and under load the
-# next batch is usually already being filled. Bounded so an idle worker does
-# not burn a core.
-SPIN_S = float(os.environ.get("RINGSERVE_WORKER_SPIN_US", "50")) * 1e-6
 _ONE = (1).to_bytes(8, "little")
 
 
@@ -151,13 +146,16 @@ class Worker:
         run = self.runner.run_batch
         in_views, out_views = self.in_views, self.out_views
         done = ring.completed()
+        spin_s = self.runner.spec.spin_us * 1e-6
         perf_ns = time.perf_counter_ns
         mono_ns = time.monotonic_ns
         while True:
             if ring.submitted() == done:
                 if self.stopping:
                     return
-                deadline = time.perf_counter() + SPIN_S
+                # Poll a while before sleeping (models.spin_us): a wake-up
+                # across cores costs ~20-27 us, but polling burns a core.
+                deadline = time.perf_counter() + spin_s
                 while ring.submitted() == done and time.perf_counter() < deadline:
                     pass
                 if ring.submitted() == done:
