@@ -70,10 +70,12 @@ class App:
         self.port_file = port_file
         self.workdir = os.getcwd()
         self.worker_env = dict(os.environ)
-        # Workers import model factories by module path: make the working
-        # directory importable for them, as it is for `python -m daemon`.
+        # Workers import model factories by module path: the working
+        # directory (as for `python -m daemon`) and the config file's own
+        # directory (a model module kept beside its config) are importable.
+        config_dir = os.path.dirname(os.path.abspath(cfg.source)) if os.path.exists(cfg.source) else ""
         self.worker_env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (self.workdir, os.environ.get("PYTHONPATH", "")) if p)
+            p for p in (self.workdir, config_dir, os.environ.get("PYTHONPATH", "")) if p)
         self.deadlines = Deadlines(loop)
         self.queues: dict[tuple[str, str], ModelQueue] = {}
         self.default_version: dict[str, str] = {}

@@ -177,3 +177,33 @@ def test_front_killed_leaves_no_segment_or_worker(daemon_factory):
     # each worker sees its control socket close, unlinks its ring and exits
     d.children = children
     d.assert_clean(timeout=15)
+
+
+def test_model_module_beside_the_config_with_tuple_and_scalar_outputs(daemon_factory, tmp_path):
+    """A user's own module next to the config file; a model returning a tuple
+    whose items have per-sample shapes () and [3] and dtypes int64/float16."""
+    cfg_dir = tmp_path / "d0"
+    cfg_dir.mkdir()
+    (cfg_dir / "usermodel.py").write_text(
+        "import torch\n"
+        "class M(torch.nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        return x.sum(dim=1).to(torch.int64), (x[:, :3] * 2).to(torch.float16)\n"
+        "def build():\n"
+        "    return M()\n")
+    d = daemon_factory("""
+[[models]]
+name = "user"
+factory = "usermodel:build"
+input = { dtype = "int32", shape = [5] }
+threads = 1
+""")
+    with d.client() as c:
+        ans = c.call({"model": "user", "inputs": [1, 2, 3, 4, 5]})
+        assert ans["status"] == OK, ans
+        assert ans["outputs"]["output0"]["shape"] == [] and out_array(ans, "output0").tolist() == 15
+        assert ans["outputs"]["output1"]["dtype"] == "float16"
+        assert out_array(ans, "output1").tolist() == [2.0, 4.0, 6.0]
+        m = c.call({"op": "models"})["models"][0]
+        assert m["outputs"] == {"output0": {"dtype": "int64", "shape": []},
+                                "output1": {"dtype": "float16", "shape": [3]}}
