@@ -44,7 +44,7 @@ from ipc.tensors import DTYPES
 __all__ = [
     "PROTOCOL_DTYPES", "RING_SLOT_BYTES", "REQUIRED", "Derived", "ConfigError", "Setting", "Section",
     "SETTINGS", "SECTIONS", "TensorShape", "ServerConfig", "LoggingConfig",
-    "ModelConfig", "Config", "load_config", "parse_config", "render_reference",
+    "ModelConfig", "RolloutConfig", "ArmConfig", "ExperimentConfig", "ShadowConfig", "Config", "load_config", "parse_config", "render_reference",
 ]
 
 # The tensor dtypes of the wire protocol (protocol.md, "Tensors"), with their
@@ -146,10 +146,52 @@ class ModelConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RolloutConfig:
+    model: str
+    stable: str                   # version serving the stable lane
+    candidate: str                # version serving the canary lane
+    salt: str                     # routing salt of this rollout (docs/protocol.md)
+    stages: tuple[float, ...]     # canary weights, strictly increasing, in (0, 1]
+    stage: int                    # index into stages the operator asks for
+    auto_advance: bool
+    min_dwell_s: float
+    min_samples: int
+    retry: int                    # bump to retry a rolled-back candidate
+
+
+@dataclass(frozen=True, slots=True)
+class ArmConfig:
+    name: str
+    split: float
+    version: str | None           # None: a label only; the rollout decides the version
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentConfig:
+    id: str
+    model: str
+    salt: str
+    coverage: float
+    arms: tuple[ArmConfig, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowConfig:
+    model: str
+    candidate: str
+    sample_rate: float
+    salt: str
+    queue_limit: int
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig
     logging: LoggingConfig
     models: tuple[ModelConfig, ...]
+    rollouts: tuple[RolloutConfig, ...]
+    experiments: tuple[ExperimentConfig, ...]
+    shadows: tuple[ShadowConfig, ...]
     source: str                   # the path it was loaded from, as given
 
     def model(self, name: str, version: str | None = None) -> ModelConfig | None:
@@ -429,6 +471,57 @@ def _check_tensors(v, ctx) -> tuple[tuple[str, TensorShape], ...]:
     return tuple(out)
 
 
+@_rule("true or false")
+def _check_bool(v, ctx) -> bool:
+    if not isinstance(v, bool):
+        raise _Invalid(f"must be true or false, got {_show(v)}")
+    return v
+
+
+@_rule("non-empty string")
+def _check_salt(v, ctx) -> str:
+    if not isinstance(v, str) or not v:
+        raise _Invalid(f"must be a non-empty string, got {_show(v)}")
+    return v
+
+
+@_rule("strictly increasing numbers in (0, 1]")
+def _check_stages(v, ctx) -> tuple[float, ...]:
+    if (not isinstance(v, list) or not v
+            or not all((_is_int(x) or isinstance(x, float)) and 0 < x <= 1 for x in v)
+            or any(a >= b for a, b in zip(v, v[1:]))):
+        raise _Invalid("must be a strictly increasing list of canary weights in (0, 1], "
+                       f"such as [0.01, 0.05, 0.1, 0.25, 1.0], got {_show(v)}")
+    return tuple(float(x) for x in v)
+
+
+@_rule("[{ name, split, version? }, ...]; splits sum to 1")
+def _check_arms(v, ctx) -> tuple[ArmConfig, ...]:
+    example = '[{ name = "control", split = 0.5 }, { name = "treatment", split = 0.5, version = "2" }]'
+    if not isinstance(v, list) or len(v) < 2 or not all(isinstance(a, dict) for a in v):
+        raise _Invalid(f"must be a list of at least two arms, like {example}, got {_show(v)}")
+    arms, names = [], set()
+    for i, a in enumerate(v):
+        for key in a:
+            if key not in ("name", "split", "version"):
+                raise _Unknown(key, ("name", "split", "version"), f"[{i}]")
+        name = _check_name(a.get("name"), ctx) if "name" in a else None
+        if name is None:
+            raise _Invalid("missing name", f"[{i}]")
+        if name in names:
+            raise _Invalid(f"arm name {json.dumps(name)} is used twice", f"[{i}].name")
+        names.add(name)
+        split = a.get("split")
+        if not (_is_int(split) or isinstance(split, float)) or not 0 < split <= 1:
+            raise _Invalid(f"must be a number in (0, 1], got {_show(split)}", f"[{i}].split")
+        version = _check_version(a["version"], ctx) if "version" in a else None
+        arms.append(ArmConfig(name, float(split), version))
+    total = sum(a.split for a in arms)
+    if abs(total - 1.0) > 1e-9:
+        raise _Invalid(f"splits must sum to 1, they sum to {total:g}")
+    return tuple(arms)
+
+
 _DEVICE_RE = re.compile(r"cpu|cuda|cuda:(?:0|[1-9][0-9]{0,2})")
 
 
@@ -528,6 +621,61 @@ def _check_models(models: tuple[ModelConfig, ...], ctx: _Context) -> None:
                 source=ctx.source, key=key)
 
 
+def _build_rollout(values: dict[str, Any], ctx: _Context) -> RolloutConfig:
+    if values["stable"] == values["candidate"]:
+        raise _Invalid("candidate must differ from stable", ".candidate")
+    if values["stage"] >= len(values["stages"]):
+        raise _Invalid(f"must index stages (0 to {len(values['stages']) - 1}), got "
+                       f"{values['stage']}", ".stage")
+    return RolloutConfig(**values)
+
+
+def _unique(items, attr: str, section: str, what: str, ctx: _Context) -> None:
+    seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        value = getattr(item, attr)
+        first = seen.setdefault(value, i)
+        if first != i:
+            key = f"{section}[{i}].{attr}"
+            raise ConfigError(f"{ctx.source}: {key}: {what} {json.dumps(value)} is already "
+                              f"declared by {section}[{first}]; one per {what}",
+                              source=ctx.source, key=key)
+
+
+def _check_across(built: dict[str, Any], ctx: _Context) -> None:
+    """Checks that involve several sections: every version a rollout,
+    experiment or shadow names must be a configured [[models]] entry."""
+    served = {(m.name, m.version) for m in built["models"]}
+    names = {m.name for m in built["models"]}
+
+    def need(key: str, model: str, version: str | None) -> None:
+        if model not in names:
+            raise ConfigError(f"{ctx.source}: {key}: model {json.dumps(model)} is not in "
+                              f"[[models]] (models: {', '.join(sorted(names))})",
+                              source=ctx.source, key=key)
+        if version is not None and (model, version) not in served:
+            versions = sorted(v for n, v in served if n == model)
+            raise ConfigError(f"{ctx.source}: {key}: {json.dumps(model)} version "
+                              f"{json.dumps(version)} is not in [[models]] (versions: "
+                              f"{', '.join(versions)}); add a [[models]] entry for it",
+                              source=ctx.source, key=key)
+
+    for i, r in enumerate(built["rollouts"]):
+        need(f"rollouts[{i}].model", r.model, None)
+        need(f"rollouts[{i}].stable", r.model, r.stable)
+        need(f"rollouts[{i}].candidate", r.model, r.candidate)
+    for i, e in enumerate(built["experiments"]):
+        need(f"experiments[{i}].model", e.model, None)
+        for j, a in enumerate(e.arms):
+            if a.version is not None:
+                need(f"experiments[{i}].arms[{j}].version", e.model, a.version)
+    for i, sh in enumerate(built["shadows"]):
+        need(f"shadows[{i}].candidate", sh.model, sh.candidate)
+    _unique(built["rollouts"], "model", "rollouts", "model", ctx)
+    _unique(built["experiments"], "id", "experiments", "experiment id", ctx)
+    _unique(built["shadows"], "model", "shadows", "model", ctx)
+
+
 # --------------------------------------------------------------------------
 # The table
 
@@ -544,6 +692,19 @@ SECTIONS: tuple[Section, ...] = (
             "`devices` gets its own worker process. `max_batch` x the bytes of one sample's "
             f"inputs must fit the {RING_SLOT_BYTES // _MIB} MiB ring slot.",
             _build_model, _check_models, min_items=1, label="name"),
+    Section("rollouts", True,
+            "A staged canary: the candidate version takes `stages[stage]` of the model's keyed "
+            "traffic (`bucket(salt, key) < weight * 10000`, docs/protocol.md), the stable "
+            "version the rest. Both versions must be `[[models]]` entries. At most one rollout "
+            "per model.", _build_rollout, label="model"),
+    Section("experiments", True,
+            "An A/B experiment: requests that send `exp = ID` get an arm by cumulative split "
+            "of `bucket(salt, key)` over the covered buckets; an arm with a version routes "
+            "there.", lambda values, ctx: ExperimentConfig(**values), label="id"),
+    Section("shadows", True,
+            "Dark launch: a sample of a model's requests is mirrored to a candidate version; "
+            "its answers are only compared and logged, never returned.",
+            lambda values, ctx: ShadowConfig(**values), label="model"),
 )
 
 SETTINGS: tuple[Setting, ...] = (
@@ -631,6 +792,60 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("models", "inflight_batches", "integer", 2,
             "Batches handed to one worker before the first comes back; 2 lets the front "
             "fill the next while the worker computes.", _int_in(1, 8)),
+    # [[rollouts]]
+    Setting("rollouts", "model", "string", REQUIRED, "The model name being rolled out.",
+            _check_name),
+    Setting("rollouts", "stable", "string", REQUIRED,
+            "Version serving the stable lane (and every request outside the canary).",
+            _check_version),
+    Setting("rollouts", "candidate", "string", REQUIRED,
+            "Version serving the canary lane.", _check_version),
+    Setting("rollouts", "salt", "string", REQUIRED,
+            "Routing salt; changing it reshuffles who is in the canary, so keep it for the "
+            "life of the rollout.", _check_salt),
+    Setting("rollouts", "stages", "list of floats", (0.01, 0.05, 0.10, 0.25, 1.0),
+            "Canary weights, one per stage; a key in the canary at one stage stays in it at "
+            "every later stage.", _check_stages),
+    Setting("rollouts", "stage", "integer", 0,
+            "Index into stages to serve now; edit it and send SIGHUP to move the rollout.",
+            _int_in(0, 1000)),
+    Setting("rollouts", "auto_advance", "boolean", False,
+            "Move to the next stage by itself once the stage has lasted min_dwell_s, the "
+            "canary has min_samples answers and every guardrail check passes.", _check_bool),
+    Setting("rollouts", "min_dwell_s", "float", 600.0,
+            "Shortest time a stage lasts before it may auto-advance.", _float_in(0)),
+    Setting("rollouts", "min_samples", "integer", 1000,
+            "Canary answers a stage needs before it may auto-advance.", _int_in(0, 10**12)),
+    Setting("rollouts", "retry", "integer", 0,
+            "A rolled-back candidate stays rolled back through reloads and restarts; change "
+            "this number (or the candidate) to try it again.", _int_in(0, 10**9)),
+    # [[experiments]]
+    Setting("experiments", "id", "string", REQUIRED,
+            "Experiment id, sent by clients as `exp`.", _check_name),
+    Setting("experiments", "model", "string", REQUIRED, "The model the experiment runs on.",
+            _check_name),
+    Setting("experiments", "salt", "string", REQUIRED,
+            "Assignment salt; give each experiment its own so assignments are independent.",
+            _check_salt),
+    Setting("experiments", "coverage", "float", 1.0,
+            "Share of keys in the experiment; the others get no arm.", _float_in(0, 1)),
+    Setting("experiments", "arms", "list of tables", REQUIRED,
+            "The arms: `[{ name = \"control\", split = 0.5 }, { name = \"treatment\", split = "
+            "0.5, version = \"2\" }]`; splits sum to 1; a version must be a [[models]] entry.",
+            _check_arms),
+    # [[shadows]]
+    Setting("shadows", "model", "string", REQUIRED,
+            "The model whose requests are mirrored.", _check_name),
+    Setting("shadows", "candidate", "string", REQUIRED,
+            "Version that receives the mirrored copies.", _check_version),
+    Setting("shadows", "sample_rate", "float", 0.05,
+            "Share of keys mirrored (by bucket of salt and key, so the same keys are "
+            "mirrored every time).", _float_in(0, 1)),
+    Setting("shadows", "salt", "string", "shadow",
+            "Sampling salt.", _check_salt),
+    Setting("shadows", "queue_limit", "integer", 256,
+            "Mirrored requests queued for the candidate; beyond it they are shed (counted), "
+            "before any primary request is.", _int_in(1, 1_000_000)),
     Setting("models", "spin_us", "float", 0.0,
             "After each batch the worker polls its ring this long before it sleeps on the "
             "eventfd; saves a ~25 us wake-up when the next batch comes quickly, at the cost of "
@@ -736,6 +951,7 @@ def parse_config(data: dict, source: str = "<config>", *,
                     else "; valid sections: " + ", ".join(_SECTION_BY_NAME))
             raise ConfigError(f"{source}: unknown section {key!r}{tail}", source=source, key=key)
     built = {s.name: _parse_section(s, data.get(s.name), ctx) for s in SECTIONS}
+    _check_across(built, ctx)
     return Config(**built, source=source)
 
 

@@ -569,8 +569,8 @@ def test_docs_match_the_settings_table():
 def test_reference_lists_every_setting_with_its_doc():
     ref = render_reference()
     for s in SETTINGS:
-        row = next(line for line in ref.splitlines() if line.startswith(f"| `{s.name}` |"))
-        assert s.doc.replace("|", "\\|") in row
+        rows = [line for line in ref.splitlines() if line.startswith(f"| `{s.name}` |")]
+        assert any(s.doc.replace("|", "\\|") in row for row in rows), s
 
 
 def test_docs_full_example_parses(tmp_path):
@@ -594,3 +594,75 @@ def test_module_is_torch_free():
     code = "import sys, daemon.config; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
                    env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+# --------------------------------------------------------------------------
+# Rollouts, experiments, shadows
+
+
+def _two_versions(**sections):
+    data = {"models": [dict(MODEL, version="1"), dict(MODEL, version="2")]}
+    data.update(sections)
+    return data
+
+
+ROLLOUT = {"model": "m", "stable": "1", "candidate": "2", "salt": "s"}
+
+
+def test_rollout_defaults_and_values():
+    c = parse_config(_two_versions(rollouts=[ROLLOUT]), SRC)
+    (r,) = c.rollouts
+    assert r.stages == (0.01, 0.05, 0.10, 0.25, 1.0) and r.stage == 0 and not r.auto_advance
+    assert c.experiments == () and c.shadows == ()
+
+
+@pytest.mark.parametrize("change,expect", [
+    ({"candidate": "3"}, 'rollouts[0].candidate: "m" version "3" is not in [[models]] (versions: 1, 2)'),
+    ({"model": "x"}, 'rollouts[0].model: model "x" is not in [[models]]'),
+    ({"candidate": "1"}, "candidate must differ from stable"),
+    ({"stages": [0.5, 0.1]}, "strictly increasing"),
+    ({"stages": [0.1, 1.5]}, "strictly increasing"),
+    ({"stage": 5}, "must index stages (0 to 4), got 5"),
+    ({"salt": ""}, "rollouts[0] (\"m\").salt: must be a non-empty string"),
+    ({"auto_advance": "yes"}, "must be true or false"),
+])
+def test_rollout_errors(change, expect):
+    with pytest.raises(ConfigError) as e:
+        parse_config(_two_versions(rollouts=[dict(ROLLOUT, **change)]), SRC)
+    assert expect in str(e.value)
+
+
+def test_one_rollout_per_model():
+    with pytest.raises(ConfigError, match=r"rollouts\[1\]\.model: model \"m\" is already declared"):
+        parse_config(_two_versions(rollouts=[ROLLOUT, ROLLOUT]), SRC)
+
+
+ARMS = [{"name": "control", "split": 0.5}, {"name": "t", "split": 0.5, "version": "2"}]
+
+
+def test_experiment_arms():
+    c = parse_config(_two_versions(experiments=[{"id": "e", "model": "m", "salt": "x", "arms": ARMS}]), SRC)
+    (e,) = c.experiments
+    assert [(a.name, a.split, a.version) for a in e.arms] == [("control", 0.5, None), ("t", 0.5, "2")]
+    assert e.coverage == 1.0
+
+
+@pytest.mark.parametrize("arms,expect", [
+    ([{"name": "a", "split": 0.5}, {"name": "b", "split": 0.4}], "splits must sum to 1, they sum to 0.9"),
+    ([{"name": "a", "split": 1.0}], "at least two arms"),
+    ([{"name": "a", "split": 0.5}, {"name": "a", "split": 0.5}], 'arm name "a" is used twice'),
+    ([{"name": "a", "split": 0.5}, {"name": "b", "split": 0.5, "versoin": "2"}], "did you mean 'version'"),
+    ([{"name": "a", "split": 0.5}, {"name": "b", "split": 0.5, "version": "9"}],
+     'experiments[0].arms[1].version: "m" version "9" is not in [[models]]'),
+])
+def test_experiment_errors(arms, expect):
+    with pytest.raises(ConfigError) as e:
+        parse_config(_two_versions(experiments=[{"id": "e", "model": "m", "salt": "x", "arms": arms}]), SRC)
+    assert expect in str(e.value)
+
+
+def test_shadow_needs_a_served_candidate():
+    c = parse_config(_two_versions(shadows=[{"model": "m", "candidate": "2"}]), SRC)
+    assert c.shadows[0].sample_rate == 0.05 and c.shadows[0].queue_limit == 256
+    with pytest.raises(ConfigError, match=r'shadows\[0\]\.candidate: "m" version "7"'):
+        parse_config(_two_versions(shadows=[{"model": "m", "candidate": "7"}]), SRC)
