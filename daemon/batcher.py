@@ -49,10 +49,14 @@ def loop_time_at(loop, monotonic_ns: int) -> float:
 class Pending:
     """One accepted infer request, from arrival to its one answer."""
 
-    __slots__ = ("id", "conn", "data", "arrival", "deadline", "done", "queue", "rid", "dispatched")
+    __slots__ = ("id", "conn", "data", "arrival", "deadline", "done", "queue", "rid", "dispatched",
+                 "lane", "arm", "key")
 
-    def __init__(self, req_id, conn, data, arrival, deadline, queue, rid):
+    def __init__(self, req_id, conn, data, arrival, deadline, queue, rid, lane, arm, key):
         self.id = req_id
+        self.lane = lane
+        self.arm = arm
+        self.key = key
         self.conn = conn
         self.data = data  # raw bytes per input, validated
         self.arrival = arrival  # monotonic ns
@@ -149,6 +153,7 @@ class ModelQueue:
         self.outputs = []  # TensorDecl list, learned from the first worker
         self.single_output = True
         self.on_idle = None  # called when nothing is queued or in flight (drain)
+        self.joins = None  # FeedbackJoin: OK answers are remembered for feedback
 
     # -- intake ------------------------------------------------------------
     def ready_workers(self):
@@ -241,8 +246,9 @@ class ModelQueue:
         compute_us = compute_ns // 1000
         meta = self._out_meta
         single = self.single_output
-        name, version, lane = self.name, self.version, self.lane
+        name, version = self.name, self.version
         finished = self.finished
+        joined = self.joins.answered if self.joins is not None else None
         for i, r in enumerate(batch):
             if r.done:
                 continue
@@ -259,9 +265,11 @@ class ModelQueue:
                                       "data": out_mvs[k][i * nb:(i + 1) * nb]}
             finished(r, OK, {
                 "id": r.id, "status": OK, "outputs": outputs, "model": name,
-                "version": version, "lane": lane, "arm": None, "rid": r.rid,
+                "version": version, "lane": r.lane, "arm": r.arm, "rid": r.rid,
                 "timing": {"queue_us": (t_sub - r.arrival) // 1000, "compute_us": compute_us,
                            "batch": n, "bucket": bucket}})
+            if joined is not None:
+                joined(r.rid, name, version, r.lane, r.arm, r.key)
 
     def finished(self, req: Pending, status: int, answer: dict) -> None:
         """Send one answer (already marked done) and count it."""

@@ -18,6 +18,7 @@ import asyncio
 import collections
 import gc
 import logging
+import math
 import os
 import random
 import signal
@@ -30,7 +31,9 @@ from ipc.status import (InvalidArgument, NotFound, ProtocolError, ResourceExhaus
 from ipc.tensors import TensorSpec, decode_inputs
 
 from .batcher import Deadlines, ModelQueue, Pending
+from .feedback import FeedbackJoin
 from .protocol import Connection
+from .router import CANARY, STABLE, RoutingTable, UnknownExperiment
 from .supervisor import WorkerHandle
 
 log = logging.getLogger("ringserve.server")
@@ -78,7 +81,8 @@ class App:
             p for p in (self.workdir, config_dir, os.environ.get("PYTHONPATH", "")) if p)
         self.deadlines = Deadlines(loop)
         self.queues: dict[tuple[str, str], ModelQueue] = {}
-        self.default_version: dict[str, str] = {}
+        self.router = RoutingTable.from_config(cfg)
+        self.joins = FeedbackJoin()
         self.conns: set[Connection] = set()
         self.server = None
         self.port = None
@@ -103,11 +107,12 @@ class App:
         for m in self.cfg.models:
             q = ModelQueue(m, self.loop, self.deadlines)
             q.specs = tuple((n, TensorSpec(s.dtype, tuple(s.shape))) for n, s in m.inputs)
+            q.joins = self.joins
             self.queues[(m.name, m.version)] = q
-            self.default_version.setdefault(m.name, m.version)
             for i, dev in enumerate(m.devices):
                 t = m.threads or threads if dev == "cpu" else 1
                 q.workers.append(WorkerHandle(self, q, i, dev, t))
+        self._set_lanes()
         for q in self.queues.values():
             for w in q.workers:
                 w.start()
@@ -123,6 +128,13 @@ class App:
         log.info("listening", extra={"host": s.host, "port": self.port, "pid": os.getpid(),
                                      "config": self.cfg.source,
                                      "models": [f"{m.name}@{m.version}" for m in self.cfg.models]})
+
+    def _set_lanes(self) -> None:
+        """A version's lane, for health/models/stats: canary while it is a
+        rollout's candidate, stable otherwise."""
+        candidates = {(r.model, r.candidate) for r in self.router.rollouts.values()}
+        for key, q in self.queues.items():
+            q.lane = CANARY if key in candidates else STABLE
 
     def worker_ready(self, w) -> None:
         if self.ready():
@@ -174,8 +186,7 @@ class App:
             elif op == "models":
                 conn.send(self.models(req_id, msg))
             elif op == "feedback":
-                raise InvalidArgument("op 'feedback' is not available in this build yet: it "
-                                      "arrives with canary rollouts and A/B experiments")
+                conn.send(self.feedback(req_id, msg))
             else:
                 raise InvalidArgument(f"unknown op {op!r}; ops are: {', '.join(OPS)}")
         except ProtocolError as e:
@@ -189,33 +200,38 @@ class App:
                        "error": f"internal server error ({type(e).__name__}); it is logged, "
                                 "please report it"})
 
-    def route(self, name, version) -> ModelQueue:
+    def route(self, msg: dict) -> tuple[ModelQueue, str, str | None, str | None]:
+        """(queue, lane, arm, key) for an infer request (daemon/router.py)."""
+        name, version = msg.get("model"), msg.get("version")
+        key, exp = msg.get("key"), msg.get("exp")
         if type(name) is not str:
             if name is None:
                 raise InvalidArgument(f"request has no 'model'; models served here: "
-                                      f"{', '.join(sorted(self.default_version))}")
+                                      f"{', '.join(sorted(self.router.default_version))}")
             raise InvalidArgument(f"'model' must be a string, got {type(name).__name__}")
-        if version is None:
-            version = self.default_version.get(name)
-            if version is None:
-                raise NotFound(f"model {name!r} is not served here; models: "
-                               f"{', '.join(sorted(self.default_version))}")
-        elif type(version) is not str:
-            raise InvalidArgument(f"'version' must be a string, got {type(version).__name__}")
+        if name not in self.router.default_version:
+            raise NotFound(f"model {name!r} is not served here; models: "
+                           f"{', '.join(sorted(self.router.default_version))}")
+        for field, value in (("version", version), ("key", key), ("exp", exp)):
+            if value is not None and type(value) is not str:
+                raise InvalidArgument(f"{field!r} must be a string, got {type(value).__name__}")
+        try:
+            version, lane, arm = self.router.route(name, key, exp, version)
+        except UnknownExperiment:
+            exps = sorted(e.id for e in self.router.experiments.values() if e.model == name)
+            raise NotFound(f"experiment {exp!r} is not configured for model {name!r}; "
+                           f"experiments: {', '.join(exps) or 'none'}") from None
         q = self.queues.get((name, version))
         if q is None:
             versions = sorted(v for (n, v) in self.queues if n == name)
-            if not versions:
-                raise NotFound(f"model {name!r} is not served here; models: "
-                               f"{', '.join(sorted(self.default_version))}")
             raise NotFound(f"model {name!r} has no version {version!r}; versions: "
                            f"{', '.join(versions)}")
-        return q
+        return q, lane, arm, key
 
     def infer(self, conn: Connection, req_id: int, msg: dict) -> None:
         if self.draining:
             raise Unavailable("server is draining (shutting down); retry on another instance")
-        q = self.route(msg.get("model"), msg.get("version"))
+        q, lane, arm, key = self.route(msg)
         inputs = msg.get("inputs")
         if inputs is None:
             raise InvalidArgument("request has no 'inputs'; send one sample as a tensor map "
@@ -231,7 +247,7 @@ class App:
                                   f"got {dl!r}")
         now = _monotonic_ns()
         self._rid += 1
-        req = Pending(req_id, conn, data, now, now + dl_ns, q, self._rid)
+        req = Pending(req_id, conn, data, now, now + dl_ns, q, self._rid, lane, arm, key)
         refused = q.submit(req)
         if refused is not None:
             if refused == "busy":
@@ -245,6 +261,22 @@ class App:
                        f"(workers: {states}); retry shortly")
             req.done = True
             q.finished(req, status, {"id": req_id, "status": status, "error": err, "rid": req.rid})
+
+    def feedback(self, req_id: int, msg: dict) -> dict:
+        ref, outcome = msg.get("ref"), msg.get("outcome")
+        if type(ref) is int and ref >= 0 or type(ref) is str and ref:
+            pass
+        else:
+            raise InvalidArgument("feedback needs 'ref': the 'rid' of an earlier answer "
+                                  "(unsigned int) or the routing key it was sent with (string)")
+        if type(outcome) not in (int, float) or not math.isfinite(outcome):
+            raise InvalidArgument(f"feedback needs 'outcome', a finite number (label, click "
+                                  f"0/1, reward), got {outcome!r}")
+        group = self.joins.record(ref, float(outcome))
+        answer = {"id": req_id, "status": 0, "joined": group is not None}
+        if group is not None:
+            answer.update(model=group[0], version=group[1], lane=group[2], arm=group[3])
+        return answer
 
     def health(self, req_id: int, msg: dict) -> dict:
         name = msg.get("model")
@@ -289,7 +321,11 @@ class App:
         return {"id": req_id, "status": 0, "uptime_s": round(time.monotonic() - self.started, 3),
                 "connections": len(self.conns), "draining": self.draining,
                 "rejected": {str(k): v for k, v in sorted(self.rejected.items())},
-                "models": out}
+                "models": out, "kpis": self.joins.snapshot(name),
+                "feedback": {"joined": self.joins.joined, "unjoined": self.joins.unjoined},
+                "rollouts": [{"model": r.model, "stable": r.stable, "candidate": r.candidate,
+                              "weight": r.weight} for r in self.router.rollouts.values()
+                             if name is None or r.model == name]}
 
     # -- signals and shutdown ------------------------------------------------------------
     def on_signal(self, signum: int) -> None:

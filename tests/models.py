@@ -55,3 +55,12 @@ def raises_on_magic() -> nn.Module:
 
 def broken() -> nn.Module:
     raise RuntimeError("this factory is broken on purpose")
+
+
+class TwoX(nn.Module):
+    def forward(self, x):
+        return x * 2
+
+
+def two_x() -> nn.Module:
+    return TwoX()

@@ -1,0 +1,102 @@
+"""Online join of outcomes (``feedback`` op) to the answers they follow.
+
+Every OK answer is remembered for ``WINDOW_S`` by its ``rid`` (and, when the
+request had a routing key, by a hash of the key, pointing at its latest rid):
+model, version, lane and arm. A ``feedback`` request names an earlier answer
+by ``ref`` (a rid, or the routing key itself) and reports an ``outcome``
+(click 0/1, purchase value, label); it is joined to that answer's lane and
+arm and added to the running KPI of that (model, version, lane, arm), so
+A/B reports and the KPI guardrails need no offline job.
+
+Memory is bounded twice: entries older than the window are dropped as new
+ones arrive, and at most ``max_entries`` are kept (oldest first out). Keys
+are kept only as a hash (the raw user key is never stored).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+
+WINDOW_S = 3600.0
+MAX_ENTRIES = 1_000_000
+
+
+def key_hash(key: str) -> bytes:
+    return hashlib.blake2b(key.encode("utf-8"), digest_size=12).digest()
+
+
+class Kpi:
+    __slots__ = ("n", "sum", "sumsq")
+
+    def __init__(self):
+        self.n = 0
+        self.sum = 0.0
+        self.sumsq = 0.0
+
+    def add(self, x: float) -> None:
+        self.n += 1
+        self.sum += x
+        self.sumsq += x * x
+
+    def snapshot(self) -> dict:
+        if not self.n:
+            return {"n": 0, "mean": None, "stderr": None}
+        mean = self.sum / self.n
+        var = max(0.0, self.sumsq / self.n - mean * mean)
+        return {"n": self.n, "mean": mean,
+                "stderr": math.sqrt(var / self.n) if self.n > 1 else None}
+
+
+class FeedbackJoin:
+    def __init__(self, window_s: float = WINDOW_S, max_entries: int = MAX_ENTRIES, clock=time.monotonic):
+        self.window_s = window_s
+        self.max_entries = max_entries
+        self.clock = clock
+        self.by_rid: dict[int, tuple] = {}   # rid -> (t, model, version, lane, arm); insertion = time order
+        self.by_key: dict[bytes, int] = {}   # key hash -> latest rid
+        self.kpis: dict[tuple, Kpi] = {}     # (model, version, lane, arm) -> Kpi
+        self.joined = 0
+        self.unjoined = 0
+
+    def answered(self, rid: int, model: str, version: str, lane: str, arm, key) -> None:
+        now = self.clock()
+        by_rid = self.by_rid
+        by_rid[rid] = (now, model, version, lane, arm)
+        if key is not None:
+            self.by_key[key_hash(key)] = rid
+        if len(by_rid) > self.max_entries or next(iter(by_rid.values()))[0] < now - self.window_s:
+            self._expire(now)
+
+    def _expire(self, now: float) -> None:
+        by_rid = self.by_rid
+        horizon = now - self.window_s
+        while by_rid:
+            rid, entry = next(iter(by_rid.items()))
+            if entry[0] >= horizon and len(by_rid) <= self.max_entries:
+                break
+            del by_rid[rid]
+        if len(self.by_key) > 2 * len(by_rid) + 1024:
+            self.by_key = {k: r for k, r in self.by_key.items() if r in by_rid}
+
+    def record(self, ref, outcome: float) -> tuple | None:
+        """Join an outcome; returns the (model, version, lane, arm) it joined
+        to, or None when ``ref`` matches no remembered answer."""
+        rid = ref if isinstance(ref, int) else self.by_key.get(key_hash(ref))
+        entry = self.by_rid.get(rid) if rid is not None else None
+        if entry is None:
+            self.unjoined += 1
+            return None
+        group = entry[1:]
+        kpi = self.kpis.get(group)
+        if kpi is None:
+            kpi = self.kpis[group] = Kpi()
+        kpi.add(outcome)
+        self.joined += 1
+        return group
+
+    def snapshot(self, model: str | None = None) -> list[dict]:
+        return [dict(model=m, version=v, lane=lane, arm=arm, **k.snapshot())
+                for (m, v, lane, arm), k in sorted(self.kpis.items(), key=lambda e: str(e[0]))
+                if model is None or m == model]
