@@ -11,7 +11,10 @@ seconds, and these tests only talk to it. It serves
   batch, room for 3 at once: floods get RESOURCE_EXHAUSTED, short deadlines
   DEADLINE_EXCEEDED;
 - ``two``: named inputs and outputs;
-- ``broken``: a factory that raises, so its requests get UNAVAILABLE.
+- ``broken``: a factory that raises, so its requests get UNAVAILABLE;
+
+and an A/B experiment ``e1`` on ``demo``, so that ``key``, ``exp`` and
+``feedback`` can be seen to arrive.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import uvloop
 
 from clients import (AsyncClient, AsyncClientPool, Client, ClientPool, InferResult, RetryPolicy,
                      errors)
+from daemon.router import bucket
 from daemon.zoo import mlp_scorer
 from tests.conftest import REPO, Daemon
 from tests.models import slow as slow_model
@@ -82,6 +86,12 @@ name = "broken"
 factory = "tests.models:broken"
 input = { dtype = "float32", shape = [4] }
 threads = 1
+
+[[experiments]]
+id = "e1"
+model = "demo"
+salt = "e1-salt"
+arms = [{ name = "control", split = 0.5 }, { name = "treat", split = 0.5 }]
 """
 
 # Patient retries for the floods: the slow queue drains at 1 / SLOW_MS.
@@ -161,6 +171,36 @@ def check_ops(health: dict, models: dict, stats: dict) -> None:
     assert stats["connections"] >= 1 and "rejected" in stats
 
 
+def check_routing_and_feedback(infer, feedback, aio: bool = False):
+    """key and exp reach the router (the arm is the specified hash's), and
+    feedback joins to the answer by rid and by key. ``aio``: the two
+    callables are coroutine functions (then this returns a coroutine)."""
+    async def body(call):
+        x = np.zeros(128, np.float32)
+        for key in ("user-1", "user-2", "user-3", "user-4"):
+            r = await call(infer, "demo", x, key=key, exp="e1")
+            assert r.arm == ("control" if bucket("e1-salt", key) < 5000 else "treat"), key
+            fb = await call(feedback, r.rid, 1.0)
+            assert fb["status"] == 0 and fb["joined"] is True
+            assert (fb["model"], fb["version"], fb["arm"]) == ("demo", "1", r.arm)
+            by_key = await call(feedback, key, 0)
+            assert by_key["joined"] is True and by_key["arm"] == r.arm
+        miss = await call(feedback, 2**62, 1)
+        assert miss["joined"] is False
+        with pytest.raises(errors.NotFound, match="experiment"):
+            await call(infer, "demo", x, key="user-1", exp="nope")
+
+    async def call_async(fn, *args, **kw):
+        return await fn(*args, **kw)
+
+    async def call_sync(fn, *args, **kw):
+        return fn(*args, **kw)
+
+    if aio:
+        return body(call_async)
+    run(lambda: body(call_sync))
+
+
 # --- every op, both clients -------------------------------------------------------------
 
 def test_sync_every_op(daemon, scorer):
@@ -180,9 +220,7 @@ def test_sync_every_op(daemon, scorer):
         assert set(two.outputs) == {"score", "twice"}
         assert two.outputs["score"].tolist() == [12.5]
         assert two.outputs["twice"].tolist() == [2.0, 4.0, 7.0]
-        # feedback is in the protocol, but this build of the daemon refuses it
-        with pytest.raises(errors.InvalidArgument, match="feedback"):
-            c.feedback(r.rid, 1.0)
+        check_routing_and_feedback(c.infer, c.feedback)
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -199,8 +237,7 @@ def test_async_every_op(daemon, scorer, loop):
             check_demo(r, xs[2], scorer)
             two = await c.infer("two", {"ids": [1, 2, 3, 4], "dense": np.ones(3, np.float32)})
             assert two.outputs["score"].tolist() == [13.0]
-            with pytest.raises(errors.InvalidArgument, match="feedback"):
-                await c.feedback("u1", 0.5)
+            await check_routing_and_feedback(c.infer, c.feedback, aio=True)
         assert c.closed
         # connect() opens at once; a bare constructor connects at its first call
         c2 = await AsyncClient.connect(port=daemon.port)

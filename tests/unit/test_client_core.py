@@ -154,7 +154,8 @@ def test_other_ops_and_feedback():
         op_request("dance")
     assert feedback_request(12, 1) == {"op": "feedback", "ref": 12, "outcome": 1}
     assert feedback_request("u1", 0.5, "demo")["model"] == "demo"
-    for ref, outcome, exc in [(-1, 1, ValueError), (1.5, 1, TypeError), (1, "yes", TypeError),
+    for ref, outcome, exc in [(-1, 1, ValueError), ("", 1, ValueError), (1.5, 1, TypeError),
+                              (None, 1, TypeError), (1, "yes", TypeError),
                               (1, math.nan, TypeError), (1, True, TypeError)]:
         with pytest.raises(exc):
             feedback_request(ref, outcome)
