@@ -2,6 +2,7 @@
 
     ringserve serve [--config FILE] [--host H] [--port P] [--port-file F]
     ringserve check FILE            validate a config, print "ok" or the error
+    ringserve reload --pid-file F   validate the running daemon's config file, then SIGHUP it
     python -m daemon [...]          same as ``ringserve serve [...]``
 """
 
@@ -23,6 +24,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=None, help="override [server] port (0: any free port)")
     p.add_argument("--port-file", default=None,
                    help="write the bound port to this file once listening (for scripts and tests)")
+    p.add_argument("--pid-file", default=None,
+                   help="write the daemon's pid here (for `ringserve reload --pid-file`)")
     p.add_argument("--check-config", metavar="FILE", default=None,
                    help="validate FILE and exit (0 ok, 2 invalid) without serving")
 
@@ -31,6 +34,8 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from .config import ConfigError, load_config
 
+    if argv and argv[0] == "reload":
+        return _reload(argv[1:])
     if argv and argv[0] == "check":
         p = argparse.ArgumentParser(prog="ringserve check")
         p.add_argument("file")
@@ -62,7 +67,47 @@ def main(argv=None) -> int:
     from . import logs
     from .server import serve
     logs.setup(cfg.logging.level)
-    return serve(cfg, a.port_file)
+    if a.pid_file:
+        with open(a.pid_file, "w") as f:
+            f.write(f"{os.getpid()}\n{os.path.abspath(path)}\n")
+    try:
+        return serve(cfg, a.port_file)
+    finally:
+        if a.pid_file:
+            try:
+                os.unlink(a.pid_file)
+            except FileNotFoundError:
+                pass
+
+
+def _reload(argv) -> int:
+    """Check the config file the daemon was started with, then send SIGHUP.
+    The daemon validates again itself (and keeps the old config if the file
+    changed in between); checking here first gives the operator the error at
+    the prompt instead of in the log."""
+    import signal
+    from .config import ConfigError, load_config
+    p = argparse.ArgumentParser(prog="ringserve reload")
+    p.add_argument("--pid-file", required=True, help="the file given to `ringserve serve --pid-file`")
+    a = p.parse_args(argv)
+    try:
+        pid_line, config_path = open(a.pid_file).read().split("\n")[:2]
+        pid = int(pid_line)
+    except (OSError, ValueError) as e:
+        print(f"cannot read the pid file {a.pid_file}: {e}", file=sys.stderr)
+        return 2
+    try:
+        load_config(config_path)
+    except ConfigError as e:
+        print(f"not reloading, the config is invalid: {e}", file=sys.stderr)
+        return 2
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        print(f"no daemon runs with pid {pid} (stale pid file {a.pid_file}?)", file=sys.stderr)
+        return 2
+    print(f"sent SIGHUP to {pid}; `health`/`stats` (reloads) and the log show the outcome")
+    return 0
 
 
 if __name__ == "__main__":

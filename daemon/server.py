@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import gc
 import logging
 import math
@@ -30,6 +31,7 @@ from ipc.status import (InvalidArgument, NotFound, ProtocolError, ResourceExhaus
                         Unavailable)
 from ipc.tensors import TensorSpec, decode_inputs
 
+from .config import ConfigError, load_config
 from .batcher import Deadlines, ModelQueue, Pending
 from .feedback import FeedbackJoin
 from .protocol import Connection
@@ -90,6 +92,8 @@ class App:
         self.stopping = False
         self.started = time.monotonic()
         self.rejected: collections.Counter = collections.Counter()
+        self.retiring: list[ModelQueue] = []  # retired by a reload, still draining
+        self.reloads: collections.Counter = collections.Counter({"ok": 0, "failed": 0})
         self.default_deadline_ns = cfg.server.deadline_ms * 1_000_000
         # rid = 23 random bits of this boot, then a counter: unique across
         # restarts without coordination, and an unsigned int on the wire.
@@ -105,13 +109,7 @@ class App:
                         extra={"segments": removed})
         threads = default_threads(self.cfg)
         for m in self.cfg.models:
-            q = ModelQueue(m, self.loop, self.deadlines)
-            q.specs = tuple((n, TensorSpec(s.dtype, tuple(s.shape))) for n, s in m.inputs)
-            q.joins = self.joins
-            self.queues[(m.name, m.version)] = q
-            for i, dev in enumerate(m.devices):
-                t = m.threads or threads if dev == "cpu" else 1
-                q.workers.append(WorkerHandle(self, q, i, dev, t))
+            self.queues[(m.name, m.version)] = self._make_queue(m, threads)
         self._set_lanes()
         for q in self.queues.values():
             for w in q.workers:
@@ -128,6 +126,15 @@ class App:
         log.info("listening", extra={"host": s.host, "port": self.port, "pid": os.getpid(),
                                      "config": self.cfg.source,
                                      "models": [f"{m.name}@{m.version}" for m in self.cfg.models]})
+
+    def _make_queue(self, m, threads: int) -> ModelQueue:
+        q = ModelQueue(m, self.loop, self.deadlines)
+        q.specs = tuple((n, TensorSpec(s.dtype, tuple(s.shape))) for n, s in m.inputs)
+        q.joins = self.joins
+        for i, dev in enumerate(m.devices):
+            t = m.threads or threads if dev == "cpu" else 1
+            q.workers.append(WorkerHandle(self, q, i, dev, t))
+        return q
 
     def _set_lanes(self) -> None:
         """A version's lane, for health/models/stats: canary while it is a
@@ -321,7 +328,7 @@ class App:
         return {"id": req_id, "status": 0, "uptime_s": round(time.monotonic() - self.started, 3),
                 "connections": len(self.conns), "draining": self.draining,
                 "rejected": {str(k): v for k, v in sorted(self.rejected.items())},
-                "models": out, "kpis": self.joins.snapshot(name),
+                "models": out, "kpis": self.joins.snapshot(name), "reloads": dict(self.reloads),
                 "feedback": {"joined": self.joins.joined, "unjoined": self.joins.unjoined},
                 "rollouts": [{"model": r.model, "stable": r.stable, "candidate": r.candidate,
                               "weight": r.weight} for r in self.router.rollouts.values()
@@ -336,31 +343,128 @@ class App:
             self.loop.add_signal_handler(sig, self.on_signal, sig)
         await self.start()
         tune_gc()
+        reloading: asyncio.Task | None = None
+        again = False
         while True:
             sig = await self._signals.get()
             if sig in (signal.SIGTERM, signal.SIGINT):
                 log.info("shutting down", extra={"signal": signal.Signals(sig).name})
+                if reloading is not None and not reloading.done():
+                    reloading.cancel()  # its new workers are stopped by the reload itself
+                    await asyncio.gather(reloading, return_exceptions=True)
                 await self.shutdown()
                 return 0
             if sig == signal.SIGHUP:
-                log.warning("SIGHUP ignored: config reload is not in this build yet; "
-                            "restart the daemon to apply a new config")
+                if reloading is not None and not reloading.done():
+                    again = True  # SIGHUPs during a reload coalesce into one more
+                    continue
+                reloading = self.loop.create_task(self._reload_loop())
+            elif sig == "reloaded" and again:
+                again = False
+                reloading = self.loop.create_task(self._reload_loop())
+
+    async def _reload_loop(self) -> None:
+        try:
+            await self.reload()
+        finally:
+            self._signals.put_nowait("reloaded")
+
+    async def reload(self) -> bool:
+        """SIGHUP: validate the file, start what is new, wait for it to be
+        warm, switch the routing table at once, drain and stop what is gone.
+        Any failure before the switch leaves the running config untouched."""
+        old = self.cfg
+        t0 = time.monotonic()
+        try:
+            new = load_config(old.source)
+        except ConfigError as e:
+            self.reloads["failed"] += 1
+            log.error("reload rejected: invalid config; still serving the previous one",
+                      extra={"event": "reload", "ok": False, "error": str(e), "key": e.key})
+            return False
+        if (new.server.host, new.server.port) != (old.server.host, old.server.port):
+            log.warning("server.host/port changes need a restart; still listening on the old "
+                        "address", extra={"event": "reload"})
+            new = dataclasses.replace(new, server=dataclasses.replace(
+                new.server, host=old.server.host, port=old.server.port))
+        wanted = {(m.name, m.version): m for m in new.models}
+        keep = {k: q for k, q in self.queues.items() if k in wanted and q.cfg == wanted[k]}
+        threads = default_threads(new)
+        started = {k: self._make_queue(m, threads) for k, m in wanted.items() if k not in keep}
+        for q in started.values():
+            for w in q.workers:
+                w.start()
+        try:
+            failed = await self._wait_warm(started.values(), new.server.start_timeout_s)
+        except asyncio.CancelledError:
+            await self._stop_queues(started.values())
+            raise
+        if failed:
+            await self._stop_queues(started.values())
+            self.reloads["failed"] += 1
+            log.error("reload rejected: a new model version did not start; still serving the "
+                      "previous config", extra={"event": "reload", "ok": False, "errors": failed})
+            return False
+        # The switch: one assignment each, no await in between. Requests
+        # already routed keep their queue (and finish there).
+        retired = [q for k, q in self.queues.items() if k not in keep]
+        self.cfg = new
+        self.queues = {**keep, **started}
+        self.router = RoutingTable.from_config(new)
+        self.default_deadline_ns = new.server.deadline_ms * 1_000_000
+        self._set_lanes()
+        self.reloads["ok"] += 1
+        log.info("reloaded", extra={
+            "event": "reload", "ok": True, "started": [f"{n}@{v}" for n, v in started],
+            "retired": [f"{q.name}@{q.version}" for q in retired],
+            "kept": [f"{n}@{v}" for n, v in keep], "s": round(time.monotonic() - t0, 3)})
+        await self._retire(retired, new.server.drain_timeout_s)
+        return True
+
+    async def _wait_warm(self, queues, timeout_s: float) -> list[str]:
+        """Wait until every worker of ``queues`` is ready; the errors of those
+        that failed (or did not make it in time)."""
+        workers = [w for q in queues for w in q.workers]
+        t_end = time.monotonic() + timeout_s
+        while any(w.state not in ("ready", "failed") for w in workers) and time.monotonic() < t_end:
+            await asyncio.sleep(0.02)
+        return [f"{w.label}: {w.error or w.state}" for w in workers if w.state != "ready"]
+
+    async def _retire(self, queues, grace_s: float) -> None:
+        self.retiring.extend(queues)  # shutdown stops them too if it comes first
+        t_end = time.monotonic() + grace_s
+        while any(not q.idle() for q in queues) and time.monotonic() < t_end:
+            await asyncio.sleep(0.01)
+        for q in queues:
+            q.fail_all_queued(int(Status.UNAVAILABLE), "this model version was retired by a "
+                              "config reload before the request ran; retry")
+        await self._stop_queues(queues)
+        for q in queues:
+            self.retiring.remove(q)
+
+    async def _stop_queues(self, queues) -> None:
+        await asyncio.gather(*(w.stop() for q in queues for w in q.workers))
+
+    def all_queues(self) -> list[ModelQueue]:
+        """Serving and still-draining queues: everything with live workers."""
+        return list(self.queues.values()) + self.retiring
 
     async def shutdown(self) -> None:
         self.draining = True
         if self.server is not None:
             self.server.close()
+        queues = self.all_queues()
         grace = self.cfg.server.drain_timeout_s
         t_end = time.monotonic() + grace
-        while any(not q.idle() for q in self.queues.values()) and time.monotonic() < t_end:
+        while any(not q.idle() for q in queues) and time.monotonic() < t_end:
             await asyncio.sleep(0.005)
         left = sum(q.queued + sum(len(b) for w in q.workers for b, _, _ in w.inflight)
-                   for q in self.queues.values())
+                   for q in queues)
         if left:
             log.error("drain timed out; answering what is left UNAVAILABLE",
                       extra={"requests": left, "drain_timeout_s": grace})
         self.stopping = True
-        for q in self.queues.values():
+        for q in queues:
             q.fail_all_queued(int(Status.UNAVAILABLE), "server shut down before this request ran")
             for w in q.workers:
                 for batch, _, _ in w.inflight:
@@ -374,14 +478,14 @@ class App:
             await asyncio.sleep(0.005)
         for c in list(self.conns):
             c.close()
-        await asyncio.gather(*(w.stop() for q in self.queues.values() for w in q.workers))
+        await self._stop_queues(queues)
         if self.port_file:
             try:
                 os.unlink(self.port_file)
             except FileNotFoundError:
                 pass
         log.info("stopped", extra={"answered": sum(sum(q.stats.by_status.values())
-                                                   for q in self.queues.values())})
+                                                   for q in queues)})
 
 
 def serve(cfg, port_file: str | None = None) -> int:
@@ -394,7 +498,7 @@ def serve(cfg, port_file: str | None = None) -> int:
         except BaseException:
             # Whatever went wrong, take the workers and their memory with us.
             app.stopping = True
-            await asyncio.gather(*(w.stop(1.0) for q in app.queues.values() for w in q.workers),
+            await asyncio.gather(*(w.stop(1.0) for q in app.all_queues() for w in q.workers),
                                  return_exceptions=True)
             raise
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ from .worker import EXIT_LOAD_FAILED
 
 log = logging.getLogger("ringserve.supervisor")
 _ONE = (1).to_bytes(8, "little")
+_handle_ids = itertools.count(1)
 STABLE_AFTER_S = 60.0
 STOP_GRACE_S = 10.0
 UNAVAILABLE = int(Status.UNAVAILABLE)
@@ -57,6 +59,7 @@ class WorkerHandle:
         self.compile = None
         self.pid = None
         self.gen = 0
+        self.uid = next(_handle_ids)  # a reload may run two handles of one version at once
         self.restarts = 0
         self.failures = 0  # consecutive crashes, for the backoff
         self.ready_at = 0.0
@@ -168,7 +171,7 @@ class WorkerHandle:
         cfg = q.cfg
         layout = RingLayout(cfg.inflight_batches, cfg.max_batch,
                             [spec.nbytes for _, spec in cfg.inputs], [t.nbytes for t in outputs])
-        name = f"ringserve-{os.getpid()}-{q.name}-{q.version}-{self.index}-g{self.gen}"
+        name = f"ringserve-{os.getpid()}-{q.name}-{q.version}-{self.index}-h{self.uid}-g{self.gen}"
         try:
             self.ring = Ring.create(name, layout)
         except OSError as e:
