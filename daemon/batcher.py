@@ -13,7 +13,10 @@ its workers):
 - a finished batch frees its worker, which re-runs the policy.
 
 The queue is bounded (``queue_limit``): beyond it a request is refused with
-RESOURCE_EXHAUSTED at once. Every request is on a deadline heap; one timer,
+RESOURCE_EXHAUSTED at once. Mirrored (shadow) requests wait in a second,
+lower-priority queue of their own (``daemon/shadow.py``): they run only on an
+idle worker when no primary request is queued, so they never delay a caller
+by more than one batch. Every request is on a deadline heap; one timer,
 set for the earliest deadline, answers DEADLINE_EXCEEDED for whatever is still
 unanswered then, queued or in a worker, so a stuck worker can never hang a
 caller. A request is answered exactly once (``Pending.done``); a late result
@@ -30,6 +33,7 @@ from typing import TYPE_CHECKING
 
 from ipc.status import Status
 
+from .shadow import SHADOW
 from .stats import ModelStats
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,7 +54,7 @@ class Pending:
     """One accepted infer request, from arrival to its one answer."""
 
     __slots__ = ("id", "conn", "data", "arrival", "deadline", "done", "queue", "rid", "dispatched",
-                 "lane", "arm", "key")
+                 "lane", "arm", "key", "shadow", "sdata")
 
     def __init__(self, req_id, conn, data, arrival, deadline, queue, rid, lane, arm, key):
         self.id = req_id
@@ -65,6 +69,8 @@ class Pending:
         self.queue = queue
         self.rid = rid
         self.dispatched = 0
+        self.shadow = None  # the Shadow to mirror this request to once answered
+        self.sdata = None   # its input bytes, kept for the mirror (``data`` is dropped)
 
     def answer_error(self, status: int, message: str) -> None:
         if self.done:
@@ -154,6 +160,10 @@ class ModelQueue:
         self.single_output = True
         self.on_idle = None  # called when nothing is queued or in flight (drain)
         self.joins = None  # FeedbackJoin: OK answers are remembered for feedback
+        self.observer = None  # guardrail of a rollout: observer(lane, status, latency_us)
+        self.shadow_q: collections.deque[Pending] = collections.deque()
+        self.shadow_queued = 0
+        self.shadow_limit = 0  # set when a [[shadows]] entry names this version
 
     # -- intake ------------------------------------------------------------
     def ready_workers(self):
@@ -168,6 +178,20 @@ class ModelQueue:
             return "unavailable"
         self.q.append(req)
         self.queued += 1
+        self.deadlines.add(req)
+        self.dispatch()
+        return None
+
+    def submit_shadow(self, req: Pending) -> str | None:
+        """Queue a mirrored request, or say why it is shed."""
+        if self.shadow_queued >= self.shadow_limit:
+            return "queue_full"
+        if self.queued * 2 >= self.limit:
+            return "overload"  # callers' requests are piling up: they come first
+        if not any(w.state == "ready" for w in self.workers):
+            return "unavailable"
+        self.shadow_q.append(req)
+        self.shadow_queued += 1
         self.deadlines.add(req)
         self.dispatch()
         return None
@@ -221,7 +245,25 @@ class ModelQueue:
             if batch:
                 n = len(batch)
                 w.submit_batch(batch, self.bucket_for[n])
+        if self.shadow_queued and not self.queued:
+            self._dispatch_shadow()
         self._maybe_idle()
+
+    def _dispatch_shadow(self) -> None:
+        q, mb = self.shadow_q, self.max_batch
+        for w in self.workers:
+            if not self.shadow_queued:
+                return
+            if w.state != "ready" or w.in_flight:
+                continue
+            batch = []
+            while q and len(batch) < mb:
+                r = q.popleft()
+                if not r.done:
+                    batch.append(r)
+            self.shadow_queued -= len(batch)
+            if batch:
+                w.submit_batch(batch, self.bucket_for[len(batch)])
 
     # -- completion ------------------------------------------------------------
     def set_outputs(self, outputs, single: bool) -> None:
@@ -249,6 +291,7 @@ class ModelQueue:
         name, version = self.name, self.version
         finished = self.finished
         joined = self.joins.answered if self.joins is not None else None
+        shadow_lane = SHADOW
         for i, r in enumerate(batch):
             if r.done:
                 continue
@@ -268,21 +311,36 @@ class ModelQueue:
                 "version": version, "lane": r.lane, "arm": r.arm, "rid": r.rid,
                 "timing": {"queue_us": (t_sub - r.arrival) // 1000, "compute_us": compute_us,
                            "batch": n, "bucket": bucket}})
+            if r.lane is shadow_lane:
+                continue
             if joined is not None:
                 joined(r.rid, name, version, r.lane, r.arm, r.key)
+            if r.shadow is not None:  # after the answer is on its way
+                nb = out_nbytes[0]
+                r.shadow.mirror(r, out_mvs[0][i * nb:(i + 1) * nb], meta[0][1])
 
     def finished(self, req: Pending, status: int, answer: dict) -> None:
         """Send one answer (already marked done) and count it."""
-        now = _monotonic_ns()
-        self.stats.answered(status, (now - req.arrival) // 1000)
+        if req.lane is SHADOW:  # to its Shadow, not to a caller; counted there
+            req.conn.send(answer)
+            return
+        latency_us = (_monotonic_ns() - req.arrival) // 1000
+        self.stats.answered(status, latency_us)
+        if self.observer is not None:
+            self.observer(req.lane, status, latency_us)
         req.conn.send(answer)
 
     def expire(self, req: Pending) -> None:
         """Deadline passed: answer now, wherever the request is."""
         if not req.dispatched:
-            self.queued -= 1
-            if len(self.q) > 2 * self.limit:
-                self.q = collections.deque(r for r in self.q if not r.done)
+            if req.lane is SHADOW:
+                self.shadow_queued -= 1
+                if len(self.shadow_q) > 2 * self.shadow_limit:
+                    self.shadow_q = collections.deque(r for r in self.shadow_q if not r.done)
+            else:
+                self.queued -= 1
+                if len(self.q) > 2 * self.limit:
+                    self.q = collections.deque(r for r in self.q if not r.done)
         req.answer_error(int(Status.DEADLINE_EXCEEDED),
                          f"deadline exceeded after {(_monotonic_ns() - req.arrival) // 1000} us "
                          f"{'in the worker' if req.dispatched else 'in the queue'} of model "
@@ -291,14 +349,17 @@ class ModelQueue:
 
     def fail_all_queued(self, status: int, message: str) -> None:
         q, self.q = self.q, collections.deque()
-        self.queued = 0
+        sq, self.shadow_q = self.shadow_q, collections.deque()
+        self.queued = self.shadow_queued = 0
         for r in q:
+            r.answer_error(status, message)
+        for r in sq:
             r.answer_error(status, message)
         self._maybe_idle()
 
     def worker_changed(self) -> None:
         """A worker became ready or went away."""
-        if not any(w.state == "ready" for w in self.workers) and self.queued:
+        if not any(w.state == "ready" for w in self.workers) and (self.queued or self.shadow_queued):
             states = ", ".join(sorted({w.state for w in self.workers})) or "none"
             self.fail_all_queued(int(Status.UNAVAILABLE),
                                  f"model {self.name!r} version {self.version!r} has no ready "
@@ -310,7 +371,7 @@ class ModelQueue:
         return sum(w.in_flight for w in self.workers)
 
     def idle(self) -> bool:
-        return self.queued == 0 and self.in_flight == 0
+        return self.queued == 0 and self.shadow_queued == 0 and self.in_flight == 0
 
     def _maybe_idle(self) -> None:
         if self.on_idle is not None and self.idle():

@@ -44,7 +44,7 @@ from ipc.tensors import DTYPES
 __all__ = [
     "PROTOCOL_DTYPES", "RING_SLOT_BYTES", "REQUIRED", "Derived", "ConfigError", "Setting", "Section",
     "SETTINGS", "SECTIONS", "TensorShape", "ServerConfig", "LoggingConfig",
-    "ModelConfig", "RolloutConfig", "ArmConfig", "ExperimentConfig", "ShadowConfig", "Config", "load_config", "parse_config", "render_reference",
+    "ModelConfig", "RolloutConfig", "ArmConfig", "ExperimentConfig", "ShadowConfig", "GuardrailConfig", "Config", "load_config", "parse_config", "render_reference",
 ]
 
 # The tensor dtypes of the wire protocol (protocol.md, "Tensors"), with their
@@ -110,6 +110,8 @@ class ServerConfig:
     drain_timeout_s: float
     start_timeout_s: float
     restart_backoff_max_s: float
+    state_file: str | None        # None: beside the config file, <stem>.state.json
+    decision_log: str | None      # None: beside the config file, <stem>.decisions.jsonl
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +184,27 @@ class ShadowConfig:
     sample_rate: float
     salt: str
     queue_limit: int
+    report_interval_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class GuardrailConfig:
+    model: str                    # the rollout it guards
+    interval_s: float
+    window_s: float
+    min_samples: int
+    alpha: float
+    max_error_rate: float
+    max_p95_ms: float             # 0: off
+    failing_checks: int
+    error_rate_margin: float
+    latency_margin: float
+    kpi: bool
+    kpi_margin: float
+    hard_error_rate: float
+    hard_min_samples: int
+    max_restarts: int
+    srm_alpha: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +215,33 @@ class Config:
     rollouts: tuple[RolloutConfig, ...]
     experiments: tuple[ExperimentConfig, ...]
     shadows: tuple[ShadowConfig, ...]
+    guardrails: tuple[GuardrailConfig, ...]
     source: str                   # the path it was loaded from, as given
+
+    def guardrail(self, model: str) -> "GuardrailConfig":
+        """The guardrails of ``model``'s rollout: its [[guardrails]] entry, or
+        every default (a rollout is never unguarded)."""
+        for g in self.guardrails:
+            if g.model == model:
+                return g
+        return default_guardrail(model)
+
+    def side_file(self, configured: str | None, suffix: str) -> str:
+        """A file the daemon keeps for this config: as configured, or beside
+        the config file (``ringserve.toml`` -> ``ringserve<suffix>``)."""
+        if configured:
+            return configured
+        base = os.path.abspath(self.source) if not self.source.startswith("<") else \
+            os.path.join(os.getcwd(), "ringserve")
+        return os.path.splitext(base)[0] + suffix
+
+    @property
+    def state_path(self) -> str:
+        return self.side_file(self.server.state_file, ".state.json")
+
+    @property
+    def decision_log_path(self) -> str:
+        return self.side_file(self.server.decision_log, ".decisions.jsonl")
 
     def model(self, name: str, version: str | None = None) -> ModelConfig | None:
         """The entry for (name, version); version None: the first listed with that name."""
@@ -420,6 +469,16 @@ def _check_file(v, ctx):
         raise _Invalid(f"file not found: {path}{where}; fix the path or create the file")
     if not os.path.isfile(path):
         raise _Invalid(f"is not a regular file: {path}")
+    return path
+
+
+@_rule("a path whose directory exists")
+def _check_new_file(v, ctx):
+    if not isinstance(v, str) or not v:
+        raise _Invalid(f"must be a file path, got {_show(v)}")
+    path = os.path.normpath(os.path.join(ctx.base_dir, os.path.expanduser(v)))
+    if not os.path.isdir(os.path.dirname(path)):
+        raise _Invalid(f"the directory of {path} does not exist; create it or fix the path")
     return path
 
 
@@ -674,6 +733,14 @@ def _check_across(built: dict[str, Any], ctx: _Context) -> None:
     _unique(built["rollouts"], "model", "rollouts", "model", ctx)
     _unique(built["experiments"], "id", "experiments", "experiment id", ctx)
     _unique(built["shadows"], "model", "shadows", "model", ctx)
+    rolled = {r.model for r in built["rollouts"]}
+    for i, g in enumerate(built["guardrails"]):
+        if g.model not in rolled:
+            key = f"guardrails[{i}].model"
+            raise ConfigError(f"{ctx.source}: {key}: model {json.dumps(g.model)} has no "
+                              f"[[rollouts]] entry to guard (rollouts: "
+                              f"{', '.join(sorted(rolled)) or 'none'})", source=ctx.source, key=key)
+    _unique(built["guardrails"], "model", "guardrails", "model", ctx)
 
 
 # --------------------------------------------------------------------------
@@ -705,6 +772,12 @@ SECTIONS: tuple[Section, ...] = (
             "Dark launch: a sample of a model's requests is mirrored to a candidate version; "
             "its answers are only compared and logged, never returned.",
             lambda values, ctx: ShadowConfig(**values), label="model"),
+    Section("guardrails", True,
+            "The checks that guard a rollout (docs/operations.md, \"Guardrails\"); a rollout "
+            "without an entry is guarded with every default. Relative limits compare the canary "
+            "with the stable lane by sequential tests whose false-rollback rate per stage is at "
+            "most `alpha` however often they are checked.",
+            lambda values, ctx: GuardrailConfig(**values), label="model"),
 )
 
 SETTINGS: tuple[Setting, ...] = (
@@ -732,6 +805,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server", "restart_backoff_max_s", "float", 30.0,
             "Cap of the exponential backoff between restarts of a crashed worker.",
             _float_in(0, lo_open=True)),
+    Setting("server", "state_file", "path", None,
+            "Where rollout state (current stage, rolled back or not) is kept across restarts "
+            "and reloads; unset: beside the config file, `<config stem>.state.json`.",
+            _check_new_file),
+    Setting("server", "decision_log", "path", None,
+            "JSON Lines log of every reload, guardrail check, stage change and rollback; "
+            "unset: beside the config file, `<config stem>.decisions.jsonl`.", _check_new_file),
     # [logging]
     Setting("logging", "level", "string", "info",
             "Lowest level of the daemon's log records that are written.",
@@ -846,6 +926,55 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("shadows", "queue_limit", "integer", 256,
             "Mirrored requests queued for the candidate; beyond it they are shed (counted), "
             "before any primary request is.", _int_in(1, 1_000_000)),
+    Setting("shadows", "report_interval_s", "float", 60.0,
+            "How often the shadow's comparison figures are written to the decision log.",
+            _float_in(0, lo_open=True)),
+    # [[guardrails]]
+    Setting("guardrails", "model", "string", REQUIRED,
+            "The model whose [[rollouts]] entry these checks guard.", _check_name),
+    Setting("guardrails", "interval_s", "float", 10.0,
+            "Seconds between checks.", _float_in(0, lo_open=True)),
+    Setting("guardrails", "window_s", "float", 300.0,
+            "Span of the absolute limits (error rate, p95); the relative tests use the whole "
+            "stage.", _float_in(0, lo_open=True)),
+    Setting("guardrails", "min_samples", "integer", 200,
+            "Answers a lane needs (in the window, or in the stage for relative tests) before "
+            "a check may fail or pass; with fewer it holds.", _int_in(1, 10**9)),
+    Setting("guardrails", "alpha", "float", 0.05,
+            "False-rollback rate of each relative test over a stage, under continuous "
+            "monitoring.", _float_in(0, 0.5, lo_open=True)),
+    Setting("guardrails", "max_error_rate", "float", 0.05,
+            "Absolute limit on the canary's error rate (DEADLINE_EXCEEDED, INTERNAL, "
+            "UNAVAILABLE) over the window.", _float_in(0, 1)),
+    Setting("guardrails", "max_p95_ms", "float", 0.0,
+            "Absolute limit on the canary's p95 latency over the window; 0 = off.",
+            _float_in(0)),
+    Setting("guardrails", "failing_checks", "integer", 3,
+            "Consecutive checks breaking an absolute limit that roll back; a passing check "
+            "resets the count.", _int_in(1, 1000)),
+    Setting("guardrails", "error_rate_margin", "float", 0.0,
+            "Relative: roll back when the canary's error rate is significantly above the "
+            "stable lane's plus this.", _float_in(0, 1)),
+    Setting("guardrails", "latency_margin", "float", 0.1,
+            "Relative: roll back when canary answers are significantly more often slower than "
+            "(1 + this) x the stable lane's p95.", _float_in(0, 10)),
+    Setting("guardrails", "kpi", "boolean", False,
+            "Also compare the KPI from `feedback` outcomes (higher is better).", _check_bool),
+    Setting("guardrails", "kpi_margin", "float", 0.0,
+            "Relative: roll back when the canary's mean outcome is significantly below the "
+            "stable lane's minus this.", _float_in(0)),
+    Setting("guardrails", "hard_error_rate", "float", 0.5,
+            "Hard floor: a canary error rate at or above this over hard_min_samples answers "
+            "rolls back at once.", _float_in(0, 1, lo_open=True)),
+    Setting("guardrails", "hard_min_samples", "integer", 20,
+            "Canary answers in the window the hard floor needs.", _int_in(1, 10**9)),
+    Setting("guardrails", "max_restarts", "integer", 3,
+            "Crashes of the candidate's workers in one stage that roll back at once.",
+            _int_in(1, 10**6)),
+    Setting("guardrails", "srm_alpha", "float", 0.001,
+            "Sample-ratio mismatch: when the canary's share of routed traffic differs from its "
+            "weight with p below this, decisions freeze (only the hard floor acts).",
+            _float_in(0, 0.5, lo_open=True)),
     Setting("models", "spin_us", "float", 0.0,
             "After each batch the worker polls its ring this long before it sleeps on the "
             "eventfd; saves a ~25 us wake-up when the next batch comes quickly, at the cost of "
@@ -859,6 +988,12 @@ for _s in SETTINGS:
     assert _s.name not in _SETTINGS_BY_SECTION[_s.section], _s
     _SETTINGS_BY_SECTION[_s.section][_s.name] = _s
 del _s
+
+
+def default_guardrail(model: str) -> GuardrailConfig:
+    values = {s.name: s.default for s in _SETTINGS_BY_SECTION["guardrails"].values()}
+    values["model"] = model
+    return GuardrailConfig(**values)
 
 
 # --------------------------------------------------------------------------

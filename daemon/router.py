@@ -84,10 +84,15 @@ class UnknownExperiment(LookupError):
 
 class RoutingTable:
     def __init__(self, default_version: dict[str, str], rollouts: dict[str, Rollout],
-                 experiments: dict[str, Experiment]):
+                 experiments: dict[str, Experiment], routed: dict[str, list] | None = None):
         self.default_version = default_version
         self.rollouts = rollouts
         self.experiments = experiments
+        # model -> [stable, canary] requests routed by the rollout's hash (not
+        # pinned, not sent to a version by an experiment arm): the observed
+        # lane shares that the guardrails' sample-ratio check compares with
+        # the weight.
+        self.routed = routed or {}
         self._rand = random.Random()
 
     def route(self, model: str, key: str | None, exp: str | None,
@@ -110,16 +115,23 @@ class RoutingTable:
                                        else STABLE), arm
         if ro is not None:
             b = bucket(ro.salt, key) if key is not None else self._rand.randrange(BUCKETS)
+            counts = self.routed.get(model)
             if b < ro.threshold:
+                if counts is not None:
+                    counts[1] += 1
                 return ro.candidate, CANARY, arm
+            if counts is not None:
+                counts[0] += 1
             return ro.stable, STABLE, arm
         return self.default_version[model], STABLE, arm
 
     @classmethod
-    def from_config(cls, cfg, weights: dict[str, float] | None = None) -> "RoutingTable":
+    def from_config(cls, cfg, weights: dict[str, float] | None = None,
+                    routed: dict[str, list] | None = None) -> "RoutingTable":
         """Build from a Config. ``weights`` (rollout model -> weight) overrides
         the configured stage: what the rollout state says now (auto-advanced,
-        rolled back)."""
+        rolled back). ``routed`` (model -> [stable, canary]) counts what the
+        rollouts route."""
         default: dict[str, str] = {}
         for m in cfg.models:
             default.setdefault(m.name, m.version)
@@ -136,4 +148,4 @@ class RoutingTable:
                 cum += a.split
                 arms.append(Arm(a.name, int(round(cum * covered)), a.version))
             experiments[e.id] = Experiment(e.id, e.model, e.salt, covered, tuple(arms))
-        return cls(default, rollouts, experiments)
+        return cls(default, rollouts, experiments, routed)

@@ -35,7 +35,9 @@ from .config import ConfigError, load_config
 from .batcher import Deadlines, ModelQueue, Pending
 from .feedback import FeedbackJoin
 from .protocol import Connection
+from .rollouts import Rollouts, weight_of
 from .router import CANARY, STABLE, RoutingTable, UnknownExperiment
+from .shadow import Shadow
 from .supervisor import WorkerHandle
 
 log = logging.getLogger("ringserve.server")
@@ -83,7 +85,10 @@ class App:
             p for p in (self.workdir, config_dir, os.environ.get("PYTHONPATH", "")) if p)
         self.deadlines = Deadlines(loop)
         self.queues: dict[tuple[str, str], ModelQueue] = {}
-        self.router = RoutingTable.from_config(cfg)
+        self.rollouts = Rollouts(self)
+        self.router = RoutingTable.from_config(cfg, self.rollouts.apply(cfg, "start"),
+                                               self.rollouts.routed_counts())
+        self.shadows: dict[str, Shadow] = {}
         self.joins = FeedbackJoin()
         self.conns: set[Connection] = set()
         self.server = None
@@ -111,6 +116,9 @@ class App:
         for m in self.cfg.models:
             self.queues[(m.name, m.version)] = self._make_queue(m, threads)
         self._set_lanes()
+        self.rollouts.attach()
+        self._set_shadows()
+        self.rollouts.start()
         for q in self.queues.values():
             for w in q.workers:
                 w.start()
@@ -135,6 +143,37 @@ class App:
             t = m.threads or threads if dev == "cpu" else 1
             q.workers.append(WorkerHandle(self, q, i, dev, t))
         return q
+
+    def _set_shadows(self) -> None:
+        """One Shadow per [[shadows]] entry, pointed at its candidate's queue;
+        a Shadow whose entry did not change keeps its figures over a reload."""
+        shadows = {}
+        for q in self.queues.values():
+            q.shadow_limit = 0
+        for sc in self.cfg.shadows:
+            sh = self.shadows.get(sc.model)
+            if sh is None or sh.cfg != sc:
+                sh = Shadow(sc, self.default_deadline_ns)
+            sh.deadline_ns = self.default_deadline_ns
+            sh.queue = self.queues.get((sc.model, sc.candidate))
+            sh.queue.shadow_limit = sc.queue_limit
+            shadows[sc.model] = sh
+        self.shadows = shadows
+
+    def report_shadows(self) -> None:
+        now = time.monotonic()
+        for sh in self.shadows.values():
+            if now - sh.last_report >= sh.cfg.report_interval_s:
+                sh.last_report = now
+                self.rollouts.log.write({"event": "shadow", **sh.snapshot()})
+
+    def reroute(self) -> None:
+        """A rollout's weight changed (advance, rollback): a new routing
+        table in one assignment; requests already routed keep their queue."""
+        weights = {m: weight_of(st) for m, st in self.rollouts.states.items()}
+        self.router = RoutingTable.from_config(self.cfg, weights, self.rollouts.routed_counts())
+        self._set_lanes()
+        self.rollouts.attach()
 
     def _set_lanes(self) -> None:
         """A version's lane, for health/models/stats: canary while it is a
@@ -239,6 +278,7 @@ class App:
         if self.draining:
             raise Unavailable("server is draining (shutting down); retry on another instance")
         q, lane, arm, key = self.route(msg)
+        sh = self.shadows.get(q.name) if self.shadows else None
         inputs = msg.get("inputs")
         if inputs is None:
             raise InvalidArgument("request has no 'inputs'; send one sample as a tensor map "
@@ -255,6 +295,8 @@ class App:
         now = _monotonic_ns()
         self._rid += 1
         req = Pending(req_id, conn, data, now, now + dl_ns, q, self._rid, lane, arm, key)
+        if sh is not None and q.version != sh.candidate and sh.sampled(key):
+            req.shadow, req.sdata = sh, data
         refused = q.submit(req)
         if refused is not None:
             if refused == "busy":
@@ -282,6 +324,7 @@ class App:
         group = self.joins.record(ref, float(outcome))
         answer = {"id": req_id, "status": 0, "joined": group is not None}
         if group is not None:
+            self.rollouts.outcome(group[0], group[2], float(outcome))
             answer.update(model=group[0], version=group[1], lane=group[2], arm=group[3])
         return answer
 
@@ -330,9 +373,9 @@ class App:
                 "rejected": {str(k): v for k, v in sorted(self.rejected.items())},
                 "models": out, "kpis": self.joins.snapshot(name), "reloads": dict(self.reloads),
                 "feedback": {"joined": self.joins.joined, "unjoined": self.joins.unjoined},
-                "rollouts": [{"model": r.model, "stable": r.stable, "candidate": r.candidate,
-                              "weight": r.weight} for r in self.router.rollouts.values()
-                             if name is None or r.model == name]}
+                "rollouts": self.rollouts.snapshot(name),
+                "shadows": [sh.snapshot() for sh in self.shadows.values()
+                            if name is None or sh.model == name]}
 
     # -- signals and shutdown ------------------------------------------------------------
     def on_signal(self, signum: int) -> None:
@@ -381,6 +424,8 @@ class App:
             self.reloads["failed"] += 1
             log.error("reload rejected: invalid config; still serving the previous one",
                       extra={"event": "reload", "ok": False, "error": str(e), "key": e.key})
+            self.rollouts.log.write({"event": "reload", "ok": False, "error": str(e),
+                                     "key": e.key})
             return False
         if (new.server.host, new.server.port) != (old.server.host, old.server.port):
             log.warning("server.host/port changes need a restart; still listening on the old "
@@ -404,20 +449,23 @@ class App:
             self.reloads["failed"] += 1
             log.error("reload rejected: a new model version did not start; still serving the "
                       "previous config", extra={"event": "reload", "ok": False, "errors": failed})
+            self.rollouts.log.write({"event": "reload", "ok": False, "errors": failed})
             return False
         # The switch: one assignment each, no await in between. Requests
         # already routed keep their queue (and finish there).
         retired = [q for k, q in self.queues.items() if k not in keep]
         self.cfg = new
         self.queues = {**keep, **started}
-        self.router = RoutingTable.from_config(new)
         self.default_deadline_ns = new.server.deadline_ms * 1_000_000
-        self._set_lanes()
+        self.rollouts.apply(new, "reload")
+        self.reroute()
+        self._set_shadows()
         self.reloads["ok"] += 1
-        log.info("reloaded", extra={
-            "event": "reload", "ok": True, "started": [f"{n}@{v}" for n, v in started],
-            "retired": [f"{q.name}@{q.version}" for q in retired],
-            "kept": [f"{n}@{v}" for n, v in keep], "s": round(time.monotonic() - t0, 3)})
+        record = {"started": [f"{n}@{v}" for n, v in started],
+                  "retired": [f"{q.name}@{q.version}" for q in retired],
+                  "kept": [f"{n}@{v}" for n, v in keep], "s": round(time.monotonic() - t0, 3)}
+        log.info("reloaded", extra={"event": "reload", "ok": True, **record})
+        self.rollouts.log.write({"event": "reload", "ok": True, **record})
         await self._retire(retired, new.server.drain_timeout_s)
         return True
 
@@ -451,6 +499,7 @@ class App:
 
     async def shutdown(self) -> None:
         self.draining = True
+        await self.rollouts.stop()
         if self.server is not None:
             self.server.close()
         queues = self.all_queues()
@@ -498,6 +547,7 @@ def serve(cfg, port_file: str | None = None) -> int:
         except BaseException:
             # Whatever went wrong, take the workers and their memory with us.
             app.stopping = True
+            await app.rollouts.stop()
             await asyncio.gather(*(w.stop(1.0) for q in app.all_queues() for w in q.workers),
                                  return_exceptions=True)
             raise

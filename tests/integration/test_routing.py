@@ -91,4 +91,6 @@ def test_feedback_joins_outcomes_to_lane_and_arm(daemon_factory):
         assert k["mean"] == (1.0 if lane == "canary" else 0.0)
     assert sum(k["n"] for k in kpis.values()) == 41
     assert stats["feedback"] == {"joined": 41, "unjoined": 1}
-    assert stats["rollouts"] == [{"model": "m", "stable": "1", "candidate": "2", "weight": 0.5}]
+    (ro,) = stats["rollouts"]
+    assert (ro["model"], ro["stable"], ro["candidate"], ro["weight"]) == ("m", "1", "2", 0.5)
+    assert (ro["stage"], ro["stages"], ro["status"]) == (1, [0.1, 0.5, 1.0], "active")

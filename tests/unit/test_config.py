@@ -64,7 +64,7 @@ def test_default_toml_loads():
     c = load_config(DEFAULT_TOML)
     assert isinstance(c, Config)
     assert c.source == str(DEFAULT_TOML)
-    assert c.server == ServerConfig("127.0.0.1", 7070, 8388608, 1000, 1024, 30.0, 300.0, 30.0)
+    assert c.server == ServerConfig("127.0.0.1", 7070, 8388608, 1000, 1024, 30.0, 300.0, 30.0, None, None)
     assert c.logging == LoggingConfig("info")
     (m,) = c.models
     assert (m.name, m.version, m.factory, m.artifact, m.checkpoint) == \
@@ -96,7 +96,8 @@ def test_every_default():
     assert dataclasses.asdict(c.server) == {
         "host": "127.0.0.1", "port": 7070, "max_frame_bytes": 8 * 1024 * 1024,
         "deadline_ms": 1000, "max_connections": 1024, "drain_timeout_s": 30.0,
-        "start_timeout_s": 300.0, "restart_backoff_max_s": 30.0}
+        "start_timeout_s": 300.0, "restart_backoff_max_s": 30.0, "state_file": None,
+        "decision_log": None}
     assert c.logging.level == "info"
     m = c.models[0]
     assert m.version == "1"
