@@ -2,25 +2,36 @@
 
     python -m bench [--config FILE | --target HOST:PORT [--server-pid PID]]
                     [--connections C] [--depth D] [--duration S] [--warmup S]
-                    [--requests N] [--rate R] [--procs P] [--limits] [--json FILE]
+                    [--requests N] [--rate R] [--procs P]
+                    [--keys N [--key-dist uniform|zipf] [--exp ID]]
+                    [--limits] [--compare-batching] [--sweep [--sweep-rates R,R,...]]
+                    [--json FILE] [--plot FILE.png]
 
 Without ``--target`` it starts the daemon itself (``--config``, default
-configs/default.toml) on an ephemeral port and stops it afterwards. With
-``--limits`` the same load then runs against the echo server (the transport
-ceiling, bench/echo.py), and the model is timed in-process at the batch
-sizes the server used (bench/ceiling.py). The daemon is stopped before
-either, so they do not compete with it for cores.
+configs/default.toml) on an ephemeral port and stops it afterwards. The runs,
+one after the other so that they never compete for cores:
+
+1. the load against the daemon (closed loop, or open loop with ``--rate``);
+2. ``--sweep``: open loop on the same daemon at rising rates (by default
+   fractions of run 1's throughput), throughput against p99, to find the knee;
+3. ``--compare-batching``: run 1 again against the same config with every
+   model's ``max_batch = 1`` (bench/variants.py), batching on against off;
+4. ``--limits``: run 1 against the echo server (the transport ceiling,
+   bench/echo.py), and the model timed in-process at the batch sizes the
+   server used (bench/ceiling.py), with the daemon stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
 import numpy as np
 
-from . import report, servers
+from . import report, servers, variants
+from .keys import DISTRIBUTIONS
 from .load import Plan, run_load
 
 # What --target without a "models" op (the echo server, say) is sent: the
@@ -36,8 +47,10 @@ def _sample(decl: dict) -> dict:
         data = (rng.standard_normal(shape).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
     elif dtype.startswith("float"):
         data = rng.standard_normal(shape).astype(dtype)
-    else:
+    elif dtype == "bool":
         data = np.zeros(shape, dtype=dtype)
+    else:   # small non-negative ints: valid token ids, indices and counts
+        data = rng.integers(0, 100, shape).astype(dtype)
     return {"dtype": dtype, "shape": shape, "data": data.tobytes()}
 
 
@@ -63,33 +76,6 @@ def _request(host: str, port: int, model: str | None) -> tuple[dict, str, str]:
     return {"model": name, "inputs": inputs}, name, shown
 
 
-def _measure(plan: Plan, host: str, port: int, pid: int | None, role: str, with_stats: bool) -> dict:
-    """Run the load at host:port; sample the server (CPU, stats) at the window's marks."""
-
-    def mark(label):
-        out = {"machine": servers.machine_sample()}
-        if pid is not None:
-            out["cpu"] = servers.cpu_sample(pid, role)
-        if with_stats:
-            try:
-                out["stats"] = servers.call(host, port, {"op": "stats"})
-            except OSError:
-                out["stats"] = None
-        return out
-
-    plan.host, plan.port = host, port
-    run = run_load(plan, mark)
-    marks = run.pop("marks")
-    run["machine_cpu"] = servers.machine_delta(marks["start"]["machine"], marks["end"]["machine"])
-    if pid is not None:
-        cpu = servers.cpu_delta(marks["start"]["cpu"], marks["end"]["cpu"])
-        run["server_cpu"] = cpu
-        run["server_cpu_us_per_answer"] = (round(cpu["cpu_s"] * 1e6 / run["answers"], 1)
-                                           if run["answers"] else None)
-    run["_marks"] = marks
-    return run
-
-
 def _args(argv):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=None, help=f"daemon config (default {servers.DEFAULT_CONFIG})")
@@ -109,50 +95,149 @@ def _args(argv):
     p.add_argument("--procs", type=int, default=1, help="load-generator processes")
     p.add_argument("--grace", type=float, default=5.0,
                    help="seconds to wait for outstanding answers after sending stops")
+    p.add_argument("--keys", type=int, default=None, metavar="N",
+                   help="send routing keys drawn from N users (default: no key)")
+    p.add_argument("--key-dist", choices=DISTRIBUTIONS, default="uniform",
+                   help="how the keys are drawn (zipf: a few heavy users, a long tail)")
+    p.add_argument("--zipf-s", type=float, default=1.1, help="the Zipf exponent")
+    p.add_argument("--exp", default=None, help="experiment id to send with every request")
     p.add_argument("--limits", action="store_true",
                    help="also run the echo server and the in-process model ceiling")
+    p.add_argument("--compare-batching", action="store_true",
+                   help="also run the same load with every model's max_batch = 1")
+    p.add_argument("--sweep", action="store_true",
+                   help="also run open loop at rising rates: throughput against p99")
+    p.add_argument("--sweep-rates", default=None, metavar="R,R,...",
+                   help="the sweep's rates (default: fractions "
+                        f"{','.join(f'{f:g}' for f in report.SWEEP_FRACTIONS)} of the first run's "
+                        "throughput)")
+    p.add_argument("--sweep-duration", type=float, default=3.0,
+                   help="measured seconds per sweep rate")
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument("--json", default=None, metavar="FILE", help="write every figure here as JSON")
-    return p.parse_args(argv)
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="latency over time, latency CDF and the sweep, as a PNG (needs matplotlib)")
+    a = p.parse_args(argv)
+    if a.target and a.compare_batching:
+        p.error("--compare-batching starts daemons from --config; it cannot change a --target's")
+    if a.sweep_rates is not None:
+        try:
+            a.sweep_rates = [float(r) for r in a.sweep_rates.split(",")]
+        except ValueError:
+            p.error(f"--sweep-rates: a comma-separated list of numbers, got {a.sweep_rates!r}")
+        a.sweep = True
+    if a.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            p.error("--plot needs matplotlib: pip install 'ringserve[plot]'")
+    return a
+
+
+class _Server:
+    """Where runs go: host, port, and the pid whose CPU is measured (if known)."""
+
+    def __init__(self, host: str, port: int, pid: int | None, role: str):
+        self.host, self.port, self.pid, self.role = host, port, pid, role
+
+    def measure(self, plan: Plan, with_stats: bool = True) -> dict:
+        """One run at this server, which is sampled (CPU, and ``stats`` if
+        ``with_stats``) at the measured window's marks: its figures, with the
+        server's own for the window under ``server_stats``."""
+        host, port, pid, role = self.host, self.port, self.pid, self.role
+
+        def mark(label):
+            out = {"machine": servers.machine_sample()}
+            if pid is not None:
+                out["cpu"] = servers.cpu_sample(pid, role)
+            if with_stats:
+                out["stats"] = _stats_or_none(host, port)
+            return out
+
+        plan.host, plan.port = host, port
+        run = run_load(plan, mark)
+        marks = run.pop("marks")
+        run["machine_cpu"] = servers.machine_delta(marks["start"]["machine"],
+                                                   marks["end"]["machine"])
+        if pid is not None:
+            cpu = servers.cpu_delta(marks["start"]["cpu"], marks["end"]["cpu"])
+            run["server_cpu"] = cpu
+            run["server_cpu_us_per_answer"] = (round(cpu["cpu_s"] * 1e6 / run["answers"], 1)
+                                               if run["answers"] else None)
+        if with_stats:
+            run["server_stats"] = report.server_stats(
+                marks, _stats_or_none(host, port), plan.request["model"])
+        return run
+
+
+def _sweep(server: _Server, plan: Plan, rates: list[float], duration: float) -> dict:
+    points = []
+    for rate in rates:
+        step = dataclasses.replace(plan, rate=rate, requests=None, duration=duration,
+                                   warmup=min(plan.warmup, 1.0), depth=1)
+        run = server.measure(step, with_stats=False)
+        points.append(report.sweep_point(rate, run))
+    return {"duration": duration, "points": points, "knee": report.knee(points)}
 
 
 def main(argv=None) -> int:
     a = _args(argv)
     config = a.config or str(servers.DEFAULT_CONFIG)
     plan = Plan("", 0, {}, connections=a.connections, depth=a.depth, duration=a.duration,
-                warmup=a.warmup, requests=a.requests, rate=a.rate, procs=a.procs, grace=a.grace)
+                warmup=a.warmup, requests=a.requests, rate=a.rate, procs=a.procs, grace=a.grace,
+                keys=a.keys, key_dist=a.key_dist, zipf_s=a.zipf_s)
     doc: dict = {"params": {"argv": sys.argv[1:] if argv is None else list(argv),
                             "duration": a.duration, "warmup": a.warmup, "requests": a.requests,
-                            "rate": a.rate},
-                 "ringserve": None, "server_stats": None, "echo": None, "ceiling": None, "ratios": None}
+                            "rate": a.rate, "keys": a.keys, "key_dist": a.key_dist,
+                            "exp": a.exp},
+                 "ringserve": None, "server_stats": None, "sweep": None, "batching_off": None,
+                 "batching": None, "echo": None, "ceiling": None, "ratios": None}
+
+    def first_runs(server: _Server) -> None:
+        plan.request, model, shown = _request(server.host, server.port, a.model)
+        if a.exp is not None:
+            plan.request["exp"] = a.exp
+        doc["params"].update(model=model, request=shown)
+        doc["ringserve"] = server.measure(plan)
+        doc["server_stats"] = doc["ringserve"].pop("server_stats")
+        if a.sweep:
+            rates = a.sweep_rates or [round(f * doc["ringserve"]["throughput_rps"], 1)
+                                      for f in report.SWEEP_FRACTIONS]
+            doc["sweep"] = _sweep(server, plan, [r for r in rates if r > 0], a.sweep_duration)
 
     if a.target:
         host, _, port = a.target.rpartition(":")
-        plan.request, model, shown = _request(host, int(port), a.model)
         doc["params"]["target"] = a.target
-        ours = _measure(plan, host, int(port), a.server_pid, "server", True)
-        after = _stats_or_none(host, int(port))
+        first_runs(_Server(host, int(port), a.server_pid, "server"))
     else:
+        doc["params"]["target"] = f"daemon started with {config}"
         with servers.daemon(config, a.startup_timeout) as d:
-            plan.request, model, shown = _request(d.host, d.port, a.model)
-            doc["params"]["target"] = f"daemon started with {config}"
-            ours = _measure(plan, d.host, d.port, d.pid, "front", True)
-            after = _stats_or_none(d.host, d.port)
-    doc["params"].update(model=model, request=shown)
-    doc["ringserve"] = ours
-    doc["server_stats"] = report.server_stats(ours.pop("_marks"), after, model)
+            first_runs(_Server(d.host, d.port, d.pid, "front"))
+    ours = doc["ringserve"]
+
+    if a.compare_batching:
+        with variants.variant(config, variants.without_batching, "max_batch-1") as path, \
+                servers.daemon(path, a.startup_timeout) as d:
+            off = doc["batching_off"] = _Server(d.host, d.port, d.pid, "front").measure(plan)
+        doc["batching"] = report.batching(ours, doc["server_stats"], off, off["server_stats"])
 
     if a.limits:
         with servers.echo(a.startup_timeout) as e:
-            doc["echo"] = _measure(plan, e.host, e.port, e.pid, "echo", False)
-            doc["echo"].pop("_marks")
+            doc["echo"] = _Server(e.host, e.port, e.pid, "echo").measure(plan, with_stats=False)
         sizes = (doc["server_stats"] or {}).get("batch_sizes")
         if sizes:
             from . import ceiling
-            doc["ceiling"] = ceiling.measure(config, model, sizes)
+            doc["ceiling"] = ceiling.measure(config, doc["params"]["model"], sizes)
         doc["ratios"] = report.ratios(ours, doc.get("echo"), doc.get("ceiling"))
 
     print(report.render(doc))
+    if a.plot:
+        from . import plot
+        plot.save(doc, a.plot)
+        print(f"\nplot: {a.plot}")
+    for key in ("ringserve", "batching_off", "echo"):   # per-request arrays: plots only
+        if doc.get(key):
+            doc[key].pop("_timeline", None)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(doc, f, indent=2)
@@ -160,7 +245,8 @@ def main(argv=None) -> int:
     # Error statuses and unanswered requests are results (an overload test
     # wants them); a generator that lost connections or got answers it
     # cannot match did not measure what it claims to.
-    return 1 if ours["errors"] else 0
+    return 1 if any(doc[k]["errors"] for k in ("ringserve", "batching_off", "echo") if doc.get(k)) \
+        else 0
 
 
 def _stats_or_none(host: str, port: int) -> dict | None:

@@ -11,8 +11,9 @@ The generator shares the machine with the server, so it must cost as little
 as possible per request:
 
 - uvloop Protocols, not streams: no per-read coroutine or buffer copies;
-- request bytes are encoded once per (connection, id) and reused: a slot
-  always carries the same id, so there is no msgpack encoding per request;
+- request bytes are encoded once per id and reused: a slot always carries
+  the same id, so there is no msgpack encoding per request (with routing
+  keys, a frame is a join of pre-packed pieces: bench/keys.py);
 - one clock read per received chunk, one write per chunk of answers;
 - latencies go into an ``array('q')`` and travel to the parent as one bytes
   blob per process, not as pickled Python numbers.
@@ -36,7 +37,9 @@ import traceback
 
 import numpy as np
 
-from ipc.framing import FrameDecoder, encode_frame
+from ipc.framing import FrameDecoder
+
+from .keys import Blocks, Frames, Keys
 
 # perf_counter is CLOCK_MONOTONIC on Linux: one clock for every process, so
 # the parent can hand absolute start and window times to its children.
@@ -60,6 +63,9 @@ class Plan:
     procs: int = 1
     grace: float = 5.0             # how long to wait for answers once sending stopped
     seed: int = 0
+    keys: int | None = None        # routing keys from this many users; None: no key
+    key_dist: str = "uniform"      # or "zipf"
+    zipf_s: float = 1.1
 
     def __post_init__(self):
         if self.procs < 1 or self.connections < self.procs:
@@ -69,6 +75,8 @@ class Plan:
             raise ValueError("--rate (open loop) runs for a duration; drop --requests")
         if self.depth < 1:
             raise ValueError(f"depth must be >= 1, got {self.depth}")
+        if self.keys is not None:
+            Keys(self.keys, self.key_dist, self.zipf_s)   # raises for bad settings, here
 
     @property
     def mode(self) -> str:
@@ -85,7 +93,7 @@ class Plan:
                 self.host, self.port, self.request, n, self.depth,
                 None if self.rate is None else self.rate * n / self.connections,
                 None if quotas is None else quotas[first:first + n],
-                self.grace, self.seed + i))
+                self.grace, self.seed + i, self.keys, self.key_dist, self.zipf_s))
             first += n
         return parts
 
@@ -101,6 +109,14 @@ class _Part:
     quotas: list[int] | None
     grace: float
     seed: int
+    keys: int | None
+    key_dist: str
+    zipf_s: float
+
+    def frames(self) -> Frames:
+        """One process's frames; its connections share them (and its key draws)."""
+        keys = None if self.keys is None else Keys(self.keys, self.key_dist, self.zipf_s, self.seed)
+        return Frames(self.request, keys)
 
 
 def _spread(total: int, n: int) -> list[int]:
@@ -127,6 +143,8 @@ class _Run:
         self.grace_ns = int(grace * 1e9)
         self.t0 = self.t1 = _FAR          # set when the parent says go
         self.lat = array.array("q")       # ns, measured requests
+        self.lat_at = array.array("q")    # ns, their (intended) send times
+        self.routes: dict = {}            # (lane, arm) -> measured answers
         self.lag = array.array("q")       # ns, open loop: actual - intended send time
         self.statuses: dict = {}
         self.in_window = 0
@@ -213,45 +231,12 @@ class _Conn(asyncio.Protocol):
         t0, t1 = self.run.t0, self.run.t1
         return sum(1 for ts in self.sent if t0 <= ts < t1)
 
-
-class _Closed(_Conn):
-    def __init__(self, run: _Run, request: dict, depth: int, quota: int | None):
-        super().__init__(run)
-        # Slot i always carries id i, so its frame is encoded once, here.
-        self.frames = [b""] + [encode_frame({"id": i, **request}) for i in range(1, depth + 1)]
-        self.sent = [0] * (depth + 1)
-        self.quota = quota    # requests left to send in the window; None: until t1
-
-    def start(self) -> None:
-        self._send(list(range(1, len(self.frames))))
-
-    def _send(self, slots: list) -> None:
-        """Send the next request on each of ``slots``, as far as the window
-        or the quota allows."""
-        now = clock()
-        n = len(slots)
-        if not self.sending or self.closed or now >= self.run.t1:
-            n = 0
-        elif self.quota is not None and now >= self.run.t0:
-            n = min(n, self.quota)
-            self.quota -= n
-        if n:
-            sent, frames = self.sent, self.frames
-            if n < len(slots):
-                slots = slots[:n]
-            for rid in slots:
-                sent[rid] = now
-            self.transport.write(b"".join([frames[rid] for rid in slots]))
-            self.inflight += n
-        if self.sending and (n == 0 or self.quota == 0):
-            self.stop_sending()
-
-    def data_received(self, data):
-        now = clock()
+    def answered(self, data, now: int) -> list[int]:
+        """Record the answers in ``data``; the ids they free."""
         run = self.run
         t0, t1 = run.t0, run.t1
-        sent, statuses, lat = self.sent, run.statuses, run.lat
-        slots = []
+        sent, statuses, lat, lat_at, routes = self.sent, run.statuses, run.lat, run.lat_at, run.routes
+        rids = []
         for msg in self.decoder.feed(data):
             try:
                 rid = msg["id"]
@@ -265,40 +250,78 @@ class _Closed(_Conn):
             sent[rid] = 0
             if t0 <= ts < t1:
                 lat.append(now - ts)
+                lat_at.append(ts)
                 st = msg.get("status")
                 statuses[st] = statuses.get(st, 0) + 1
+                route = (msg.get("lane"), msg.get("arm"))
+                routes[route] = routes.get(route, 0) + 1
                 run.last_measured = now
             if t0 <= now < t1:
                 run.in_window += 1
-            slots.append(rid)
-        if slots:
+            rids.append(rid)
+        if rids:
             run.last_answer = now
-            self.inflight -= len(slots)
+            self.inflight -= len(rids)
+        return rids
+
+
+class _Closed(_Conn):
+    def __init__(self, run: _Run, frames: Frames, depth: int, quota: int | None):
+        super().__init__(run)
+        self.frames = frames  # slot i always carries id i
+        self.sent = [0] * (depth + 1)
+        self.quota = quota    # requests left to send in the window; None: until t1
+
+    def start(self) -> None:
+        self._send(list(range(1, len(self.sent))))
+
+    def _send(self, slots: list) -> None:
+        """Send the next request on each of ``slots``, as far as the window
+        or the quota allows."""
+        now = clock()
+        n = len(slots)
+        if not self.sending or self.closed or now >= self.run.t1:
+            n = 0
+        elif self.quota is not None and now >= self.run.t0:
+            n = min(n, self.quota)
+            self.quota -= n
+        if n:
+            sent, frame = self.sent, self.frames.get
+            if n < len(slots):
+                slots = slots[:n]
+            for rid in slots:
+                sent[rid] = now
+            self.transport.write(b"".join([frame(rid) for rid in slots]))
+            self.inflight += n
+        if self.sending and (n == 0 or self.quota == 0):
+            self.stop_sending()
+
+    def data_received(self, data):
+        slots = self.answered(data, clock())
+        if slots:
             self._send(slots)
             self.maybe_done()
 
 
 class _Open(_Conn):
-    def __init__(self, run: _Run, request: dict):
+    def __init__(self, run: _Run, frames: Frames):
         super().__init__(run)
-        self.request = request
-        self.frames = [b""]
-        self.free: list[int] = []   # ids with nothing in flight; a frame is encoded per id, once
+        self.frames = frames
+        self.free: list[int] = []   # ids with nothing in flight; the next new id is len(sent)
         self.arrivals: _Arrivals | None = None
         self.pending: list[bytes] = []
 
     def enqueue(self, intended: int) -> None:
         if self.free:
             rid = self.free.pop()
-        elif len(self.frames) <= OPEN_MAX_INFLIGHT:
-            rid = len(self.frames)
-            self.frames.append(encode_frame({"id": rid, **self.request}))
+        elif len(self.sent) <= OPEN_MAX_INFLIGHT:
+            rid = len(self.sent)
             self.sent.append(0)
         else:
             self.run.dropped += 1
             return
         self.sent[rid] = intended
-        self.pending.append(self.frames[rid])
+        self.pending.append(self.frames.get(rid))
         self.inflight += 1
 
     def flush(self) -> None:
@@ -309,32 +332,9 @@ class _Open(_Conn):
 
     def data_received(self, data):
         now = clock()
-        run = self.run
-        t0, t1 = run.t0, run.t1
-        sent, statuses, lat, free = self.sent, run.statuses, run.lat, self.free
-        n = 0
-        for msg in self.decoder.feed(data):
-            try:
-                rid = msg["id"]
-                ts = sent[rid]
-            except (TypeError, KeyError, IndexError):
-                run.error(f"unexpected answer: {msg!r:.300}")
-                continue
-            if not ts:
-                run.error(f"answer for id {rid}, which has nothing in flight: {msg!r:.300}")
-                continue
-            sent[rid] = 0
-            free.append(rid)
-            if t0 <= ts < t1:
-                lat.append(now - ts)
-                st = msg.get("status")
-                statuses[st] = statuses.get(st, 0) + 1
-            if t0 <= now < t1:
-                run.in_window += 1
-            n += 1
-        if n:
-            run.last_answer = now
-            self.inflight -= n
+        rids = self.answered(data, now)
+        if rids:
+            self.free.extend(rids)
             self.maybe_done()
         if self.arrivals.next <= now:
             self.arrivals.poll(now)
@@ -355,24 +355,16 @@ class _Arrivals:
 
     def __init__(self, loop, run: _Run, conns: list[_Open], rate: float, seed: int):
         self.loop, self.run, self.conns = loop, run, conns
-        self.rng = np.random.default_rng(seed)
-        self.mean_ns = 1e9 / rate
-        self.gaps = iter(())
+        rng = np.random.default_rng(seed)
+        mean_ns = 1e9 / rate
+        self.gaps = Blocks(lambda n: rng.exponential(mean_ns, n).astype(np.int64))
         self.next = _FAR      # intended time of the next arrival
         self.k = 0
         for c in conns:
             c.arrivals = self
 
-    def _gap(self) -> int:
-        try:
-            return next(self.gaps)
-        except StopIteration:
-            # drawn in blocks: one numpy call per 8192 arrivals, not per arrival
-            self.gaps = iter(self.rng.exponential(self.mean_ns, 8192).astype(np.int64).tolist())
-            return next(self.gaps)
-
     def start(self, t_start: int) -> None:
-        self.next = t_start + self._gap()
+        self.next = t_start + next(self.gaps)
         self._tick()
 
     def poll(self, now: int) -> None:
@@ -384,7 +376,7 @@ class _Arrivals:
             if nxt >= t0:
                 run.lag.append(now - nxt)
             k += 1
-            nxt += self._gap()
+            nxt += next(self.gaps)
         self.k = k
         for c in conns:
             c.flush()
@@ -409,11 +401,12 @@ async def _load_process(part: _Part, pipe) -> tuple[dict, list[bytes]]:
     loop = asyncio.get_running_loop()
     run = _Run(loop, part.grace)
     conns: list[_Conn] = []
+    frames = part.frames()
     for i in range(part.connections):
         if part.rate is not None:
-            proto: _Conn = _Open(run, part.request)
+            proto: _Conn = _Open(run, frames)
         else:
-            proto = _Closed(run, part.request, part.depth, part.quotas[i] if part.quotas else None)
+            proto = _Closed(run, frames, part.depth, part.quotas[i] if part.quotas else None)
         await loop.create_connection(lambda p=proto: p, part.host, part.port)
         conns.append(proto)
     run.busy = run.sending = len(conns)
@@ -447,11 +440,13 @@ async def _load_process(part: _Part, pipe) -> tuple[dict, list[bytes]]:
         "answers": run.in_window, "statuses": run.statuses,
         "unanswered": sum(c.unanswered() for c in conns), "dropped": run.dropped,
         "errors": run.errors, "last_measured": run.last_measured,
+        "routes": [[lane, arm, n] for (lane, arm), n in run.routes.items()],
         "cpu_s": cpu["t1"][1] - cpu["t0"][1], "cpu_wall_s": (cpu["t1"][0] - cpu["t0"][0]) / 1e9,
     }
     lat_us = np.frombuffer(run.lat, dtype=np.int64) / 1000.0
     lag_us = np.frombuffer(run.lag, dtype=np.int64) / 1000.0
-    return header, [lat_us.tobytes(), lag_us.tobytes()]
+    at_s = (np.frombuffer(run.lat_at, dtype=np.int64) - t0) / 1e9
+    return header, [lat_us.tobytes(), lag_us.tobytes(), at_s.tobytes()]
 
 
 def _process_main(part: _Part, pipe) -> None:
@@ -527,11 +522,10 @@ def run_load(plan: Plan, mark=None) -> dict:
             marks["mid"] = mark("mid")
             _sleep_until(t1)
             marks["end"] = mark("end")
-        headers, lats, lags = [], [], []
+        headers, blobs = [], []
         for p, pipe in zip(procs, pipes):
             headers.append(_recv(pipe, p, None if t1 is None else plan.grace + 60, "its figures"))
-            lats.append(np.frombuffer(pipe.recv_bytes(), dtype=np.float64))
-            lags.append(np.frombuffer(pipe.recv_bytes(), dtype=np.float64))
+            blobs.append([np.frombuffer(pipe.recv_bytes(), dtype=np.float64) for _ in range(3)])
         if t1 is None:
             marks["end"] = mark("end")
         for p in procs:
@@ -541,10 +535,11 @@ def run_load(plan: Plan, mark=None) -> dict:
             if p.is_alive():
                 p.kill()
                 p.join()
-    return _merge(plan, headers, np.concatenate(lats), np.concatenate(lags), t0, t1, marks)
+    lat, lag, at = (np.concatenate(b) for b in zip(*blobs))
+    return _merge(plan, headers, lat, lag, at, t0, t1, marks)
 
 
-def _merge(plan: Plan, headers: list[dict], lat: np.ndarray, lag: np.ndarray,
+def _merge(plan: Plan, headers: list[dict], lat: np.ndarray, lag: np.ndarray, at: np.ndarray,
            t0: int, t1: int | None, marks: dict) -> dict:
     if t1 is None:
         last = max(h["last_measured"] for h in headers)
@@ -556,6 +551,11 @@ def _merge(plan: Plan, headers: list[dict], lat: np.ndarray, lag: np.ndarray,
         for k, v in h["statuses"].items():
             statuses[str(k)] = statuses.get(str(k), 0) + v
     answers = sum(h["answers"] for h in headers)
+    routes: dict = {}
+    for h in headers:
+        for lane, arm, n in h["routes"]:
+            name = f"{lane}/{arm if arm is not None else '-'}"
+            routes[name] = routes.get(name, 0) + n
     per_proc = [round(100 * h["cpu_s"] / max(h["cpu_wall_s"], 1e-9), 1) for h in headers]
     return {
         "mode": plan.mode, "connections": plan.connections, "depth": plan.depth,
@@ -565,9 +565,13 @@ def _merge(plan: Plan, headers: list[dict], lat: np.ndarray, lag: np.ndarray,
         "measured": int(len(lat)), "latency_us": latency_summary(lat),
         "send_lag_us": latency_summary(lag) if plan.mode == "open" else None,
         "statuses": dict(sorted(statuses.items())),
+        "routes": dict(sorted(routes.items())),
         "unanswered": sum(h["unanswered"] for h in headers),
         "dropped": sum(h["dropped"] for h in headers),
         "errors": [e for h in headers for e in h["errors"]][:10],
         "loadgen_cpu_pct": round(sum(per_proc), 1), "loadgen_cpu_pct_by_proc": per_proc,
         "marks": marks,
+        # Per measured request: send time (s from the window's start) and
+        # latency (us), for the plots; too big for the JSON.
+        "_timeline": (at, lat),
     }

@@ -8,6 +8,16 @@ from __future__ import annotations
 
 from collections import Counter
 
+# --sweep's default rates, as fractions of the first run's throughput: dense
+# around saturation, where the knee is.
+SWEEP_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.2)
+# A sweep point is before the knee while it delivers what was offered and
+# its p99 stays within this factor of the p99 at the lowest rate.
+KNEE_P99_FACTOR = 2.0
+KNEE_DELIVERED = 0.95
+# A load process above this share of a core may be what limits the run.
+LOADGEN_BUSY_PCT = 90.0
+
 
 # -- derived figures -----------------------------------------------------------------------
 
@@ -58,6 +68,57 @@ def _ratio(a, b, digits=3):
     return round(a / b, digits) if a is not None and b else None
 
 
+def sweep_point(rate: float, run: dict) -> dict:
+    lat = run["latency_us"] or {}
+    return {"offered_rps": rate, "throughput_rps": run["throughput_rps"],
+            "p50_us": lat.get("p50"), "p99_us": lat.get("p99"), "p99.9_us": lat.get("p99.9"),
+            "not_ok": sum(v for k, v in run["statuses"].items() if k != "0"),
+            "unanswered": run["unanswered"], "dropped": run["dropped"],
+            "send_lag_p99_us": (run["send_lag_us"] or {}).get("p99"),
+            "server_cpu_us_per_answer": run.get("server_cpu_us_per_answer")}
+
+
+def knee(points: list[dict]) -> dict | None:
+    """The highest offered rate before the knee (see KNEE_P99_FACTOR), or None."""
+    pts = sorted((p for p in points if p["p99_us"] is not None), key=lambda p: p["offered_rps"])
+    if not pts:
+        return None
+    base = pts[0]["p99_us"]
+    best = None
+    for p in pts:
+        if (p["throughput_rps"] >= KNEE_DELIVERED * p["offered_rps"] and not p["not_ok"]
+                and p["p99_us"] <= KNEE_P99_FACTOR * base):
+            best = p
+        else:
+            break
+    return best
+
+
+def batching(on: dict, on_stats: dict | None, off: dict, off_stats: dict | None) -> dict:
+    """Batching on against off (max_batch = 1), the same load on the same model."""
+    p99 = lambda r: (r["latency_us"] or {}).get("p99")   # noqa: E731
+    return {"throughput_on_over_off": _ratio(on["throughput_rps"], off["throughput_rps"], 2),
+            "p99_on_over_off": _ratio(p99(on), p99(off), 2),
+            "mean_batch_on": (on_stats or {}).get("mean_batch"),
+            "mean_batch_off": (off_stats or {}).get("mean_batch"),
+            "cpu_per_answer_on_over_off": _ratio(on.get("server_cpu_us_per_answer"),
+                                                 off.get("server_cpu_us_per_answer"), 2)}
+
+
+def loadgen_note(run: dict) -> str | None:
+    """Why the load generator might be what limited ``run``, or None."""
+    hot = [p for p in run["loadgen_cpu_pct_by_proc"] if p >= LOADGEN_BUSY_PCT]
+    machine = run.get("machine_cpu") or {}
+    full = machine.get("busy_pct", 0) >= 95.0 * machine.get("cores", 1)
+    if hot:
+        return (f"{len(hot)} of {run['procs']} load process(es) used over {LOADGEN_BUSY_PCT:g}% "
+                "of a core: the generator may be the bottleneck (try more --procs)")
+    if full and run["mode"] == "closed":
+        return ("every core was busy: the generator and the server shared them, so throughput "
+                "is a lower bound; CPU per answer does not depend on it")
+    return None
+
+
 def ratios(ours: dict, echo: dict | None, ceiling: dict | None) -> dict:
     return {
         "throughput_ours_over_echo": _ratio(ours["throughput_rps"], (echo or {}).get("throughput_rps")),
@@ -86,8 +147,10 @@ def _describe(doc: dict) -> list[str]:
         load = f"closed loop, {r['connections']} connections x depth {r['depth']}"
     span = (f"{p['requests']:,} requests" if p.get("requests") is not None
             else f"{p['duration']:g} s") + f" after {p['warmup']:g} s warm-up"
+    keys = (f"; keys from {p['keys']:,} users ({p['key_dist']})" if p.get("keys") else "") + \
+        (f", experiment {p['exp']}" if p.get("exp") else "")
     return [f"ringserve bench: {load}, {r['procs']} load process(es), {span}",
-            f"target: {p['target']}; model {p['model']}, request {p['request']}"]
+            f"target: {p['target']}; model {p['model']}, request {p['request']}{keys}"]
 
 
 def _run_rows(runs: dict[str, dict]) -> list[tuple[str, list[str]]]:
@@ -104,9 +167,16 @@ def _run_rows(runs: dict[str, dict]) -> list[tuple[str, list[str]]]:
         rows.append(("  of which send lag p50/p99",
                      [f"{_n((r['send_lag_us'] or {}).get('p50'))}/{_n((r['send_lag_us'] or {}).get('p99'))}"
                       for r in runs.values()]))
-    rows += [("statuses (measured)", [statuses(r) for r in runs.values()]),
-             ("unanswered / dropped", [f"{r['unanswered']} / {r['dropped']}" for r in runs.values()]),
+    rows += [("statuses (measured)", [statuses(r) for r in runs.values()])]
+    # Routing shows only where there is some: a lane other than stable, or an arm.
+    if any(set(r.get("routes") or {}) - {"stable/-", "None/-"} for r in runs.values()):
+        rows.append(("lane/arm (measured)", [" ".join(f"{k}:{v:,}" for k, v in r["routes"].items())
+                                             or "-" for r in runs.values()]))
+    rows += [("unanswered / dropped", [f"{r['unanswered']} / {r['dropped']}" for r in runs.values()]),
              ("server CPU us per answer", [_n(r.get("server_cpu_us_per_answer"), 1) for r in runs.values()]),
+             ("  = CPU s per 1,000 answers", [_n(r["server_cpu_us_per_answer"] / 1000, 3)
+                                              if r.get("server_cpu_us_per_answer") else "-"
+                                              for r in runs.values()]),
              ("server CPU (% of a core)", [_n((r.get("server_cpu") or {}).get("cpu_pct"), 1)
                                            for r in runs.values()])]
     by_role = [_by_role(r) for r in runs.values()]
@@ -144,21 +214,44 @@ def _table(header: list[str], rows: list[tuple[str, list[str]]]) -> list[str]:
 
 
 def render(doc: dict) -> str:
-    runs = {k: doc[k] for k in ("ringserve", "echo") if doc.get(k)}
+    runs = {name: doc[k] for k, name in (("ringserve", "ringserve"), ("batching_off", "max_batch=1"),
+                                         ("echo", "echo")) if doc.get(k)}
     lines = _describe(doc) + [""]
     lines += _table([""] + list(runs), _run_rows(runs))
     for name, r in runs.items():
         for e in r.get("errors") or []:
             lines.append(f"{name} error: {e}")
+        note = loadgen_note(r)
+        if note:
+            lines.append(f"{name}: note: {note}")
 
-    s = doc.get("server_stats")
-    if s:
-        lines += ["", f"server stats, measured window (model {s['model']}): {s['batches']:,} batches, "
-                      f"mean batch {_n(s['mean_batch'], 2)}, padded rows {s['padded_rows']:,}",
-                  f"  queue depth mid-run {_n(s['queue_depth_mid'])}, in-flight batches mid-run "
-                  f"{_n(s['in_flight_batches_mid'])}, queue depth after the run {_n(s['queue_depth_after'])}, "
-                  f"worker busy {s['worker_busy']}",
-                  "  batch sizes (size:batches):", "    " + _wrap([f"{k}:{v:,}" for k, v in s["batch_sizes"].items()])]
+    for s, label in ((doc.get("server_stats"), ""),
+                     ((doc.get("batching_off") or {}).get("server_stats"), " with max_batch=1")):
+        if s:
+            lines += _server_stats_lines(s, label)
+
+    b = doc.get("batching")
+    if b:
+        lines += ["", "batching on / off (max_batch=1), same load:",
+                  f"  throughput: {_n(b['throughput_on_over_off'], 2)}x   p99: "
+                  f"{_n(b['p99_on_over_off'], 2)}x   CPU per answer: "
+                  f"{_n(b['cpu_per_answer_on_over_off'], 2)}x   mean batch "
+                  f"{_n(b['mean_batch_on'], 2)} vs {_n(b['mean_batch_off'], 2)}"]
+
+    sw = doc.get("sweep")
+    if sw:
+        lines += ["", f"rate sweep (open loop, {sw['duration']:g} s per rate):"]
+        lines += ["  " + ln for ln in _table(
+            ["offered/s", "answers/s", "p50 us", "p99 us", "p99.9 us", "not OK", "unanswered",
+             "send lag p99 us"],
+            [(_n(p["offered_rps"]), [_n(p["throughput_rps"]), _n(p["p50_us"]), _n(p["p99_us"]),
+                                     _n(p["p99.9_us"]), _n(p["not_ok"]), _n(p["unanswered"]),
+                                     _n(p["send_lag_p99_us"])]) for p in sw["points"]])]
+        k = sw["knee"]
+        lines.append(f"  knee: {_n(k['offered_rps'])}/s offered, {_n(k['throughput_rps'])}/s answered, "
+                     f"p99 {_n(k['p99_us'])} us (the last rate that delivered >= "
+                     f"{KNEE_DELIVERED:.0%} with p99 <= {KNEE_P99_FACTOR:g}x the lowest rate's)"
+                     if k else "  knee: below the lowest rate")
 
     c = doc.get("ceiling")
     if c:
@@ -178,6 +271,16 @@ def render(doc: dict) -> str:
                   f"  throughput, ours / in-process ceiling: {_n(q['throughput_ours_over_model_ceiling'], 3)}"
                   "  (share of the window the model alone would need)"]
     return "\n".join(lines)
+
+
+def _server_stats_lines(s: dict, label: str) -> list[str]:
+    return ["", f"server stats{label}, measured window (model {s['model']}): {s['batches']:,} "
+                f"batches, mean batch {_n(s['mean_batch'], 2)}, padded rows {s['padded_rows']:,}",
+            f"  queue depth mid-run {_n(s['queue_depth_mid'])}, in-flight batches mid-run "
+            f"{_n(s['in_flight_batches_mid'])}, queue depth after the run "
+            f"{_n(s['queue_depth_after'])}, worker busy {s['worker_busy']}",
+            "  batch sizes (size:batches):",
+            "    " + _wrap([f"{k}:{v:,}" for k, v in s["batch_sizes"].items()])]
 
 
 def _ceiling_rows(by_batch: list[dict]) -> list[tuple[str, list[str]]]:

@@ -68,6 +68,40 @@ def test_pipelined_batches_match_in_process(daemon_factory, model):
         np.testing.assert_allclose(model(padded)[:3].numpy(), want[:3], rtol=0, atol=1e-5)
 
 
+def test_every_batch_is_bit_for_bit_the_in_process_batch(daemon_factory, model):
+    """One worker takes the queue in order, so the requests of a pipelined
+    burst form consecutive batches: each answer's ``timing`` says its batch
+    size and bucket, which is enough to rebuild every batch. Each one, run
+    in-process at its bucket (zero-padded) with the worker's one thread,
+    gives exactly the bytes the daemon answered."""
+    d = daemon_factory(demo_config(max_batch=16, window_ms=5.0))
+    xs = samples(400, seed=4)
+    with d.client() as c:
+        for i, x in enumerate(xs):
+            c.send({"id": i, "model": "demo", "inputs": tensor(x)})
+        answers = {a["id"]: a for a in c.recv_n(len(xs))}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        i, sizes = 0, []
+        while i < len(xs):
+            t = answers[i]["timing"]
+            n, bucket = t["batch"], t["bucket"]
+            members = [answers[j]["timing"] for j in range(i, i + n)]
+            assert all((m["batch"], m["bucket"]) == (n, bucket) for m in members), (i, members)
+            padded = torch.zeros(bucket, 128)
+            padded[:n] = torch.from_numpy(xs[i:i + n])
+            with torch.inference_mode():
+                want = model(padded)[:n].numpy()
+            for j in range(n):
+                assert np.array_equal(out_array(answers[i + j]), want[j]), (i, j, n, bucket)
+            sizes.append(n)
+            i += n
+    finally:
+        torch.set_num_threads(threads)
+    assert max(sizes) > 1, "no batching under 400 pipelined requests"
+
+
 def test_list_inputs_are_cast(daemon_factory, model):
     d = daemon_factory(demo_config())
     x = samples(1, seed=3)[0]

@@ -65,3 +65,15 @@ def test_open_loop_two_procs(echo):
     # Poisson: 2000 expected, sd ~45; the echo server keeps up easily.
     assert 1700 < run["measured"] < 2300
     assert run["send_lag_us"] is not None and len(run["loadgen_cpu_pct_by_proc"]) == 2
+
+
+def test_open_and_closed_loop_with_keys(echo):
+    """Keyed frames are built per request and the echo server answers them all."""
+    for rate in (None, 1500):
+        plan = Plan(echo.host, echo.port, REQUEST, connections=3, depth=2, duration=0.5,
+                    warmup=0.1, rate=rate, keys=50, key_dist="zipf")
+        run = run_load(plan)
+        assert run["measured"] > 100 and set(run["statuses"]) == {"0"}, run
+        assert run["unanswered"] == 0 and run["errors"] == []
+        at, lat = run["_timeline"]
+        assert len(at) == len(lat) == run["measured"] and 0 <= at.min() and at.max() < 0.5
