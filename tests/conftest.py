@@ -31,7 +31,8 @@ def shm_segments() -> set[str]:
 
 
 class Daemon:
-    def __init__(self, tmp_path: Path, config: str, env: dict | None = None):
+    def __init__(self, tmp_path: Path, config: str, env: dict | None = None,
+                 args: tuple[str, ...] = ()):
         self.dir = tmp_path
         tmp_path.mkdir(parents=True, exist_ok=True)
         self.config_path = tmp_path / "ringserve.toml"
@@ -39,6 +40,7 @@ class Daemon:
         self.port_file = tmp_path / "port"
         self.log_path = tmp_path / "daemon.log"
         self.env = dict(os.environ, **(env or {}))
+        self.args = tuple(args)
         self.proc = None
         self.port = None
         self.children: list[psutil.Process] = []
@@ -47,7 +49,7 @@ class Daemon:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "daemon", "--config", str(self.config_path), "--port", "0",
-             "--port-file", str(self.port_file)],
+             "--port-file", str(self.port_file), *self.args],
             cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         STARTED_PIDS.add(self.proc.pid)
         t_end = time.monotonic() + timeout
@@ -133,8 +135,8 @@ def daemon_factory(tmp_path):
     started: list[Daemon] = []
 
     def make(config: str, *, env: dict | None = None, wait_ready: bool = True,
-             sub: str | None = None) -> Daemon:
-        d = Daemon(tmp_path / (sub or f"d{len(started)}"), config, env)
+             sub: str | None = None, args: tuple[str, ...] = ()) -> Daemon:
+        d = Daemon(tmp_path / (sub or f"d{len(started)}"), config, env, args)
         started.append(d)
         return d.start(wait_ready=wait_ready)
 
