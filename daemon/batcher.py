@@ -234,13 +234,7 @@ class ModelQueue:
             w = self._pick_worker(oldest)
             if w is None:
                 return
-            batch = []
-            q = self.q
-            mb = self.max_batch
-            while q and len(batch) < mb:
-                r = q.popleft()
-                if not r.done:
-                    batch.append(r)
+            batch = self._take(self.q)
             self.queued -= len(batch)
             if batch:
                 n = len(batch)
@@ -249,18 +243,24 @@ class ModelQueue:
             self._dispatch_shadow()
         self._maybe_idle()
 
+    def _take(self, q: collections.deque) -> list[Pending]:
+        """Up to max_batch live requests from the front of ``q`` (requests
+        already answered, by their deadline, are skipped)."""
+        batch = []
+        mb = self.max_batch
+        while q and len(batch) < mb:
+            r = q.popleft()
+            if not r.done:
+                batch.append(r)
+        return batch
+
     def _dispatch_shadow(self) -> None:
-        q, mb = self.shadow_q, self.max_batch
         for w in self.workers:
             if not self.shadow_queued:
                 return
             if w.state != "ready" or w.in_flight:
                 continue
-            batch = []
-            while q and len(batch) < mb:
-                r = q.popleft()
-                if not r.done:
-                    batch.append(r)
+            batch = self._take(self.shadow_q)
             self.shadow_queued -= len(batch)
             if batch:
                 w.submit_batch(batch, self.bucket_for[len(batch)])

@@ -458,11 +458,16 @@ def _check_factory(v, ctx):
     return v
 
 
-@_rule("an existing file")
-def _check_file(v, ctx):
+def _path(v, ctx) -> str:
+    """A path from the file: ~ expanded, relative to the config's directory."""
     if not isinstance(v, str) or not v:
         raise _Invalid(f"must be a file path, got {_show(v)}")
-    path = os.path.normpath(os.path.join(ctx.base_dir, os.path.expanduser(v)))
+    return os.path.normpath(os.path.join(ctx.base_dir, os.path.expanduser(v)))
+
+
+@_rule("an existing file")
+def _check_file(v, ctx):
+    path = _path(v, ctx)
     if not os.path.exists(path):
         where = "" if os.path.isabs(os.path.expanduser(v)) else \
             f" (a relative path is resolved against the config file's directory, {ctx.base_dir})"
@@ -474,9 +479,7 @@ def _check_file(v, ctx):
 
 @_rule("a path whose directory exists")
 def _check_new_file(v, ctx):
-    if not isinstance(v, str) or not v:
-        raise _Invalid(f"must be a file path, got {_show(v)}")
-    path = os.path.normpath(os.path.join(ctx.base_dir, os.path.expanduser(v)))
+    path = _path(v, ctx)
     if not os.path.isdir(os.path.dirname(path)):
         raise _Invalid(f"the directory of {path} does not exist; create it or fix the path")
     return path

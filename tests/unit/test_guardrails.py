@@ -176,3 +176,25 @@ def test_state_file_and_decision_log_are_written_whole(tmp_path):
 def test_fresh_state_is_the_configured_stage(stage):
     st = resolve(rollout(stage=stage), None, 5.0)
     assert (st["status"], st["stage"], st["since"]) == (ACTIVE, stage, 5.0)
+
+
+def test_a_kpi_drop_from_feedback_rolls_back_and_an_equal_kpi_does_not():
+    def run(canary_p, seed):
+        rng = np.random.default_rng(seed)
+        cfg = dataclasses.replace(default_guardrail("m"), kpi=True, min_samples=100,
+                                  latency_margin=10.0)
+        g = Guardrail(cfg, 0.5, 0.0)
+        for k in range(1, 41):
+            for lane, p in ((STABLE, 0.10), (CANARY, canary_p)):
+                g.current[lane].add_many(0, np.full(300, 1000.0))
+                for x in rng.binomial(1, p, 300):
+                    g.outcome(lane, float(x))
+            g.routed[0] += 300
+            g.routed[1] += 300
+            v = g.check(float(k))
+            if v.action == "rollback":
+                return v
+        return v
+    dropped = run(0.07, 0)  # click rate 10 % -> 7 %
+    assert dropped.action == "rollback" and "KPI" in dropped.reasons[0]
+    assert sum(run(0.10, s).action == "rollback" for s in range(20)) <= 2
