@@ -132,3 +132,13 @@ def test_pinning_and_unknown_experiment():
     with pytest.raises(UnknownExperiment):
         table.route("other", "u1", "exp1", None)  # the experiment runs on another model
     assert table.route("other", "u1", None, None) == ("1", STABLE, None)
+
+
+def test_routed_counts_feed_the_sample_ratio_check_and_skip_pinned_requests():
+    counts = {"m": [0, 0]}
+    table = RoutingTable.from_config(_cfg(ROLLOUT.format(stage=3)), {"m": 0.25}, counts)
+    for i in range(20_000):
+        table.route("m", f"user-{i}", None, None)
+    table.route("m", "user-1", None, "2")  # pinned: not the rollout's choice
+    assert sum(counts["m"]) == 20_000
+    assert abs(counts["m"][1] / 20_000 - 0.25) < 0.015
