@@ -154,7 +154,7 @@ class ModelQueue:
         self.q: collections.deque[Pending] = collections.deque()
         self.queued = 0  # live (unanswered) requests in q
         self.workers: list[WorkerHandle] = []
-        self.stats = ModelStats()
+        self.stats = ModelStats(self.buckets)
         self.window_timer = None
         self.outputs = []  # TensorDecl list, learned from the first worker
         self.single_output = True
@@ -204,23 +204,31 @@ class ModelQueue:
         return q[0] if q else None
 
     def _pick_worker(self, oldest: Pending):
+        """(worker, why) for the next batch, or (None, None) to wait."""
         best = None
         for w in self.workers:
             if w.state != "ready":
                 continue
             inflight = w.in_flight
             if inflight == 0:
-                return w  # idle: never make it wait
+                return w, "idle"  # idle: never make it wait
             if w.free_slots and (best is None or inflight < best.in_flight):
                 best = w
         if best is None:
-            return None
-        if self.queued >= self.max_batch or _monotonic_ns() - oldest.arrival >= self.window_ns:
-            return best
+            return None, None
+        if self.queued >= self.max_batch:
+            return best, "full"
+        now = _monotonic_ns()
+        if now - oldest.arrival >= self.window_ns:
+            return best, "window"
+        # A request with less than a window of its budget left does not wait
+        # for a fuller batch: it would spend its deadline queueing.
+        if oldest.deadline - now <= self.window_ns:
+            return best, "deadline"
         if self.window_timer is None:
-            self.window_timer = self.loop.call_at(
-                loop_time_at(self.loop, oldest.arrival + self.window_ns), self._window_passed)
-        return None
+            at = min(oldest.arrival + self.window_ns, oldest.deadline - self.window_ns)
+            self.window_timer = self.loop.call_at(loop_time_at(self.loop, at), self._window_passed)
+        return None, None
 
     def _window_passed(self) -> None:
         self.window_timer = None
@@ -231,13 +239,14 @@ class ModelQueue:
             oldest = self._oldest()
             if oldest is None:
                 break
-            w = self._pick_worker(oldest)
+            w, why = self._pick_worker(oldest)
             if w is None:
                 return
             batch = self._take(self.q)
             self.queued -= len(batch)
             if batch:
                 n = len(batch)
+                self.stats.dispatch[why] += 1
                 w.submit_batch(batch, self.bucket_for[n])
         if self.shadow_queued and not self.queued:
             self._dispatch_shadow()
@@ -263,6 +272,7 @@ class ModelQueue:
             batch = self._take(self.shadow_q)
             self.shadow_queued -= len(batch)
             if batch:
+                self.stats.dispatch["shadow"] += 1
                 w.submit_batch(batch, self.bucket_for[len(batch)])
 
     # -- completion ------------------------------------------------------------
@@ -279,7 +289,8 @@ class ModelQueue:
         each ``data`` is a memoryview slice that msgpack packs as bin, before
         the slot is released."""
         n = len(batch)
-        self.stats.batch(n, bucket)
+        stats = self.stats
+        stats.batch(n, bucket, compute_ns // 1000)
         if status:
             for r in batch:
                 r.answer_error(int(Status.INTERNAL), f"model {self.name!r} version "
@@ -292,10 +303,13 @@ class ModelQueue:
         finished = self.finished
         joined = self.joins.answered if self.joins is not None else None
         shadow_lane = SHADOW
+        queue_time = stats.queue_time.add
         for i, r in enumerate(batch):
             if r.done:
                 continue
             r.done = True
+            queue_us = (t_sub - r.arrival) // 1000
+            queue_time(queue_us)
             if single:
                 nb = out_nbytes[0]
                 _, dt, shape = meta[0]
@@ -309,7 +323,7 @@ class ModelQueue:
             finished(r, OK, {
                 "id": r.id, "status": OK, "outputs": outputs, "model": name,
                 "version": version, "lane": r.lane, "arm": r.arm, "rid": r.rid,
-                "timing": {"queue_us": (t_sub - r.arrival) // 1000, "compute_us": compute_us,
+                "timing": {"queue_us": queue_us, "compute_us": compute_us,
                            "batch": n, "bucket": bucket}})
             if r.lane is shadow_lane:
                 continue
@@ -325,13 +339,15 @@ class ModelQueue:
             req.conn.send(answer)
             return
         latency_us = (_monotonic_ns() - req.arrival) // 1000
-        self.stats.answered(status, latency_us)
+        self.stats.answered(status, latency_us, req.lane, req.arm)
         if self.observer is not None:
             self.observer(req.lane, status, latency_us)
         req.conn.send(answer)
 
     def expire(self, req: Pending) -> None:
         """Deadline passed: answer now, wherever the request is."""
+        if req.lane is not SHADOW:
+            self.stats.shed["deadline"] += 1
         if not req.dispatched:
             if req.lane is SHADOW:
                 self.shadow_queued -= 1

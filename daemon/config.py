@@ -44,7 +44,7 @@ from ipc.tensors import DTYPES
 __all__ = [
     "PROTOCOL_DTYPES", "RING_SLOT_BYTES", "REQUIRED", "Derived", "ConfigError", "Setting", "Section",
     "SETTINGS", "SECTIONS", "TensorShape", "ServerConfig", "LoggingConfig",
-    "ModelConfig", "RolloutConfig", "ArmConfig", "ExperimentConfig", "ShadowConfig", "GuardrailConfig", "Config", "load_config", "parse_config", "render_reference",
+    "ModelConfig", "RolloutConfig", "ArmConfig", "ExperimentConfig", "ShadowConfig", "GuardrailConfig", "MetricsConfig", "RequestLogConfig", "Config", "load_config", "parse_config", "render_reference",
 ]
 
 # The tensor dtypes of the wire protocol (protocol.md, "Tensors"), with their
@@ -120,6 +120,25 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    enabled: bool
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLogConfig:
+    enabled: bool
+    dir: str | None               # None: beside the config file, <stem>-requests/
+    sample_rate: float
+    max_file_bytes: int
+    max_files: int
+    buffer: int
+    key_secret: str
+    score_output: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     name: str
     version: str
@@ -140,6 +159,14 @@ class ModelConfig:
     queue_limit: int
     inflight_batches: int
     spin_us: float                # worker polls the ring this long before sleeping
+    cache: bool
+    cache_ttl_s: float
+    cache_max_bytes: int
+    drift: bool
+    drift_profile: str | None     # reference profile (``ringserve profile``); None: freeze the first rows
+    drift_freeze_after: int
+    drift_sample_rate: float
+    drift_threshold: float
 
     @property
     def sample_bytes(self) -> int:
@@ -211,6 +238,8 @@ class GuardrailConfig:
 class Config:
     server: ServerConfig
     logging: LoggingConfig
+    metrics: MetricsConfig
+    request_log: RequestLogConfig
     models: tuple[ModelConfig, ...]
     rollouts: tuple[RolloutConfig, ...]
     experiments: tuple[ExperimentConfig, ...]
@@ -242,6 +271,10 @@ class Config:
     @property
     def decision_log_path(self) -> str:
         return self.side_file(self.server.decision_log, ".decisions.jsonl")
+
+    @property
+    def request_log_dir(self) -> str:
+        return self.side_file(self.request_log.dir, "-requests")
 
     def model(self, name: str, version: str | None = None) -> ModelConfig | None:
         """The entry for (name, version); version None: the first listed with that name."""
@@ -540,6 +573,12 @@ def _check_bool(v, ctx) -> bool:
     return v
 
 
+def _check_str(v) -> str:
+    if not isinstance(v, str):
+        raise _Invalid(f"must be a string, got {_show(v)}")
+    return v
+
+
 @_rule("non-empty string")
 def _check_salt(v, ctx) -> str:
     if not isinstance(v, str) or not v:
@@ -757,6 +796,14 @@ SECTIONS: tuple[Section, ...] = (
     Section("logging", False,
             "The daemon's own diagnostic log.",
             lambda values, ctx: LoggingConfig(**values)),
+    Section("metrics", False,
+            "The HTTP endpoint for Prometheus (`/metrics`) and load-balancer probes "
+            "(`/healthz` live, `/readyz` ready).",
+            lambda values, ctx: MetricsConfig(**values)),
+    Section("request_log", False,
+            "JSON Lines log of answers and feedback, for audits and the A/B report "
+            "(`ringserve report`); raw routing keys never reach it, only a keyed hash.",
+            lambda values, ctx: RequestLogConfig(**values)),
     Section("models", True,
             "One `[[models]]` table per served model version; at least one. Each entry of "
             "`devices` gets its own worker process. `max_batch` x the bytes of one sample's "
@@ -819,6 +866,37 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("logging", "level", "string", "info",
             "Lowest level of the daemon's log records that are written.",
             _one_of("debug", "info", "warning", "error", fold_case=True)),
+    # [metrics]
+    Setting("metrics", "enabled", "boolean", True,
+            "Serve /metrics, /healthz and /readyz over HTTP.", _check_bool),
+    Setting("metrics", "host", "string", "127.0.0.1",
+            "Address of the metrics endpoint; loopback by default, like the server.",
+            _check_host),
+    Setting("metrics", "port", "integer", 7071,
+            "Port of the metrics endpoint; 0 picks a free one (shown by `health`).",
+            _int_in(0, 65535)),
+    # [request_log]
+    Setting("request_log", "enabled", "boolean", False,
+            "Write one record per answer (sampled) and per feedback.", _check_bool),
+    Setting("request_log", "dir", "path", None,
+            "Directory of the log files (created); unset: beside the config file, "
+            "`<config stem>-requests/`.", _check_new_file),
+    Setting("request_log", "sample_rate", "float", 1.0,
+            "Share of answers logged (feedback is always logged).", _float_in(0, 1)),
+    Setting("request_log", "max_file_bytes", "integer", 64 * _MIB,
+            "A file is closed and a new one started past this size.", _int_in(4096, 64 * _GIB)),
+    Setting("request_log", "max_files", "integer", 50,
+            "Files kept; the oldest is deleted beyond this.", _int_in(1, 1_000_000)),
+    Setting("request_log", "buffer", "integer", 65536,
+            "Records waiting for the writer thread; beyond it records are dropped and "
+            "counted (the event loop never waits for the disk).", _int_in(16, 10_000_000)),
+    Setting("request_log", "key_secret", "string", "",
+            "Secret of the keyed hash that stands for the routing key in the log; set it "
+            "(the same on every node) so hashes join across restarts and nodes; empty: a "
+            "random secret per start.", lambda v, ctx: _check_str(v)),
+    Setting("request_log", "score_output", "string", None,
+            "Output whose first element is logged as the score; unset: the first output.",
+            _check_name),
     # [[models]]
     Setting("models", "name", "string", REQUIRED,
             "Model name, as clients send it in `model`.", _check_name),
@@ -983,6 +1061,27 @@ SETTINGS: tuple[Setting, ...] = (
             "eventfd; saves a ~25 us wake-up when the next batch comes quickly, at the cost of "
             "CPU. 0 (measured best on 2 cores, where the spin steals the front's core); try "
             "20-100 where cores are idle.", _float_in(0, 10_000)),
+    Setting("models", "cache", "boolean", False,
+            "Answer repeated inputs from a response cache in the front (key: version + hash "
+            "of the input bytes), without a worker.", _check_bool),
+    Setting("models", "cache_ttl_s", "float", 60.0,
+            "How long a cached answer is served.", _float_in(0, lo_open=True)),
+    Setting("models", "cache_max_bytes", "integer", 64 * _MIB,
+            "Size bound of the cache (output bytes and keys); least recently used out first.",
+            _int_in(1024, 64 * _GIB)),
+    Setting("models", "drift", "boolean", False,
+            "Track input drift: per-feature KS distance of served inputs against a reference "
+            "(models with one floating-point input).", _check_bool),
+    Setting("models", "drift_profile", "path", None,
+            "Reference profile written by `ringserve profile`; unset: the first "
+            "drift_freeze_after sampled rows become the reference.", _check_file),
+    Setting("models", "drift_freeze_after", "integer", 10_000,
+            "Rows that make the reference when there is no profile file.", _int_in(1, 10**9)),
+    Setting("models", "drift_sample_rate", "float", 0.1,
+            "Share of requests whose inputs are summarised.", _float_in(0, 1)),
+    Setting("models", "drift_threshold", "float", 0.1,
+            "KS distance beyond which a feature is flagged (stats, metrics, decision log).",
+            _float_in(0, 1, lo_open=True)),
 )
 
 _SECTION_BY_NAME = {s.name: s for s in SECTIONS}

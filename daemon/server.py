@@ -309,6 +309,7 @@ class App:
                 err = (f"model {q.name!r} version {q.version!r} has no ready worker "
                        f"(workers: {states}); retry shortly")
             req.done = True
+            q.stats.shed["queue_full" if refused == "busy" else "no_worker"] += 1
             q.finished(req, status, {"id": req_id, "status": status, "error": err, "rid": req.rid})
 
     def feedback(self, req_id: int, msg: dict) -> dict:

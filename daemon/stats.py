@@ -6,7 +6,9 @@ bounded deque append); percentiles are computed only when someone asks.
 
 from __future__ import annotations
 
+import bisect
 import collections
+import itertools
 import time
 
 LATENCY_WINDOW = 8192  # latency percentiles cover the most recent answers
@@ -21,22 +23,64 @@ def percentiles(values, ps=(50, 95, 99)) -> dict:
     return {f"p{p}": s[min(n - 1, int(p / 100 * n))] for p in ps}
 
 
+# Prometheus histogram bounds, in seconds as exported and in us as recorded.
+DURATION_BOUNDS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                     0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_DURATION_BOUNDS_US = tuple(int(b * 1e6) for b in DURATION_BOUNDS_S)
+
+
+class Histogram:
+    """Cumulative-on-export bucket counts: O(log buckets) to record, no lock
+    (the front is one thread), read by the Prometheus collector at scrape."""
+
+    __slots__ = ("bounds", "counts", "sum", "n")
+
+    def __init__(self, bounds=_DURATION_BOUNDS_US):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0
+        self.n = 0
+
+    def add(self, v) -> None:
+        self.counts[bisect.bisect_left(self.bounds, v)] += 1
+        self.sum += v
+        self.n += 1
+
+    def cumulative(self) -> list[int]:
+        return list(itertools.accumulate(self.counts))
+
+
 class ModelStats:
-    def __init__(self):
+    def __init__(self, buckets=(1,)):
         self.by_status: collections.Counter = collections.Counter()
+        self.by_route: collections.Counter = collections.Counter()  # (lane, arm, status)
         self.latency_us: collections.deque = collections.deque(maxlen=LATENCY_WINDOW)
+        self.duration: dict[str, Histogram] = {}  # lane -> OK answers, arrival to answer
+        self.queue_time = Histogram()    # per request: arrival to hand-over to a worker
+        self.compute_time = Histogram()  # per batch, as the worker measured it
+        self.batch_hist = Histogram(tuple(buckets))
         self.batch_sizes: collections.Counter = collections.Counter()
+        self.dispatch: collections.Counter = collections.Counter()  # why batches left
+        self.shed: collections.Counter = collections.Counter()      # why requests were refused
+        self.cache: collections.Counter = collections.Counter()     # hit, miss
         self.batches = 0
         self.padded_rows = 0
 
-    def answered(self, status: int, latency_us: int) -> None:
+    def answered(self, status: int, latency_us: int, lane: str = "stable", arm=None) -> None:
         self.by_status[status] += 1
+        self.by_route[(lane, arm, status)] += 1
         if status == 0:
             self.latency_us.append(latency_us)
+            h = self.duration.get(lane)
+            if h is None:
+                h = self.duration[lane] = Histogram()
+            h.add(latency_us)
 
-    def batch(self, n: int, bucket: int) -> None:
+    def batch(self, n: int, bucket: int, compute_us: int = 0) -> None:
         self.batches += 1
         self.batch_sizes[n] += 1
+        self.batch_hist.add(n)
+        self.compute_time.add(compute_us)
         self.padded_rows += bucket - n
 
     def snapshot(self) -> dict:
@@ -47,6 +91,7 @@ class ModelStats:
             "batches": self.batches,
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "padded_rows": self.padded_rows,
+            "dispatch": dict(self.dispatch), "shed": dict(self.shed), "cache": dict(self.cache),
         }
 
 
