@@ -1,6 +1,6 @@
 """Command line: ``python -m daemon`` / ``ringserve``.
 
-    ringserve serve [--config FILE] [--host H] [--port P] [--port-file F]
+    ringserve serve [--config FILE] [--host H] [--port P] [--metrics-port P] [--port-file F]
     ringserve check FILE            validate a config, print "ok" or the error
     ringserve reload --pid-file F   validate the running daemon's config file, then SIGHUP it
     python -m daemon [...]          same as ``ringserve serve [...]``
@@ -22,6 +22,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help=f"TOML config file (default: {DEFAULT_CONFIG})")
     p.add_argument("--host", default=None, help="override [server] host")
     p.add_argument("--port", type=int, default=None, help="override [server] port (0: any free port)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="override [metrics] port (0: any free port, shown by `health`); "
+                        "with --port 0 it defaults to 0 too")
     p.add_argument("--port-file", default=None,
                    help="write the bound port to this file once listening (for scripts and tests)")
     p.add_argument("--pid-file", default=None,
@@ -64,6 +67,9 @@ def main(argv=None) -> int:
     over = {k: v for k, v in (("host", a.host), ("port", a.port)) if v is not None}
     if over:
         cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, **over))
+    metrics_port = a.metrics_port if a.metrics_port is not None else (0 if a.port == 0 else None)
+    if metrics_port is not None:
+        cfg = dataclasses.replace(cfg, metrics=dataclasses.replace(cfg.metrics, port=metrics_port))
     from . import logs
     from .server import serve
     logs.setup(cfg.logging.level)

@@ -164,6 +164,8 @@ class ModelQueue:
         self.shadow_q: collections.deque[Pending] = collections.deque()
         self.shadow_queued = 0
         self.shadow_limit = 0  # set when a [[shadows]] entry names this version
+        self.cache = None  # ResponseCache when the model has cache = true
+        self.drift = None  # DriftTracker when the model has drift = true
 
     # -- intake ------------------------------------------------------------
     def ready_workers(self):

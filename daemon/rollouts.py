@@ -24,6 +24,7 @@ log, with the figures behind it (``daemon/guardrails.py``).
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -136,6 +137,7 @@ class Rollouts:
         self.guards: dict[str, Guardrail] = {}
         self.next_check: dict[str, float] = {}
         self.path = None
+        self.verdicts: collections.Counter = collections.Counter()  # (model, verdict)
         self.log: DecisionLog | None = None
         self._task = None
 
@@ -255,6 +257,7 @@ class Rollouts:
         failed = q is not None and any(w.state == "failed" for w in q.workers)
         g.restarts = self._candidate_restarts(model, r.candidate) - g.restart_base
         v = g.check(now, candidate_failed=failed)
+        self.verdicts[(model, v.action)] += 1
         record = {"event": "check", "model": model, "stable": r.stable, "candidate": r.candidate,
                   "stage": st["stage"], "weight": g.weight, **v.record()}
         if v.action == "rollback":
@@ -267,10 +270,12 @@ class Rollouts:
             canary_n = g.stage[CANARY].n
             if dwell >= r.min_dwell_s and canary_n >= r.min_samples:
                 if st["stage"] + 1 < len(st["stages"]) and r.auto_advance:
+                    self.verdicts[(model, "advance")] += 1
                     self._move(model, st["stage"] + 1, "advance",
                                f"stage healthy for {dwell:.0f} s over {canary_n} canary answers")
                     return "advance"
                 if st["stage"] + 1 == len(st["stages"]):
+                    self.verdicts[(model, "promote")] += 1
                     st.update(status=PROMOTED, reason="final stage healthy")
                     self.persist()
                     self.log.write({"event": "promote", "model": model, "candidate": r.candidate,

@@ -34,6 +34,7 @@ from ipc.tensors import TensorSpec, decode_inputs
 from .config import ConfigError, load_config
 from .batcher import Deadlines, ModelQueue, Pending
 from .feedback import FeedbackJoin
+from .metrics import MetricsServer
 from .protocol import Connection
 from .rollouts import Rollouts, weight_of
 from .router import CANARY, STABLE, RoutingTable, UnknownExperiment
@@ -89,6 +90,8 @@ class App:
         self.router = RoutingTable.from_config(cfg, self.rollouts.apply(cfg, "start"),
                                                self.rollouts.routed_counts())
         self.shadows: dict[str, Shadow] = {}
+        self.metrics = MetricsServer(self)
+        self.reqlog = None
         self.joins = FeedbackJoin()
         self.conns: set[Connection] = set()
         self.server = None
@@ -126,6 +129,8 @@ class App:
         self.server = await self.loop.create_server(
             lambda: Connection(self), s.host, s.port, reuse_address=True, backlog=1024)
         self.port = self.server.sockets[0].getsockname()[1]
+        if self.cfg.metrics.enabled:
+            await self.metrics.start(self.cfg.metrics.host, self.cfg.metrics.port)
         if self.port_file:
             tmp = self.port_file + ".tmp"
             with open(tmp, "w") as f:
@@ -334,7 +339,7 @@ class App:
         workers = [w.health() for q in self.queues.values() for w in q.workers
                    if name is None or q.name == name]
         return {"id": req_id, "status": 0, "live": True, "ready": self.ready(),
-                "draining": self.draining, "models": workers}
+                "draining": self.draining, "models": workers, "metrics_port": self.metrics.port}
 
     def models(self, req_id: int, msg: dict) -> dict:
         out = []
@@ -433,6 +438,10 @@ class App:
                         "address", extra={"event": "reload"})
             new = dataclasses.replace(new, server=dataclasses.replace(
                 new.server, host=old.server.host, port=old.server.port))
+        if new.metrics != old.metrics:
+            log.warning("[metrics] changes need a restart; the endpoint stays as it is",
+                        extra={"event": "reload"})
+            new = dataclasses.replace(new, metrics=old.metrics)
         wanted = {(m.name, m.version): m for m in new.models}
         keep = {k: q for k, q in self.queues.items() if k in wanted and q.cfg == wanted[k]}
         threads = default_threads(new)
@@ -499,7 +508,7 @@ class App:
         return list(self.queues.values()) + self.retiring
 
     async def shutdown(self) -> None:
-        self.draining = True
+        self.draining = True  # /readyz answers 503 from now: load balancers move away
         await self.rollouts.stop()
         if self.server is not None:
             self.server.close()
@@ -529,6 +538,7 @@ class App:
         for c in list(self.conns):
             c.close()
         await self._stop_queues(queues)
+        self.metrics.close()
         if self.port_file:
             try:
                 os.unlink(self.port_file)
