@@ -65,3 +65,20 @@ def test_default_config_serves_the_demo_model(tmp_path):
     import json
     records = [json.loads(line) for line in lines]  # every line is JSON
     assert any(r["msg"] == "stopped" for r in records)
+
+
+def test_host_on_the_command_line_overrides_the_file(daemon_factory):
+    """`--host` beats `[server] host`: the file says 127.0.0.2, the command
+    line 127.0.0.1, and only the latter listens (both are loopback)."""
+    import socket
+
+    from tests.conftest import demo_config
+    d = daemon_factory(demo_config().replace('host = "127.0.0.1"', 'host = "127.0.0.2"'),
+                       args=("--host", "127.0.0.1"))
+    assert d.health()["ready"]
+    try:
+        socket.create_connection(("127.0.0.2", d.port), timeout=5).close()
+    except ConnectionRefusedError:
+        pass
+    else:
+        raise AssertionError("the daemon listens on the file's host despite --host")
