@@ -50,11 +50,19 @@ def loop_time_at(loop, monotonic_ns: int) -> float:
     return loop.time() + (monotonic_ns - _monotonic_ns()) / 1e9
 
 
+def _owned(outputs: dict) -> dict:
+    """A copy of an answer's outputs that owns its bytes (the answer's own
+    ``data`` are views of a result slot that is about to be reused)."""
+    if "data" in outputs:
+        return dict(outputs, data=bytes(outputs["data"]))
+    return {k: dict(t, data=bytes(t["data"])) for k, t in outputs.items()}
+
+
 class Pending:
     """One accepted infer request, from arrival to its one answer."""
 
     __slots__ = ("id", "conn", "data", "arrival", "deadline", "done", "queue", "rid", "dispatched",
-                 "lane", "arm", "key", "shadow", "sdata")
+                 "lane", "arm", "key", "shadow", "sdata", "log", "ckey")
 
     def __init__(self, req_id, conn, data, arrival, deadline, queue, rid, lane, arm, key):
         self.id = req_id
@@ -71,6 +79,8 @@ class Pending:
         self.dispatched = 0
         self.shadow = None  # the Shadow to mirror this request to once answered
         self.sdata = None   # its input bytes, kept for the mirror (``data`` is dropped)
+        self.log = None     # (input bytes, exp) when the request log samples this request
+        self.ckey = None    # response-cache key, when the model caches and this was a miss
 
     def answer_error(self, status: int, message: str) -> None:
         if self.done:
@@ -166,6 +176,7 @@ class ModelQueue:
         self.shadow_limit = 0  # set when a [[shadows]] entry names this version
         self.cache = None  # ResponseCache when the model has cache = true
         self.drift = None  # DriftTracker when the model has drift = true
+        self.reqlog = None  # RequestLog, when [request_log] is enabled
 
     # -- intake ------------------------------------------------------------
     def ready_workers(self):
@@ -306,6 +317,7 @@ class ModelQueue:
         joined = self.joins.answered if self.joins is not None else None
         shadow_lane = SHADOW
         queue_time = stats.queue_time.add
+        cache = self.cache
         for i, r in enumerate(batch):
             if r.done:
                 continue
@@ -329,6 +341,8 @@ class ModelQueue:
                            "batch": n, "bucket": bucket}})
             if r.lane is shadow_lane:
                 continue
+            if r.ckey is not None:
+                cache.put(r.ckey, _owned(outputs))
             if joined is not None:
                 joined(r.rid, name, version, r.lane, r.arm, r.key)
             if r.shadow is not None:  # after the answer is on its way
@@ -344,6 +358,9 @@ class ModelQueue:
         self.stats.answered(status, latency_us, req.lane, req.arm)
         if self.observer is not None:
             self.observer(req.lane, status, latency_us)
+        if req.log is not None and self.reqlog is not None:
+            self.reqlog.answer(req, status, answer, latency_us, self.name, self.version,
+                               self.reqlog.cfg.score_output)
         req.conn.send(answer)
 
     def expire(self, req: Pending) -> None:

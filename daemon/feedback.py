@@ -59,6 +59,7 @@ class FeedbackJoin:
         self.kpis: dict[tuple, Kpi] = {}     # (model, version, lane, arm) -> Kpi
         self.joined = 0
         self.unjoined = 0
+        self.last_rid = None  # the rid the latest ``record`` joined to (None: unjoined)
 
     def answered(self, rid: int, model: str, version: str, lane: str, arm, key) -> None:
         now = self.clock()
@@ -85,6 +86,7 @@ class FeedbackJoin:
         to, or None when ``ref`` matches no remembered answer."""
         rid = ref if isinstance(ref, int) else self.by_key.get(key_hash(ref))
         entry = self.by_rid.get(rid) if rid is not None else None
+        self.last_rid = rid if entry is not None else None
         if entry is None:
             self.unjoined += 1
             return None

@@ -33,8 +33,10 @@ from ipc.tensors import TensorSpec, decode_inputs
 
 from .config import ConfigError, load_config
 from .batcher import Deadlines, ModelQueue, Pending
+from .cache import ResponseCache
 from .feedback import FeedbackJoin
 from .metrics import MetricsServer
+from .reqlog import RequestLog
 from .protocol import Connection
 from .rollouts import Rollouts, weight_of
 from .router import CANARY, STABLE, RoutingTable, UnknownExperiment
@@ -111,6 +113,8 @@ class App:
 
     # -- startup ---------------------------------------------------------------
     async def start(self) -> None:
+        if self.cfg.request_log.enabled:
+            self.reqlog = RequestLog(self.cfg.request_log, self.cfg.request_log_dir)
         removed = shm.sweep_stale()
         if removed:
             log.warning("removed shared memory left by a front that died",
@@ -144,6 +148,9 @@ class App:
         q = ModelQueue(m, self.loop, self.deadlines)
         q.specs = tuple((n, TensorSpec(s.dtype, tuple(s.shape))) for n, s in m.inputs)
         q.joins = self.joins
+        q.reqlog = self.reqlog
+        if m.cache:
+            q.cache = ResponseCache(m.cache_ttl_s, m.cache_max_bytes)
         for i, dev in enumerate(m.devices):
             t = m.threads or threads if dev == "cpu" else 1
             q.workers.append(WorkerHandle(self, q, i, dev, t))
@@ -300,6 +307,10 @@ class App:
         now = _monotonic_ns()
         self._rid += 1
         req = Pending(req_id, conn, data, now, now + dl_ns, q, self._rid, lane, arm, key)
+        if self.reqlog is not None and self.reqlog.sampled():
+            req.log = (data, msg.get("exp"))
+        if q.cache is not None and self._cached(q, req):
+            return
         if sh is not None and q.version != sh.candidate and sh.sampled(key):
             req.shadow, req.sdata = sh, data
         refused = q.submit(req)
@@ -317,6 +328,23 @@ class App:
             q.stats.shed["queue_full" if refused == "busy" else "no_worker"] += 1
             q.finished(req, status, {"id": req_id, "status": status, "error": err, "rid": req.rid})
 
+    def _cached(self, q: ModelQueue, req: Pending) -> bool:
+        """Answer ``req`` from the response cache if it can be (a hit)."""
+        k = q.cache.key(req.data)
+        outputs = q.cache.get(k)
+        if outputs is None:
+            q.stats.cache["miss"] += 1
+            req.ckey = k
+            return False
+        q.stats.cache["hit"] += 1
+        req.done = True
+        q.finished(req, 0, {
+            "id": req.id, "status": 0, "outputs": outputs, "model": q.name, "version": q.version,
+            "lane": req.lane, "arm": req.arm, "rid": req.rid,
+            "timing": {"queue_us": 0, "compute_us": 0, "batch": 0, "cache": True}})
+        self.joins.answered(req.rid, q.name, q.version, req.lane, req.arm, req.key)
+        return True
+
     def feedback(self, req_id: int, msg: dict) -> dict:
         ref, outcome = msg.get("ref"), msg.get("outcome")
         if type(ref) is int and ref >= 0 or type(ref) is str and ref:
@@ -328,6 +356,8 @@ class App:
             raise InvalidArgument(f"feedback needs 'outcome', a finite number (label, click "
                                   f"0/1, reward), got {outcome!r}")
         group = self.joins.record(ref, float(outcome))
+        if self.reqlog is not None:
+            self.reqlog.feedback(self.joins.last_rid, float(outcome), group)
         answer = {"id": req_id, "status": 0, "joined": group is not None}
         if group is not None:
             self.rollouts.outcome(group[0], group[2], float(outcome))
@@ -372,6 +402,8 @@ class App:
             d = {"name": q.name, "version": q.version, "lane": q.lane,
                  "queue_depth": q.queued, "in_flight_batches": q.in_flight}
             d.update(q.stats.snapshot())
+            if q.cache is not None:
+                d["cache"] = dict(d["cache"], **q.cache.snapshot())
             d["workers"] = [w.stats() for w in q.workers]
             out.append(d)
         return {"id": req_id, "status": 0, "uptime_s": round(time.monotonic() - self.started, 3),
@@ -381,7 +413,8 @@ class App:
                 "feedback": {"joined": self.joins.joined, "unjoined": self.joins.unjoined},
                 "rollouts": self.rollouts.snapshot(name),
                 "shadows": [sh.snapshot() for sh in self.shadows.values()
-                            if name is None or sh.model == name]}
+                            if name is None or sh.model == name],
+                "request_log": self.reqlog.snapshot() if self.reqlog is not None else None}
 
     # -- signals and shutdown ------------------------------------------------------------
     def on_signal(self, signum: int) -> None:
@@ -438,10 +471,11 @@ class App:
                         "address", extra={"event": "reload"})
             new = dataclasses.replace(new, server=dataclasses.replace(
                 new.server, host=old.server.host, port=old.server.port))
-        if new.metrics != old.metrics:
-            log.warning("[metrics] changes need a restart; the endpoint stays as it is",
-                        extra={"event": "reload"})
-            new = dataclasses.replace(new, metrics=old.metrics)
+        for section in ("metrics", "request_log"):
+            if getattr(new, section) != getattr(old, section):
+                log.warning(f"[{section}] changes need a restart; it stays as it is",
+                            extra={"event": "reload"})
+                new = dataclasses.replace(new, **{section: getattr(old, section)})
         wanted = {(m.name, m.version): m for m in new.models}
         keep = {k: q for k, q in self.queues.items() if k in wanted and q.cfg == wanted[k]}
         threads = default_threads(new)
@@ -539,6 +573,8 @@ class App:
             c.close()
         await self._stop_queues(queues)
         self.metrics.close()
+        if self.reqlog is not None:
+            self.reqlog.close()
         if self.port_file:
             try:
                 os.unlink(self.port_file)
