@@ -171,3 +171,30 @@ def test_cache_hits_equal_the_workers_answer_and_a_new_version_is_never_stale(da
         assert c.call({"model": "m", "inputs": x})["timing"].get("cache") is True
         time.sleep(0.5)  # past cache_ttl_s: a miss again
         assert "cache" not in c.call({"model": "m", "inputs": x})["timing"]
+
+
+def test_ringserve_report_reads_the_daemons_own_log(daemon_factory):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    d = daemon_factory(LOGGED % (SECRET, ""))
+    with d.client() as c:
+        for i in range(200):
+            a = c.call({"model": "m", "inputs": [1.0, 2.0, 3.0], "key": f"u{i}", "exp": "e1"})
+            # the treatment arm converts: outcome 1, control 0
+            c.call({"op": "feedback", "ref": a["rid"], "outcome": float(a["arm"] == "treat")})
+    assert d.stop() == 0
+    out = d.dir / "report.json"
+    r = subprocess.run([sys.executable, "-m", "daemon", "report", "--log", str(d.dir / "logs"),
+                        "--exp", "e1", "--control", "control", "--json", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "treat" in r.stdout and "control" in r.stdout
+    doc = json.loads(out.read_text())
+    (exp,) = doc["experiments"]
+    arms = {a["name"]: a for a in exp["arms"]}
+    assert arms["treat"]["answers"] + arms["control"]["answers"] == 200
+    assert (arms["treat"]["kpi"]["mean"], arms["control"]["kpi"]["mean"]) == (1.0, 0.0)
+    assert arms["treat"]["vs_control"]["diff"] == 1.0 and exp["srm"]["mismatch"] is False
+    assert doc["join"]["joined"] == 200
