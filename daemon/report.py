@@ -56,8 +56,10 @@ filters the join keeps its rid and a group code (10 bytes in two flat
 arrays); per joined feedback record its rid and outcome (16 bytes). All else
 is per group (experiment, arm, model, lane) and fixed-size: counters and a
 450-bin latency histogram. 100 million answers take about 1 GB. rids must be
-unique within the directory; repeated rids are counted and reported, and a
-repeated answer takes the feedback of the first.
+unique within the directory (the daemon's carry 23 random bits of its boot,
+so restarts and several front processes do not collide); repeated rids are
+counted and reported, and a repeated answer takes the feedback of the first.
+Cache hits (``"cache": true``) are answers like any other, latency included.
 """
 
 from __future__ import annotations
