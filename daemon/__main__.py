@@ -4,6 +4,7 @@
     ringserve check FILE            validate a config, print "ok" or the error
     ringserve reload --pid-file F   validate the running daemon's config file, then SIGHUP it
     ringserve report --log DIR ...  A/B and lane report over the request log (daemon/report.py)
+    ringserve profile --input F ... reference profile of training data for drift (daemon/drift.py)
     python -m daemon [...]          same as ``ringserve serve [...]``
 """
 
@@ -43,6 +44,9 @@ def main(argv=None) -> int:
     if argv and argv[0] == "report":
         from .report import main as report_main
         return report_main(argv[1:])
+    if argv and argv[0] == "profile":
+        from .drift import profile_main
+        return profile_main(argv[1:])
     if argv and argv[0] == "check":
         p = argparse.ArgumentParser(prog="ringserve check")
         p.add_argument("file")

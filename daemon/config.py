@@ -703,6 +703,10 @@ def _build_model(values: dict[str, Any], ctx: _Context) -> ModelConfig:
             f"({max_batch * sample / _MIB:.1f} MiB), more than the {RING_SLOT_BYTES // _MIB} MiB "
             f"ring slot; {advice}", ".max_batch")
 
+    if values["drift"] and (len(inputs) != 1 or inputs[0][1].dtype not in
+                            ("float32", "float64", "float16")):
+        raise _Invalid("drift tracking needs a model with one float32, float64 or float16 "
+                       "input; turn drift off or track the features upstream", ".drift")
     fields = {k: v for k, v in values.items() if k not in ("input", "output")}
     fields.update(inputs=inputs, single_input=single_input,
                   outputs=outputs, single_output=single_output)

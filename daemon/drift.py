@@ -495,3 +495,55 @@ def profile_main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(profile_main())
+
+
+class DriftTracker:
+    """The front's side of drift for one served model version: samples
+    requests (``drift_sample_rate``), batches their input bytes and feeds
+    the monitor a block at a time (one vectorised call per ``FEED_ROWS``
+    rows, not one per request). A reference frozen from traffic is saved
+    to ``frozen_path`` so a restart compares with the same reference
+    instead of learning one from traffic that may have drifted since."""
+
+    FEED_ROWS = 64
+    NUMPY = {"float32": "<f4", "float64": "<f8", "float16": "<f2"}
+
+    def __init__(self, m, frozen_path: str):
+        import random
+        spec = m.inputs[0][1]
+        self.dtype = np.dtype(self.NUMPY[spec.dtype])
+        self.columns = spec.numel
+        self.rate = m.drift_sample_rate
+        self.frozen_path = frozen_path
+        path = m.drift_profile or (frozen_path if os.path.exists(frozen_path) else None)
+        self.source = path or "first rows served"
+        self.monitor = DriftMonitor(Profile.load(path) if path else None,
+                                    freeze_after=m.drift_freeze_after,
+                                    threshold=m.drift_threshold)
+        self.pending: list = []
+        self.last_flagged: list = []
+        self._rand = random.random
+
+    def sample(self, data) -> None:
+        if self._rand() < self.rate:
+            self.pending.append(data[0])
+            if len(self.pending) >= self.FEED_ROWS:
+                self.feed()
+
+    def feed(self) -> None:
+        if not self.pending:
+            return
+        x = np.frombuffer(b"".join(self.pending), self.dtype).reshape(-1, self.columns)
+        self.pending.clear()
+        learning = self.monitor.state != MONITORING
+        self.monitor.observe_batch(x)
+        if learning and self.monitor.state == MONITORING and self.source == "first rows served":
+            self.monitor.profile.save(self.frozen_path)
+            self.source = self.frozen_path
+
+    def named_distances(self) -> list[tuple[str, float]]:
+        d = self.monitor.distances()
+        return [(str(self.monitor._label(i)), float(v)) for i, v in enumerate(d) if v == v]
+
+    def snapshot(self) -> dict:
+        return dict(self.monitor.snapshot(), reference=self.source)

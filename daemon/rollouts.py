@@ -36,6 +36,7 @@ log = logging.getLogger("ringserve.rollouts")
 STATE_FORMAT = 1
 DECISION_LOG_MAX_BYTES = 16 * 1024 * 1024  # then rotated to .1 (one old file kept)
 ACTIVE, ROLLED_BACK, PROMOTED = "active", "rolled_back", "promoted"
+DRIFT_REPORT_S = 1.0  # how often drift flags are compared (and logged when they change)
 
 
 def atomic_write_json(path: str, obj) -> None:
@@ -140,6 +141,7 @@ class Rollouts:
         self.verdicts: collections.Counter = collections.Counter()  # (model, verdict)
         self.log: DecisionLog | None = None
         self._task = None
+        self._drift_at = 0.0
 
     # -- config ----------------------------------------------------------------
     def apply(self, cfg, event: str) -> dict[str, float]:
@@ -245,6 +247,9 @@ class Rollouts:
                 except Exception:  # a bug here must not stop the other checks
                     log.exception("guardrail check failed", extra={"model": model})
             self.app.report_shadows()
+            if time.monotonic() >= self._drift_at:
+                self._drift_at = time.monotonic() + DRIFT_REPORT_S
+                self.app.report_drift()
 
     def _candidate_restarts(self, model: str, candidate: str) -> int:
         q = self.app.queues.get((model, candidate))

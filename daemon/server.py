@@ -34,6 +34,7 @@ from ipc.tensors import TensorSpec, decode_inputs
 from .config import ConfigError, load_config
 from .batcher import Deadlines, ModelQueue, Pending
 from .cache import ResponseCache
+from .drift import DriftTracker
 from .feedback import FeedbackJoin
 from .metrics import MetricsServer
 from .reqlog import RequestLog
@@ -151,6 +152,8 @@ class App:
         q.reqlog = self.reqlog
         if m.cache:
             q.cache = ResponseCache(m.cache_ttl_s, m.cache_max_bytes)
+        if m.drift:
+            q.drift = DriftTracker(m, self.cfg.side_file(None, f".drift-{m.name}-{m.version}.json"))
         for i, dev in enumerate(m.devices):
             t = m.threads or threads if dev == "cpu" else 1
             q.workers.append(WorkerHandle(self, q, i, dev, t))
@@ -178,6 +181,25 @@ class App:
             if now - sh.last_report >= sh.cfg.report_interval_s:
                 sh.last_report = now
                 self.rollouts.log.write({"event": "shadow", **sh.snapshot()})
+
+    def report_drift(self) -> None:
+        """Feed what the drift trackers hold; a change in the flagged
+        features is a decision-log record."""
+        for q in self.queues.values():
+            t = q.drift
+            if t is None:
+                continue
+            t.feed()
+            flagged = t.monitor.flagged()
+            names = [f for f, _ in flagged]
+            if names != [f for f, _ in t.last_flagged]:
+                self.rollouts.log.write({"event": "drift", "model": q.name, "version": q.version,
+                                         "flagged": [{"feature": f, "ks": round(d, 4)}
+                                                     for f, d in flagged],
+                                         "threshold": t.monitor.threshold,
+                                         "window_rows": t.monitor.window_rows,
+                                         "reference": t.source})
+            t.last_flagged = flagged
 
     def reroute(self) -> None:
         """A rollout's weight changed (advance, rollback): a new routing
@@ -296,6 +318,8 @@ class App:
             raise InvalidArgument("request has no 'inputs'; send one sample as a tensor map "
                                   "{dtype, shape, data} or a list of numbers")
         data = decode_inputs(inputs, q.specs, q.cfg.single_input)
+        if q.drift is not None:
+            q.drift.sample(data)
         dl = msg.get("deadline_ms")
         if dl is None:
             dl_ns = self.default_deadline_ns
@@ -404,6 +428,9 @@ class App:
             d.update(q.stats.snapshot())
             if q.cache is not None:
                 d["cache"] = dict(d["cache"], **q.cache.snapshot())
+            if q.drift is not None:
+                q.drift.feed()
+                d["drift"] = q.drift.snapshot()
             d["workers"] = [w.stats() for w in q.workers]
             out.append(d)
         return {"id": req_id, "status": 0, "uptime_s": round(time.monotonic() - self.started, 3),
