@@ -29,7 +29,6 @@ from __future__ import annotations
 import array
 import asyncio
 import dataclasses
-import math
 import multiprocessing
 import socket
 import time
@@ -40,6 +39,7 @@ import numpy as np
 from ipc.framing import FrameDecoder
 
 from .keys import Blocks, Frames, Keys
+from .timer import PreciseTimer
 
 # perf_counter is CLOCK_MONOTONIC on Linux: one clock for every process, so
 # the parent can hand absolute start and window times to its children.
@@ -343,11 +343,10 @@ class _Open(_Conn):
 class _Arrivals:
     """Poisson arrivals from ``start`` to t1, dealt round-robin to the connections.
 
-    asyncio timers have millisecond resolution (uvloop rounds to whole ms),
-    so a timer alone would send arrivals in bursts, each late by up to about
-    a millisecond. Arrivals are therefore also sent whenever an answer comes
-    in (``poll``: one clock comparison), which under load is far more often
-    than every millisecond; the timer covers quiet stretches. Sending early
+    A timer (bench/timer.py: a timerfd, since uvloop's own timers fire on
+    whole milliseconds) wakes the loop for the next arrival, and arrivals
+    are also sent whenever an answer comes in (``poll``: one clock
+    comparison), which under load saves most of the wake-ups. Sending early
     would flatter the latency and spinning would steal a core from the
     server, so an arrival never leaves before its time, and its lateness is
     recorded (``send_lag_us``) for the reader to weigh against the latency.
@@ -360,6 +359,7 @@ class _Arrivals:
         self.gaps = Blocks(lambda n: rng.exponential(mean_ns, n).astype(np.int64))
         self.next = _FAR      # intended time of the next arrival
         self.k = 0
+        self.timer = PreciseTimer(loop, self._tick)
         for c in conns:
             c.arrivals = self
 
@@ -389,8 +389,7 @@ class _Arrivals:
     def _tick(self) -> None:
         self.poll(clock())
         if self.next != _FAR:
-            wait_ms = max(1, math.ceil((self.next - clock()) / 1e6))   # ceil: never wake early
-            self.loop.call_later(wait_ms / 1000, self._tick)
+            self.timer.at(self.next)
 
 
 def _delay(t_ns: int) -> float:
@@ -431,6 +430,8 @@ async def _load_process(part: _Part, pipe) -> tuple[dict, list[bytes]]:
         loop.call_later(_delay(t_start), lambda: [c.start() for c in conns])
     loop.call_later(_WATCH_S, run.watch)
     await run.done
+    if part.rate is not None:
+        arrivals.timer.close()
     cpu_mark("t0")
     cpu_mark("t1")
     for c in conns:

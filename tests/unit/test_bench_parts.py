@@ -150,3 +150,40 @@ def test_encoder_is_deterministic_and_batch_independent():
     torch.testing.assert_close(padded, batch, rtol=0, atol=1e-5)
     m = load_config(REPO / "bench/configs/encoder.toml").model("encoder")
     assert m.factory == "bench.models:encoder" and m.max_batch == 32
+
+
+@pytest.mark.parametrize("precise", [True, False])
+def test_precise_timer_fires_once_at_its_time_and_can_be_moved(monkeypatch, precise):
+    """The open loop's arrival timer: never early, re-arming replaces the
+    earlier time, and (timerfd) much closer to its time than uvloop's
+    whole-millisecond timers."""
+    import asyncio
+    import time
+
+    import uvloop
+
+    from bench import timer as timer_mod
+    if not precise:
+        monkeypatch.setattr(timer_mod, "_LIBC", None)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        fired = []
+        t = timer_mod.PreciseTimer(loop, lambda: fired.append(time.perf_counter_ns()))
+        assert t.precise is (precise and timer_mod._LIBC is not None)
+        lateness = []
+        for _ in range(20):
+            fired.clear()
+            due = time.perf_counter_ns() + 300_000
+            t.at(due + 10_000_000)   # replaced before it is due
+            t.at(due)
+            await asyncio.sleep(0.02)
+            assert len(fired) == 1 and fired[0] >= due
+            lateness.append(fired[0] - due)
+        t.close()
+        return sorted(lateness)[len(lateness) // 2]
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        median_late_ns = runner.run(main())
+    if precise:
+        assert median_late_ns < 400_000, median_late_ns
