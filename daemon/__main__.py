@@ -3,6 +3,7 @@
     ringserve serve [--config FILE] [--host H] [--port P] [--metrics-port P] [--port-file F]
     ringserve check FILE            validate a config, print "ok" or the error
     ringserve reload --pid-file F   validate the running daemon's config file, then SIGHUP it
+    ringserve batch --input PATH --output DIR [...]   score a table offline (docs/batch.md)
     ringserve report --log DIR ...  A/B and lane report over the request log (daemon/report.py)
     ringserve profile --input F ... reference profile of training data for drift (daemon/drift.py)
     python -m daemon [...]          same as ``ringserve serve [...]``
@@ -41,6 +42,9 @@ def main(argv=None) -> int:
 
     if argv and argv[0] == "reload":
         return _reload(argv[1:])
+    if argv and argv[0] == "batch":
+        from .batch.cli import main as batch_main
+        return batch_main(argv[1:])
     if argv and argv[0] == "report":
         from .report import main as report_main
         return report_main(argv[1:])
