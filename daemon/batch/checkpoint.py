@@ -15,7 +15,8 @@ output format) holds::
      "position": {...},          the reader's position of the next row to score
      "rows": int,                rows in the committed parts
      "parts": [name, ...], "part_rows": [int, ...],
-     "stats": {...}, "stats_file": name,
+     "stats": {...}, "stats_file": name,     the score guardrails' running figures
+     "meta": {"weights": str, "outputs": [...]},   the model that scored the parts
      "data_hash": str | null,    content hash of the input, once known
      "complete": bool}           every row is scored; only publishing is left
 
@@ -33,6 +34,8 @@ import os
 import shutil
 
 import numpy as np
+
+from .guardrails import DEFAULT_SAMPLE, ScoreStats
 
 FILE = "checkpoint.json"
 
@@ -72,6 +75,11 @@ class Checkpoint:
         self.stats_file: str | None = s.get("stats_file")
         self.data_hash: str | None = s.get("data_hash")
         self.complete: bool = s.get("complete", False)
+        self.meta: dict = s.get("meta") or {}
+        self.stats_obj = ScoreStats(identity.get("sample_size", DEFAULT_SAMPLE))
+        if self.stats_file:
+            with np.load(os.path.join(directory, self.stats_file)) as z:
+                self.stats_obj = ScoreStats.restore(self.stats, {k: z[k] for k in z.files})
 
     @classmethod
     def open(cls, directory: str, identity: dict, restart: bool = False) -> tuple["Checkpoint", str]:
@@ -111,13 +119,7 @@ class Checkpoint:
     def next_part(self, ext: str) -> str:
         return os.path.join(self.dir, f"part-{len(self.parts):06d}.{ext}")
 
-    def load_stats(self):
-        if not self.stats_file:
-            return None
-        with np.load(os.path.join(self.dir, self.stats_file)) as z:
-            return self.stats, {k: z[k] for k in z.files}
-
-    def commit(self, part_path: str | None, part_rows: int, position: dict, stats,
+    def commit(self, part_path: str | None, part_rows: int, position: dict,
                complete: bool = False) -> None:
         """Record a finished (closed, fsynced) part and the state after it."""
         if part_path is not None:
@@ -125,6 +127,7 @@ class Checkpoint:
             self.part_rows.append(part_rows)
             self.rows += part_rows
         self.position = position
+        stats = self.stats_obj
         old = self.stats_file
         self.stats_file = f"stats-{len(self.parts):06d}.npz"
         tmp = os.path.join(self.dir, self.stats_file + ".tmp")
@@ -143,7 +146,8 @@ class Checkpoint:
         replace_json(os.path.join(self.dir, FILE), {
             "identity": self.identity, "position": self.position, "rows": self.rows,
             "parts": self.parts, "part_rows": self.part_rows, "stats": self.stats,
-            "stats_file": self.stats_file, "data_hash": self.data_hash, "complete": self.complete})
+            "stats_file": self.stats_file, "meta": self.meta, "data_hash": self.data_hash,
+            "complete": self.complete})
 
     def part_paths(self) -> list[str]:
         return [os.path.join(self.dir, p) for p in self.parts]

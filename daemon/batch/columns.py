@@ -139,9 +139,12 @@ def plan_columns(header, inputs: list[TensorDecl], mapping: dict[str, str],
             raise ColumnError(f"map every input to columns: --columns {decl.name}=FIRST:LAST "
                               f"(the model takes {', '.join(_describe(d) for d in inputs)})")
         if len(cols) != need:
+            hint = ""
+            if decl.name not in mapping:
+                hint = f"; choose them with --columns {decl.name}=FIRST:LAST"
+                if id_column is None and len(cols) == need + 1:
+                    hint += f", or name the id column with --id-column {header[0]!r}"
             raise ColumnError(f"input {_describe(decl)} takes {need} columns; {how} "
-                              f"give{'s' if len(cols) == 1 else ''} {len(cols)}"
-                              + ("" if decl.name in mapping else
-                                 f"; choose them with --columns {decl.name}=FIRST:LAST"))
+                              f"give{'s' if len(cols) == 1 else ''} {len(cols)}{hint}")
         planned.append(InputColumns(decl, tuple(index[c] for c in cols)))
     return ColumnPlan(header, tuple(planned), id_index, id_column or "row")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from ipc import shm
 
 from ..config import RING_SLOT_BYTES, Config, ModelConfig
-from ..spec import spec_for
+from ..spec import TensorDecl, spec_for
 from . import guardrails as gr
 from .checkpoint import Checkpoint, job_key
 from .columns import ColumnPlan, plan_columns
@@ -251,58 +251,72 @@ class Job:
     # -- the job ----------------------------------------------------------------------
     def run(self) -> dict:
         o, m = self.opts, self.model
+        t_start = time.monotonic()
         reader, plan, out_fmt = self._plan()
         os.makedirs(o.output, exist_ok=True)
         st = os.stat(o.input)
         static = {"input": os.path.abspath(o.input), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
                   "data_tag": o.data_tag, "model": m.name, "version": m.version,
                   "output_format": out_fmt}
+        identity = {**static, "batch_size": o.batch_size, "header": list(plan.header),
+                    "columns": [list(i.columns) for i in plan.inputs], "id_column": plan.id_index,
+                    "score": o.score, "sample_size": o.sample_size,
+                    "delimiter": getattr(reader, "delim", None)}
         workdir = os.path.join(o.output, f".ringserve-batch-{job_key(static)}")
+        ck, note = Checkpoint.open(workdir, identity, o.restart)
         hasher = None
         if o.data_tag is None:
             hasher = DataHasher(o.input)
             hasher.start()
+        if ck.complete:
+            # Every row is scored (an earlier run stopped at the guardrails or
+            # before its rename): publish without starting the model.
+            self.progress.event("start", note, model=m.name, version=m.version, input=o.input)
+            outputs = [TensorDecl.from_json(t) for t in ck.meta["outputs"]]
+            summary = self._summary(ck, ck.rows, 0.0, ck.meta["weights"], outputs, plan)
+            self._publish(ck, hasher, OutputColumns(outputs, plan.id_name), out_fmt, workdir, summary)
+            summary["wall_s"] = round(time.monotonic() - t_start, 3)
+            return summary
         removed = shm.sweep_stale()
         if removed:
             self.progress.event("swept", "removed shared memory left by a killed job or daemon",
                                 segments=removed)
         pool = WorkerPool(self._specs(o.batch_size), o.batch_size, RING_DEPTH, worker_env(self.cfg),
                           os.getcwd(), self.cfg.server.start_timeout_s)
-        t_start = time.monotonic()
         pool.start()
         try:
+            if ck.rows and ck.meta.get("weights") != pool.weights_hash:
+                ck, note = Checkpoint.open(workdir, identity, restart=True)
+                note = "the model's weights changed since the checkpoint; starting afresh"
+            ck.meta = {"weights": pool.weights_hash, "outputs": [t.to_json() for t in pool.outputs]}
             cols = OutputColumns(pool.outputs, plan.id_name)
-            score = o.score or cols.names[0]
-            identity = {**static, "weights": pool.weights_hash, "batch_size": o.batch_size,
-                        "header": list(plan.header), "columns": [list(i.columns) for i in plan.inputs],
-                        "id_column": plan.id_index, "score": score, "sample_size": o.sample_size,
-                        "delimiter": getattr(reader, "delim", None)}
-            ck, note = Checkpoint.open(workdir, identity, o.restart)
-            saved = ck.load_stats()
-            stats = gr.ScoreStats.restore(*saved) if saved else gr.ScoreStats(o.sample_size)
             self.progress.event("start", note, model=m.name, version=m.version, input=o.input,
                                 devices=list(m.devices), batch_rows=o.batch_size,
                                 weights=pool.weights_hash,
                                 workers_ready_s=round(time.monotonic() - t_start, 2))
             t_score, rows_before = time.monotonic(), ck.rows
-            if not ck.complete:
-                self._score(pool, reader, plan, cols, cols.index(score), ck, stats, out_fmt)
+            self._score(pool, reader, plan, cols, ck, out_fmt)
             scoring_s = time.monotonic() - t_score
             pool.stop(wait=False)   # they exit (torch teardown) while we publish
-            summary = {"rows": ck.rows, "rows_this_run": ck.rows - rows_before,
-                       "model": m.name, "version": m.version, "weights": pool.weights_hash,
-                       "scoring_s": round(scoring_s, 3),
-                       "rows_per_s": round((ck.rows - rows_before) / max(scoring_s, 1e-9), 1),
-                       "driver_s": {k: round(v, 3) for k, v in self.clock.items()},
-                       "worker_busy_s": [round(w.compute_ns / 1e9, 3) for w in pool.workers],
-                       "score": score, "guardrails": stats.summary(o.bounds)}
-            self._publish(ck, hasher, cols, stats, out_fmt, workdir, summary)
+            summary = self._summary(ck, rows_before, scoring_s, pool.weights_hash, pool.outputs, plan)
+            summary["worker_busy_s"] = [round(w.compute_ns / 1e9, 3) for w in pool.workers]
+            self._publish(ck, hasher, cols, out_fmt, workdir, summary)
         finally:
             pool.stop()
         summary["wall_s"] = round(time.monotonic() - t_start, 3)
         return summary
 
-    def _publish(self, ck: Checkpoint, hasher, cols: OutputColumns, stats, out_fmt: str,
+    def _summary(self, ck: Checkpoint, rows_before: int, scoring_s: float, weights: str,
+                 outputs, plan: ColumnPlan) -> dict:
+        o, m = self.opts, self.model
+        cols = OutputColumns(outputs, plan.id_name)
+        return {"rows": ck.rows, "rows_this_run": ck.rows - rows_before, "model": m.name,
+                "version": m.version, "weights": weights, "scoring_s": round(scoring_s, 3),
+                "rows_per_s": round((ck.rows - rows_before) / max(scoring_s, 1e-9), 1),
+                "driver_s": {k: round(v, 3) for k, v in self.clock.items()},
+                "score": o.score or cols.names[0], "guardrails": ck.stats_obj.summary(o.bounds)}
+
+    def _publish(self, ck: Checkpoint, hasher, cols: OutputColumns, out_fmt: str,
                  workdir: str, summary: dict) -> None:
         o, m = self.opts, self.model
         data_hash = hasher.result() if hasher is not None else None
@@ -316,7 +330,7 @@ class Job:
         tag = o.data_tag or f"sha256-{data_hash[:16]}"
         final = os.path.join(o.output, output_name(m, tag, out_fmt))
         summary.update(output=final, data_tag=tag)
-        failures = gr.check(stats, o.bounds, summary["score"])
+        failures = gr.check(ck.stats_obj, o.bounds, summary["score"])
         if failures:
             summary["failed"] = failures
             raise GuardrailFailure(failures, summary, workdir, final)
@@ -326,8 +340,10 @@ class Job:
         ck.remove()
 
     def _score(self, pool: WorkerPool, reader, plan: ColumnPlan, cols: OutputColumns,
-               score_index: int, ck: Checkpoint, stats: gr.ScoreStats, out_fmt: str) -> None:
+               ck: Checkpoint, out_fmt: str) -> None:
         o, m = self.opts, self.model
+        score_index = cols.index(o.score or cols.names[0])
+        stats = ck.stats_obj
         rows = o.batch_size
         ahead = Prefetch(reader.chunks(plan, ck.position))
         ahead.start()
@@ -387,7 +403,7 @@ class Job:
                     if (o.checkpoint_rows and since_commit >= o.checkpoint_rows) or \
                             now - last_commit >= o.checkpoint_s:
                         part.close()
-                        ck.commit(part.path, part.rows, end[0].position_after(end[1]), stats)
+                        ck.commit(part.path, part.rows, end[0].position_after(end[1]))
                         part = part_cls(ck.next_part(out_fmt), cols, m.version)
                         last_commit, since_commit = now, 0
                     if self.progress.due():
@@ -400,7 +416,7 @@ class Job:
             # it, and a rerun resumes after the last row written.
             if part.rows:
                 part.close()
-                ck.commit(part.path, part.rows, _pos(position), stats)
+                ck.commit(part.path, part.rows, _pos(position))
             raise
         finally:
             ahead.close()
@@ -408,7 +424,7 @@ class Job:
                 signal.signal(sig, old)
         part.close()
         final_pos = _pos(position)
-        ck.commit(part.path if part.rows else None, part.rows, final_pos, stats, complete=True)
+        ck.commit(part.path if part.rows else None, part.rows, final_pos, complete=True)
         if not part.rows and os.path.exists(part.path):
             os.unlink(part.path)
         self.progress.update(emitted, 1.0, force=True)

@@ -137,17 +137,16 @@ def test_checkpoint_commit_resume_and_cleanup(tmp_path):
     assert note == "starting"
     part = ck.next_part("csv")
     open(part, "w").write("a\n")
-    stats = gr.ScoreStats()
-    stats.add(0, np.array([0.5]))
-    ck.commit(part, 1, {"byte": 10, "rows": 1}, stats)
+    ck.stats_obj.add(0, np.array([0.5]))
+    ck.meta = {"weights": "w"}
+    ck.commit(part, 1, {"byte": 10, "rows": 1})
     (tmp_path / "job" / "part-000001.csv").write_text("half written")   # the kill
     ck2, note = Checkpoint.open(d, ident)
     assert note == "resuming after row 1"
     assert ck2.rows == 1 and ck2.position == {"byte": 10, "rows": 1}
     assert sorted(p.name for p in (tmp_path / "job").iterdir()) == \
         ["checkpoint.json", "part-000000.csv", "stats-000001.npz"]
-    restored = gr.ScoreStats.restore(*ck2.load_stats())
-    assert restored.rows == 1 and restored.mean == 0.5
+    assert ck2.stats_obj.rows == 1 and ck2.stats_obj.mean == 0.5 and ck2.meta == {"weights": "w"}
     ck3, note = Checkpoint.open(d, {**ident, "size": 2})
     assert "another job (differs in size)" in note and ck3.rows == 0
     assert [p.name for p in (tmp_path / "job").iterdir()] == []
