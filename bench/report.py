@@ -75,7 +75,19 @@ def sweep_point(rate: float, run: dict) -> dict:
             "not_ok": sum(v for k, v in run["statuses"].items() if k != "0"),
             "unanswered": run["unanswered"], "dropped": run["dropped"],
             "send_lag_p99_us": (run["send_lag_us"] or {}).get("p99"),
-            "server_cpu_us_per_answer": run.get("server_cpu_us_per_answer")}
+            "server_cpu_us_per_answer": run.get("server_cpu_us_per_answer"),
+            # what else ran: machine busy less the server and the generator
+            "others_cpu_pct": _others_cpu(run)}
+
+
+def _others_cpu(run: dict) -> float | None:
+    """% of a core the machine spent on neither the server nor the load
+    generator during ``run``: other work sharing the cores disturbs it."""
+    busy = (run.get("machine_cpu") or {}).get("busy_pct")
+    server = (run.get("server_cpu") or {}).get("cpu_pct")
+    if busy is None or server is None:
+        return None
+    return round(max(0.0, busy - server - run["loadgen_cpu_pct"]), 1)
 
 
 def knee(points: list[dict]) -> dict | None:
@@ -189,6 +201,7 @@ def _run_rows(runs: dict[str, dict]) -> list[tuple[str, list[str]]]:
     cores = max((r.get("machine_cpu") or {}).get("cores", 0) for r in runs.values())
     rows.append((f"machine CPU busy (% of a core, {cores} cores)",
                  [_n((r.get("machine_cpu") or {}).get("busy_pct"), 1) for r in runs.values()]))
+    rows.append(("  of which other work (% of a core)", [_n(_others_cpu(r), 1) for r in runs.values()]))
     return rows
 
 
@@ -243,10 +256,11 @@ def render(doc: dict) -> str:
         lines += ["", f"rate sweep (open loop, {sw['duration']:g} s per rate):"]
         lines += ["  " + ln for ln in _table(
             ["offered/s", "answers/s", "p50 us", "p99 us", "p99.9 us", "not OK", "unanswered",
-             "send lag p99 us"],
+             "send lag p99 us", "other CPU %"],
             [(_n(p["offered_rps"]), [_n(p["throughput_rps"]), _n(p["p50_us"]), _n(p["p99_us"]),
                                      _n(p["p99.9_us"]), _n(p["not_ok"]), _n(p["unanswered"]),
-                                     _n(p["send_lag_p99_us"])]) for p in sw["points"]])]
+                                     _n(p["send_lag_p99_us"]), _n(p["others_cpu_pct"])])
+             for p in sw["points"]])]
         k = sw["knee"]
         lines.append(f"  knee: {_n(k['offered_rps'])}/s offered, {_n(k['throughput_rps'])}/s answered, "
                      f"p99 {_n(k['p99_us'])} us (the last rate that delivered >= "
