@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -76,12 +75,11 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"invalid config: {e}", file=sys.stderr)
         return 2
-    over = {k: v for k, v in (("host", a.host), ("port", a.port)) if v is not None}
-    if over:
-        cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, **over))
+    from .config import with_overrides
     metrics_port = a.metrics_port if a.metrics_port is not None else (0 if a.port == 0 else None)
-    if metrics_port is not None:
-        cfg = dataclasses.replace(cfg, metrics=dataclasses.replace(cfg.metrics, port=metrics_port))
+    overrides = {"server": {k: v for k, v in (("host", a.host), ("port", a.port)) if v is not None},
+                 "metrics": {"port": metrics_port} if metrics_port is not None else {}}
+    cfg = with_overrides(cfg, overrides)
     from . import logs
     from .server import serve
     logs.setup(cfg.logging.level)
@@ -89,7 +87,7 @@ def main(argv=None) -> int:
         with open(a.pid_file, "w") as f:
             f.write(f"{os.getpid()}\n{os.path.abspath(path)}\n")
     try:
-        return serve(cfg, a.port_file)
+        return serve(cfg, a.port_file, overrides)
     finally:
         if a.pid_file:
             try:

@@ -29,6 +29,7 @@ Run ``python -m daemon.config --check FILE`` to validate a file and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import json
 import math
@@ -44,7 +45,7 @@ from ipc.tensors import DTYPES
 __all__ = [
     "PROTOCOL_DTYPES", "RING_SLOT_BYTES", "REQUIRED", "Derived", "ConfigError", "Setting", "Section",
     "SETTINGS", "SECTIONS", "TensorShape", "ServerConfig", "LoggingConfig",
-    "ModelConfig", "RolloutConfig", "ArmConfig", "ExperimentConfig", "ShadowConfig", "GuardrailConfig", "MetricsConfig", "RequestLogConfig", "Config", "load_config", "parse_config", "render_reference",
+    "ModelConfig", "RolloutConfig", "ArmConfig", "ExperimentConfig", "ShadowConfig", "GuardrailConfig", "MetricsConfig", "RequestLogConfig", "Config", "with_overrides", "load_config", "parse_config", "render_reference",
 ]
 
 # The tensor dtypes of the wire protocol (protocol.md, "Tensors"), with their
@@ -1094,6 +1095,17 @@ for _s in SETTINGS:
     assert _s.name not in _SETTINGS_BY_SECTION[_s.section], _s
     _SETTINGS_BY_SECTION[_s.section][_s.name] = _s
 del _s
+
+
+def with_overrides(cfg: Config, overrides: dict[str, dict[str, Any]]) -> Config:
+    """``cfg`` with command-line values replacing the file's: {section: {key:
+    value}}. Applied at start and again to every reloaded file, so a reload
+    keeps what the command line said."""
+    for section, values in overrides.items():
+        if values:
+            cfg = dataclasses.replace(
+                cfg, **{section: dataclasses.replace(getattr(cfg, section), **values)})
+    return cfg
 
 
 def default_guardrail(model: str) -> GuardrailConfig:

@@ -31,7 +31,7 @@ from ipc.status import (InvalidArgument, NotFound, ProtocolError, ResourceExhaus
                         Unavailable)
 from ipc.tensors import TensorSpec, decode_inputs
 
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, with_overrides
 from .batcher import Deadlines, ModelQueue, Pending
 from .cache import ResponseCache
 from .drift import DriftTracker
@@ -75,8 +75,9 @@ def tune_gc() -> None:
 
 
 class App:
-    def __init__(self, cfg, loop, port_file: str | None = None):
+    def __init__(self, cfg, loop, port_file: str | None = None, overrides: dict | None = None):
         self.cfg = cfg
+        self.overrides = overrides or {}
         self.loop = loop
         self.port_file = port_file
         self.workdir = os.getcwd()
@@ -485,7 +486,7 @@ class App:
         old = self.cfg
         t0 = time.monotonic()
         try:
-            new = load_config(old.source)
+            new = with_overrides(load_config(old.source), self.overrides)
         except ConfigError as e:
             self.reloads["failed"] += 1
             log.error("reload rejected: invalid config; still serving the previous one",
@@ -611,11 +612,11 @@ class App:
                                                    for q in queues)})
 
 
-def serve(cfg, port_file: str | None = None) -> int:
+def serve(cfg, port_file: str | None = None, overrides: dict | None = None) -> int:
     import uvloop
 
     async def main() -> int:
-        app = App(cfg, asyncio.get_running_loop(), port_file)
+        app = App(cfg, asyncio.get_running_loop(), port_file, overrides)
         try:
             return await app.run()
         except BaseException:

@@ -9,7 +9,6 @@ import time
 
 import numpy as np
 import psutil
-import pytest
 import torch
 
 from daemon.runtime import weights_hash

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 
 from daemon.router import bucket
 from tests.wire import out_array

@@ -8,7 +8,7 @@ import torch
 
 from daemon.zoo import mlp_scorer
 from tests.conftest import demo_config
-from tests.wire import WireClient, out_array, tensor
+from tests.wire import out_array, tensor
 
 OK, INVALID, DEADLINE, NOT_FOUND, EXHAUSTED, INTERNAL, UNAVAILABLE = 0, 3, 4, 5, 8, 13, 14
 
