@@ -73,8 +73,9 @@ OPTIONS: tuple[Option, ...] = (
            "(default: the row number, as column 'row')", metavar="NAME"),
     Option("data_tag", str, None, "data version in the output name (default: sha256 of the "
            "input, 16 hex digits)", metavar="TAG"),
-    Option("batch_size", int, 4096, "rows per batch handed to a worker"),
-    Option("delimiter", str, None, "CSV field delimiter (default: ',' or tab for .tsv)"),
+    Option("batch_size", int, 4096, "rows per batch handed to a worker", metavar="N"),
+    Option("delimiter", str, None, "CSV field delimiter (default: ',' or tab for .tsv)",
+           metavar="CHAR"),
     Option("csv_engine", str, "auto", "CSV parser: pyarrow when installed (faster), else numpy",
            ("auto", "numpy", "pyarrow")),
     Option("checkpoint_s", float, 10.0, "seconds between checkpoints", metavar="SECONDS"),
@@ -104,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "the model is configured for; resumable, atomic, guarded (docs/batch.md).")
     p.add_argument("--job", metavar="FILE", help="TOML job file with a [batch] table of these options")
     for o in OPTIONS:
-        kw = {"dest": o.name, "default": None, "help": o.help}
+        shown = o.default not in (None, _REQUIRED, [], False) and "default" not in o.help
+        kw = {"dest": o.name, "default": None,
+              "help": o.help + (f" (default: {o.default})" if shown else "")}
         if o.type is bool:
             kw["action"] = "store_const"
             kw["const"] = True
@@ -118,6 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
             kw["metavar"] = o.metavar
         p.add_argument(o.flag, **kw)
     return p
+
+
+def render_options() -> str:
+    """The options table of docs/batch.md (a unit test keeps them equal)."""
+    rows = ["| flag | job-file key | default | meaning |", "| --- | --- | --- | --- |",
+            "| `--job FILE` | | | TOML file with a `[batch]` table of the options below |"]
+    for o in OPTIONS:
+        flag = o.flag + (f" {o.metavar}" if o.metavar else "" if o.type is bool else
+                         " {" + ",".join(o.choices) + "}" if o.choices else f" {o.name.upper()}")
+        default = "required" if o.default is _REQUIRED else "" if o.default in (None, []) \
+            else f"`{str(o.default).lower() if isinstance(o.default, bool) else o.default}`"
+        rows.append(f"| `{flag}` | `{o.name}` | {default} | {o.help} |")
+    return "\n".join(rows)
 
 
 def _convert(o: Option, v, where: str):

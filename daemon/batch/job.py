@@ -392,8 +392,8 @@ class Job:
                     outs = done.pop(emit)
                     row0, ids, end = meta.pop(emit)
                     emit += 1
-                    part.write(ids, outs, time.time())
                     out_cols = cols.columns(outs)
+                    part.write(ids, out_cols, time.time())
                     stats.add(row0, out_cols[score_index])
                     n = outs[0].shape[0]
                     emitted += n

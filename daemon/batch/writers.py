@@ -92,6 +92,15 @@ def _id_strings(pieces) -> list:
     return [x if isinstance(x, str) else "" if x is None else str(x) for x in out]
 
 
+def _texts(col: np.ndarray, fmt: str | None) -> list[str]:
+    vals = col.tolist()
+    if fmt:
+        return list(map(fmt.__mod__, vals))
+    if col.dtype.kind == "f":
+        return list(map(repr, vals))          # float64: the shortest exact text
+    return list(map(str, map(int, vals)))     # integers; bool as 0/1
+
+
 def _quote(field: str) -> str:
     if any(c in field for c in ',"\n\r'):
         return '"' + field.replace('"', '""') + '"'
@@ -109,16 +118,13 @@ class CsvPart:
         self.f = open(path, "w", newline="")
         self.rows = 0
 
-    def write(self, id_pieces, outs: list[np.ndarray], scored_at: float) -> None:
+    def write(self, id_pieces, columns: list[np.ndarray], scored_at: float) -> None:
+        """One batch: its ids (pieces) and its output columns (``OutputColumns.columns``)."""
         ids = _id_strings(id_pieces)
         joined = "".join(ids)
         if "," in joined or '"' in joined or "\n" in joined or "\r" in joined:
             ids = [_quote(x) for x in ids]
-        texts = []
-        for fmt, c in zip(self._fmt, self.cols.columns(outs)):
-            vals = c.tolist()
-            texts.append(list(map(fmt.__mod__, vals)) if fmt else list(map(repr, vals))
-                         if c.dtype.kind == "f" else list(map(str, map(int, vals))))
+        texts = [_texts(c, fmt) for c, fmt in zip(columns, self._fmt)]
         tail = f"{self.version},{iso_ms(scored_at)}"
         self.f.write("\n".join(map(",".join, zip(ids, *texts, repeat(tail)))))
         self.f.write("\n")
@@ -149,10 +155,10 @@ class ParquetPart:
         arrs = [c for a in arrs for c in (a.chunks if isinstance(a, pa.ChunkedArray) else [a])]
         return arrs[0] if len(arrs) == 1 else pa.concat_arrays(arrs)
 
-    def write(self, id_pieces, outs: list[np.ndarray], scored_at: float) -> None:
+    def write(self, id_pieces, columns: list[np.ndarray], scored_at: float) -> None:
         pa = self.pa
-        n = outs[0].shape[0]
-        arrays = [self._ids(id_pieces), *(pa.array(c) for c in self.cols.columns(outs)),
+        n = columns[0].shape[0]
+        arrays = [self._ids(id_pieces), *(pa.array(c) for c in columns),
                   pa.array(repeat(self.version, n), pa.string()),
                   pa.array(np.full(n, int(scored_at * 1000), "datetime64[ms]"),
                            pa.timestamp("ms", tz="UTC"))]
@@ -210,7 +216,7 @@ def publish(parts: list[str], fmt: str, cols: OutputColumns, final: str, meta: d
     try:
         if fmt == "csv":
             with open(tmp, "wb") as out:
-                out.write((",".join(cols.header) + "\n").encode())
+                out.write((",".join(map(_quote, cols.header)) + "\n").encode())
                 for p in parts:
                     with open(p, "rb") as f:
                         shutil.copyfileobj(f, out, 8 << 20)

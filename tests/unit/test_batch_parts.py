@@ -3,8 +3,12 @@ state, output naming and the command line's option table."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import re
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +17,7 @@ from daemon.batch import cli
 from daemon.batch import guardrails as gr
 from daemon.batch.checkpoint import Checkpoint
 from daemon.batch.columns import ColumnError, expand, parse_mapping, plan_columns
+from daemon.batch.progress import Progress
 from daemon.batch.writers import OutputColumns
 from daemon.spec import TensorDecl
 
@@ -180,3 +185,33 @@ def test_flags_win_over_the_job_file(tmp_path):
         cli.resolve(cli.build_parser().parse_args(["--input", "a.csv"]))
     args = cli.build_parser().parse_args(["--input", "a", "--output", "o", "--max-nan-rate", "off"])
     assert cli.resolve(args)["max_nan_rate"] is None
+
+
+def test_docs_options_table_matches_the_code():
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "batch.md").read_text()
+    table = doc.split("<!-- options:begin -->\n", 1)[1].split("\n<!-- options:end -->", 1)[0]
+    assert table == cli.render_options(), \
+        "docs/batch.md is stale: paste daemon.batch.cli.render_options() between the markers"
+
+
+def test_progress_line_on_a_terminal_and_json_otherwise():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    t = Tty()
+    p = Progress("auto", 0.0, t)
+    p.begin(0)
+    time.sleep(0.01)
+    p.update(500, 0.5)
+    p.event("published", "out.csv", rows=1000)
+    assert p.mode == "tty" and re.search(r"\r +500 rows   50\.0% .* rows/s  0:00:00  ETA 0:00:00", t.getvalue())
+    assert t.getvalue().endswith("\npublished: out.csv rows=1000\n")
+    s = io.StringIO()
+    p = Progress("auto", 0.0, s)
+    p.begin(100)                     # resumed after 100 rows: the rate counts this run's rows
+    time.sleep(0.01)
+    p.update(200, 0.5)
+    rec = json.loads(s.getvalue())
+    assert rec["event"] == "progress" and rec["rows"] == 200 and rec["fraction"] == 0.5
+    assert rec["rows_per_s"] < 100 / 0.01 + 1 and rec["eta_s"] >= 0
