@@ -386,8 +386,16 @@ class Job:
                 pool.wait(1.0)
                 t1 = perf()
                 clock["wait"] += t1 - t0
-                for s, outs in pool.collect():
-                    done[s] = outs
+                try:
+                    for s, outs in pool.collect():
+                        done[s] = outs
+                except WorkerError as e:
+                    if e.seq in meta:
+                        first, ids, _ = meta[e.seq]
+                        n = sum(len(p) for p in ids)
+                        raise WorkerError(f"rows {first} to {first + n - 1} (batch {e.seq} of "
+                                          f"this run): {e}") from None
+                    raise
                 while emit in done:
                     outs = done.pop(emit)
                     row0, ids, end = meta.pop(emit)

@@ -349,7 +349,7 @@ class ParquetReader:
         self.source = os.path.basename(path)
         self.batch_rows = batch_rows
         try:
-            self.file = pq.ParquetFile(path)
+            self.file = pq.ParquetFile(path, memory_map=True)
         except OSError as e:
             raise InputError(f"cannot read {path} as Parquet: {e}") from None
         except pa.ArrowException as e:

@@ -40,7 +40,12 @@ STOP_GRACE_S = 10.0
 
 
 class WorkerError(RuntimeError):
-    """A worker failed to start, died, or its model raised."""
+    """A worker failed to start, died, or its model raised (``seq``: on
+    which batch)."""
+
+    def __init__(self, message: str, seq: int | None = None):
+        super().__init__(message)
+        self.seq = seq
 
 
 class BatchWorker:
@@ -163,7 +168,7 @@ class BatchWorker:
             seq, n, status, compute_ns, err = ring.result(slot)
             self.compute_ns += compute_ns
             if status:
-                raise WorkerError(err or f"status {status}")
+                raise WorkerError(err or f"status {status}", seq)
             outs = [v[:n].copy() for v in self.outputs_views[slot]]
             ring.release()
             self.pending.pop(0)

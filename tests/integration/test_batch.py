@@ -29,24 +29,17 @@ from tests.conftest import REPO, shm_segments
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-DEMO = """
+MODEL = """
 [[models]]
-name = "demo"
-version = "7"
-factory = "daemon.zoo:mlp_scorer"
-input = { dtype = "float32", shape = [128] }
+name = "{name}"
+version = "{version}"
+factory = "{factory}"
+input = {{ dtype = "float32", shape = [{width}] }}
 devices = ["cpu"]
 threads = 1
 """
-SLOW = """
-[[models]]
-name = "slow"
-version = "2"
-factory = "tests.models:slow"
-input = { dtype = "float32", shape = [4] }
-devices = ["cpu"]
-threads = 1
-"""
+DEMO = MODEL.format(name="demo", version="7", factory="daemon.zoo:mlp_scorer", width=128)
+SLOW = MODEL.format(name="slow", version="2", factory="tests.models:slow", width=4)
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 
@@ -274,3 +267,68 @@ def test_bad_input_fails_with_line_and_column(tmp_path, demo_config):
     assert p.returncode == 2, p.stderr
     assert "in.csv line 6, column 'f0': 'abc' is not a number" in p.stderr
     assert not [n for n in os.listdir(out) if not n.startswith(".")]
+
+
+def _wait_committed(job, out, rows, timeout=120.0) -> None:
+    t_end = time.monotonic() + timeout
+    while True:
+        assert job.poll() is None and time.monotonic() < t_end, job.communicate()
+        for ck in out.glob(".ringserve-batch-*/checkpoint.json"):
+            try:
+                if json.loads(ck.read_text())["rows"] >= rows:
+                    return
+            except ValueError:
+                pass
+        time.sleep(0.01)
+
+
+def test_worker_death_and_sigterm_stop_the_job_resumably(tmp_path):
+    cfg = tmp_path / "slow.toml"
+    cfg.write_text(SLOW)
+    n = 1500
+    x = np.random.default_rng(8).standard_normal((n, 4)).astype(np.float32)
+    src = write_table(tmp_path / "in.csv", x, "csv", ids=[str(i) for i in range(n)])
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "daemon", "batch", "--config", str(cfg), "--progress", "off",
+           "--input", src, "--output", str(out), "--id-column", "id", "--batch-size", "50",
+           "--checkpoint-rows", "100", "--data-tag", "t"]
+    env = {**os.environ, "RINGSERVE_TEST_SLOW_MS": "20"}
+
+    job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    _wait_committed(job, out, 200)
+    worker = psutil.Process(job.pid).children()[0]
+    worker.kill()                                                   # the model's process dies
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == 1, err
+    assert f"(pid {worker.pid}) exited with code -9 while scoring" in err and "rerun" in err
+
+    job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    _wait_committed(job, out, 700)
+    job.send_signal(signal.SIGTERM)                                 # a scheduler stops the job
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == 130 and "interrupted" in err, err
+
+    p = run(cfg, *cmd[cmd.index("--input"):], env={"RINGSERVE_TEST_SLOW_MS": "20"})
+    assert p.returncode == 0, p.stderr
+    s = summary(p)
+    assert 0 < s["rows_this_run"] <= n - 700
+    ids, got, _, _ = read_output(s["output"])
+    assert ids == [str(i) for i in range(n)]
+    assert np.array_equal(got, reference("tests.models:slow", x, 50))
+    assert_no_leftovers(out, job.pid)
+
+
+def test_model_error_names_the_rows(tmp_path):
+    cfg = tmp_path / "magic.toml"
+    cfg.write_text(MODEL.format(name="magic", version="1", factory="tests.models:raises_on_magic",
+                                width=4))
+    x = np.ones((300, 4), np.float32)
+    x[130, 0] = 777
+    src = write_table(tmp_path / "in.parquet", x, "parquet")
+    p = run(cfg, "--input", src, "--output", tmp_path / "out", "--id-column", "id",
+            "--batch-size", 64)
+    assert p.returncode == 1, p.stderr
+    assert "rows 128 to 191 (batch 2 of this run): the model raised ValueError: magic value 777" \
+        in p.stderr
