@@ -216,7 +216,8 @@ class Job:
     def _plan(self):
         o, m = self.opts, self.model
         # pyarrow's own threads only where cores are left after the workers'
-        # torch threads and this process (on 2 cores they slow the job down).
+        # torch threads and this process (on 2 cores they compete with the
+        # worker: no clear gain measured).
         spare = len(os.sched_getaffinity(0)) - cpu_threads(m) * m.devices.count("cpu")
         reader = open_reader(o.input, o.format, delimiter=o.delimiter or
                              ("\t" if o.input.lower().endswith(".tsv") else ","),
@@ -289,7 +290,11 @@ class Job:
                 ck, note = Checkpoint.open(workdir, identity, restart=True)
                 note = "the model's weights changed since the checkpoint; starting afresh"
             ck.meta = {"weights": pool.weights_hash, "outputs": [t.to_json() for t in pool.outputs]}
-            cols = OutputColumns(pool.outputs, plan.id_name)
+            try:
+                cols = OutputColumns(pool.outputs, plan.id_name)
+                cols.index(o.score or cols.names[0])
+            except ValueError as e:   # --score or --id-column against the model's outputs
+                raise JobError(str(e)) from None
             self.progress.event("start", note, model=m.name, version=m.version, input=o.input,
                                 devices=list(m.devices), batch_rows=o.batch_size,
                                 weights=pool.weights_hash,

@@ -14,8 +14,8 @@ count, found through the row-group index.
 
 CSV is cut into blocks of whole lines (``BLOCK_BYTES``) read from the file;
 a block is parsed by ``np.loadtxt`` or by ``pyarrow.csv`` (measured on the
-demo table, 128 float32 columns, one core: numpy ~33k rows/s, pyarrow
-~74k rows/s, so ``engine="auto"`` takes pyarrow when it is installed). A row
+demo table, 128 float32 columns, one core: numpy ~32k rows/s, pyarrow
+~81k rows/s, so ``engine="auto"`` takes pyarrow when it is installed). A row
 may not hold a newline inside a quoted field. Blank lines are skipped. When
 a fast parser rejects a block, ``_locate`` walks it again with the csv
 module to name the line, the column and the value.
