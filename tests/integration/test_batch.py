@@ -123,20 +123,25 @@ def demo_config(tmp_path):
     return p
 
 
-@pytest.mark.parametrize("fmt", ["csv", "parquet"])
-def test_outputs_equal_the_in_process_model(tmp_path, demo_config, fmt):
+@pytest.mark.parametrize("fmt,workers", [("csv", 1), ("parquet", 1), ("csv", 2)])
+def test_outputs_equal_the_in_process_model(tmp_path, demo_config, fmt, workers):
+    """Two workers (devices = ["cpu", "cpu"]) finish batches out of order;
+    the output is still in input order."""
+    if workers > 1:
+        demo_config.write_text(DEMO.replace('["cpu"]', '["cpu", "cpu"]'))
     x = np.random.default_rng(3).standard_normal((700, 128)).astype(np.float32)
     src = write_table(tmp_path / f"in.{fmt}", x, fmt)
     out = tmp_path / "out"
-    p = run(demo_config, "--input", src, "--output", out, "--id-column", "id", "--batch-size", 256)
+    p = run(demo_config, "--input", src, "--output", out, "--id-column", "id", "--batch-size", 64)
     assert p.returncode == 0, p.stderr
     s = summary(p)
+    assert len(s["worker_busy_s"]) == workers
     digest = hashlib.sha256(open(src, "rb").read()).hexdigest()[:16]
     assert s["output"] == str(out / f"demo__7__sha256-{digest}.{fmt}")
     assert s["rows"] == 700 and s["version"] == "7" and s["weights"].startswith("sha256:")
     ids, got, versions, ts = read_output(s["output"])
     assert ids == [f"u{i}" for i in range(700)]
-    assert np.array_equal(got, reference("daemon.zoo:mlp_scorer", x, 256))
+    assert np.array_equal(got, reference("daemon.zoo:mlp_scorer", x, 64))
     assert set(versions) == {"7"} and all(ISO.match(t) for t in ts)
     events = [json.loads(ln) for ln in p.stderr.splitlines() if ln.startswith('{"ts"')]
     assert {"start", "progress", "published"} <= {e.get("event") for e in events}
