@@ -42,6 +42,7 @@ from .protocol import Connection
 from .rollouts import Rollouts, weight_of
 from .router import CANARY, STABLE, RoutingTable, UnknownExperiment
 from .shadow import Shadow
+from .spec import share_cores, worker_env
 from .supervisor import WorkerHandle
 
 log = logging.getLogger("ringserve.server")
@@ -52,15 +53,7 @@ _monotonic_ns = time.monotonic_ns
 
 
 def default_threads(cfg) -> int:
-    """Torch threads per CPU worker when the config says 0: the cores this
-    process may use, less one for the front (a worker that takes every core
-    starves the event loop), shared among the CPU workers."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
-    cpu_workers = sum(1 for m in cfg.models for d in m.devices if d == "cpu")
-    return max(1, (cores - 1) // max(1, cpu_workers))
+    return share_cores(sum(1 for m in cfg.models for d in m.devices if d == "cpu"))
 
 
 def tune_gc() -> None:
@@ -81,13 +74,7 @@ class App:
         self.loop = loop
         self.port_file = port_file
         self.workdir = os.getcwd()
-        self.worker_env = dict(os.environ)
-        # Workers import model factories by module path: the working
-        # directory (as for `python -m daemon`) and the config file's own
-        # directory (a model module kept beside its config) are importable.
-        config_dir = os.path.dirname(os.path.abspath(cfg.source)) if os.path.exists(cfg.source) else ""
-        self.worker_env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (self.workdir, config_dir, os.environ.get("PYTHONPATH", "")) if p)
+        self.worker_env = worker_env(cfg.source, self.workdir)
         self.deadlines = Deadlines(loop)
         self.queues: dict[tuple[str, str], ModelQueue] = {}
         self.rollouts = Rollouts(self)

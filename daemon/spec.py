@@ -4,6 +4,9 @@ importing torch."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 
 from ipc.tensors import DTYPES
@@ -78,3 +81,40 @@ def spec_for(model_cfg, device: str, threads: int) -> ModelSpec:
         single_output=model_cfg.single_output,
         device=device, dtype=model_cfg.dtype, compile=model_cfg.compile, threads=threads,
         buckets=list(model_cfg.buckets), spin_us=model_cfg.spin_us)
+
+
+# -- starting a worker: shared by the daemon's supervisor and the batch job --
+
+def share_cores(cpu_workers: int) -> int:
+    """Torch threads per CPU worker when the config says 0: the cores this
+    process may use, less one for the front (a worker that takes every core
+    starves the event loop, or the batch job's reader), shared among the
+    CPU workers."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, (cores - 1) // max(1, cpu_workers))
+
+
+def worker_env(config_source: str, workdir: str) -> dict:
+    """Workers import model factories by module path: the working directory
+    (as for `python -m daemon`) and the config file's own directory (a model
+    module kept beside its config) are importable."""
+    env = dict(os.environ)
+    config_dir = (os.path.dirname(os.path.abspath(config_source))
+                  if os.path.exists(config_source) else "")
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (workdir, config_dir, os.environ.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def spawn_worker(ctrl_fd: int, wake_fd: int, done_fd: int, cwd: str, env: dict):
+    """``python -m daemon.worker`` with its control socket and eventfds, in a
+    session of its own: a terminal's Ctrl-C reaches only the parent, which
+    drains first and then stops its workers."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "daemon.worker", "--ctrl-fd", str(ctrl_fd),
+         "--wake-fd", str(wake_fd), "--done-fd", str(done_fd)],
+        pass_fds=(ctrl_fd, wake_fd, done_fd), stdin=subprocess.DEVNULL, cwd=cwd, env=env,
+        start_new_session=True)

@@ -26,14 +26,12 @@ import logging
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 from ipc.ring import Ring, RingLayout
 from ipc.status import Status
 
-from .spec import TensorDecl, spec_for
+from .spec import TensorDecl, spawn_worker, spec_for
 from .stats import BusyMeter
 from .worker import EXIT_LOAD_FAILED
 
@@ -98,14 +96,8 @@ class WorkerHandle:
         self._wake = os.eventfd(0, os.EFD_CLOEXEC)  # the worker blocks on it
         self._done = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "daemon.worker", "--ctrl-fd", str(child.fileno()),
-                 "--wake-fd", str(self._wake), "--done-fd", str(self._done)],
-                pass_fds=(child.fileno(), self._wake, self._done),
-                stdin=subprocess.DEVNULL, cwd=self.app.workdir, env=self.app.worker_env,
-                # own session: a terminal's Ctrl-C reaches only the front, which
-                # drains first and then stops its workers.
-                start_new_session=True)
+            self.proc = spawn_worker(child.fileno(), self._wake, self._done, self.app.workdir,
+                                     self.app.worker_env)
         except OSError as e:
             child.close()
             parent.close()

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from ipc import shm
 
 from ..config import RING_SLOT_BYTES, Config, ModelConfig
-from ..spec import TensorDecl, spec_for
+from ..spec import TensorDecl, share_cores, spec_for, worker_env
 from . import guardrails as gr
 from .checkpoint import Checkpoint, job_key
 from .columns import ColumnPlan, plan_columns
@@ -102,24 +102,9 @@ class DataHasher(threading.Thread):
 
 
 def cpu_threads(model: ModelConfig) -> int:
-    """Torch threads per CPU worker, as the daemon decides them: the
-    config's ``threads``, or the cores less one for the driver (which parses
-    the input), shared among the CPU workers."""
-    if model.threads:
-        return model.threads
-    cores = len(os.sched_getaffinity(0))
-    cpu_workers = sum(1 for d in model.devices if d == "cpu")
-    return max(1, (cores - 1) // max(1, cpu_workers))
-
-
-def worker_env(cfg: Config) -> dict:
-    """As the daemon's: the working directory and the config file's directory
-    are importable, so a model module kept beside its config loads."""
-    env = dict(os.environ)
-    config_dir = os.path.dirname(os.path.abspath(cfg.source)) if os.path.exists(cfg.source) else ""
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (os.getcwd(), config_dir, os.environ.get("PYTHONPATH", "")) if p)
-    return env
+    """Torch threads per CPU worker, as the daemon decides them (the driver,
+    which parses the input, keeps a core as the front does)."""
+    return model.threads or share_cores(model.devices.count("cpu"))
 
 
 def output_name(model: ModelConfig, data_tag: str, fmt: str) -> str:
@@ -282,7 +267,7 @@ class Job:
         if removed:
             self.progress.event("swept", "removed shared memory left by a killed job or daemon",
                                 segments=removed)
-        pool = WorkerPool(self._specs(o.batch_size), o.batch_size, RING_DEPTH, worker_env(self.cfg),
+        pool = WorkerPool(self._specs(o.batch_size), o.batch_size, RING_DEPTH, worker_env(self.cfg.source, os.getcwd()),
                           os.getcwd(), self.cfg.server.start_timeout_s)
         pool.start()
         try:

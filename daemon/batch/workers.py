@@ -23,8 +23,6 @@ import os
 import select
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -32,7 +30,7 @@ import numpy as np
 from ipc.ring import Ring, RingLayout
 from ipc.tensors import _NP
 
-from ..spec import ModelSpec, TensorDecl
+from ..spec import ModelSpec, TensorDecl, spawn_worker
 from ..worker import EXIT_LOAD_FAILED
 
 _ONE = (1).to_bytes(8, "little")
@@ -74,11 +72,7 @@ class BatchWorker:
         self.wake = os.eventfd(0, os.EFD_CLOEXEC)
         self.done = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "daemon.worker", "--ctrl-fd", str(child.fileno()),
-                 "--wake-fd", str(self.wake), "--done-fd", str(self.done)],
-                pass_fds=(child.fileno(), self.wake, self.done), stdin=subprocess.DEVNULL,
-                cwd=self.cwd, env=self.env, start_new_session=True)
+            self.proc = spawn_worker(child.fileno(), self.wake, self.done, self.cwd, self.env)
         finally:
             child.close()
         self.ctrl = parent
