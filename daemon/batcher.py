@@ -349,14 +349,16 @@ class ModelQueue:
                 nb = out_nbytes[0]
                 r.shadow.mirror(r, out_mvs[0][i * nb:(i + 1) * nb], meta[0][1])
 
-    def finished(self, req: Pending, status: int, answer: dict) -> None:
-        """Send one answer (already marked done) and count it."""
+    def finished(self, req: Pending, status: int, answer: dict, observe: bool = True) -> None:
+        """Send one answer (already marked done) and count it. ``observe``
+        False keeps it from the rollout's guardrail (cache hits, refusals
+        while no worker was ready: they say nothing of the model)."""
         if req.lane is SHADOW:  # to its Shadow, not to a caller; counted there
             req.conn.send(answer)
             return
         latency_us = (_monotonic_ns() - req.arrival) // 1000
         self.stats.answered(status, latency_us, req.lane, req.arm)
-        if self.observer is not None:
+        if observe and self.observer is not None:
             self.observer(req.lane, status, latency_us)
         if req.log is not None and self.reqlog is not None:
             self.reqlog.answer(req, status, answer, latency_us, self.name, self.version,

@@ -777,6 +777,15 @@ def _check_across(built: dict[str, Any], ctx: _Context) -> None:
                 need(f"experiments[{i}].arms[{j}].version", e.model, a.version)
     for i, sh in enumerate(built["shadows"]):
         need(f"shadows[{i}].candidate", sh.model, sh.candidate)
+        cand = next(m for m in built["models"] if (m.name, m.version) == (sh.model, sh.candidate))
+        other = [m.version for m in built["models"]
+                 if m.name == sh.model and m.inputs != cand.inputs]
+        if other:
+            key = f"shadows[{i}].candidate"
+            raise ConfigError(f"{ctx.source}: {key}: version {json.dumps(sh.candidate)} takes "
+                              f"other inputs than version(s) {', '.join(other)} of "
+                              f"{json.dumps(sh.model)}, so their requests cannot be mirrored to "
+                              "it; give it the same inputs", source=ctx.source, key=key)
     _unique(built["rollouts"], "model", "rollouts", "model", ctx)
     _unique(built["experiments"], "id", "experiments", "experiment id", ctx)
     _unique(built["shadows"], "model", "shadows", "model", ctx)

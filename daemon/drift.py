@@ -505,7 +505,7 @@ class DriftTracker:
     to ``frozen_path`` so a restart compares with the same reference
     instead of learning one from traffic that may have drifted since."""
 
-    FEED_ROWS = 64
+    MAX_PENDING = 20_000
     NUMPY = {"float32": "<f4", "float64": "<f8", "float16": "<f2"}
 
     def __init__(self, m, frozen_path: str):
@@ -525,10 +525,12 @@ class DriftTracker:
         self._rand = random.random
 
     def sample(self, data) -> None:
-        if self._rand() < self.rate:
+        # Fed by the front's timer, never here: the first feed after enough
+        # rows builds the reference (up to a second for wide inputs), which
+        # must not stall a caller's request. Bounded: beyond MAX_PENDING rows
+        # between two feeds, samples are skipped.
+        if self._rand() < self.rate and len(self.pending) < self.MAX_PENDING:
             self.pending.append(data[0])
-            if len(self.pending) >= self.FEED_ROWS:
-                self.feed()
 
     def feed(self) -> None:
         if not self.pending:

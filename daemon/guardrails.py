@@ -29,8 +29,12 @@ to fix):
   ``hard_error_rate`` over at least ``hard_min_samples`` answers, or a
   candidate worker that crash-loops, rolls back at once.
 - A sample-ratio mismatch (the canary's observed share of routed traffic is
-  not its weight) means the comparison is biased: it freezes every decision
-  but the hard floor, and is reported.
+  not its weight) means the comparison with stable is biased: it freezes the
+  relative tests and advancing, and is reported; the hard floor and the
+  absolute limits still act, so a broken canary is still rolled back. The
+  check counts requests, and routing is sticky per key: a few very heavy
+  keys make it fire on honest traffic (a known limit; counting distinct keys
+  would fix it).
 
 The tests:
 
@@ -331,13 +335,14 @@ class Guardrail:
             v.srm = True
             v.reasons.append(f"sample-ratio mismatch: the canary got {self.routed[1]} of "
                              f"{sum(self.routed)} routed requests at weight {self.weight} "
-                             f"(p = {p:.2g} < srm_alpha {cfg.srm_alpha}); decisions frozen")
-            return v
+                             f"(p = {p:.2g} < srm_alpha {cfg.srm_alpha}); the comparison with "
+                             "stable is frozen, absolute limits still apply")
 
         # 3. sequential tests, canary against stable, over the whole stage
         threshold = math.log(1 / cfg.alpha)
+        before = len(v.reasons)
         tests = {}
-        if st.n >= cfg.min_samples and ca.n >= cfg.min_samples:
+        if not v.srm and st.n >= cfg.min_samples and ca.n >= cfg.min_samples:
             pooled = (st.errors + ca.errors) / (st.n + ca.n)
             eff, llr = proportion_test(ca.errors, ca.n, st.errors, st.n, cfg.error_rate_margin,
                                        tau=max(pooled, 1e-3))
@@ -362,7 +367,8 @@ class Guardrail:
                         f"stable p95): {slow_c}/{ca.latency.n} against {slow_s}/{st.latency.n} "
                         f"(log LR {llr:.2f} >= {threshold:.2f})")
         kpi_c, kpi_s = ca.kpi_mean_var(), st.kpi_mean_var()
-        if cfg.kpi and kpi_c and kpi_s and min(ca.kpi_n, st.kpi_n) >= cfg.min_samples:
+        if (not v.srm and cfg.kpi and kpi_c and kpi_s
+                and min(ca.kpi_n, st.kpi_n) >= cfg.min_samples):
             drop = kpi_s[0] - kpi_c[0] - cfg.kpi_margin
             var = kpi_c[1] / ca.kpi_n + kpi_s[1] / st.kpi_n
             pooled_sd = math.sqrt((kpi_c[1] + kpi_s[1]) / 2)
@@ -372,7 +378,7 @@ class Guardrail:
                 v.reasons.append(f"canary KPI {kpi_c[0]:.4f} is significantly below stable "
                                  f"{kpi_s[0]:.4f} - margin {cfg.kpi_margin} (log LR {llr:.2f})")
         v.measured["tests"] = tests
-        if v.reasons:
+        if len(v.reasons) > before:
             v.action = "rollback"
             return v
 
@@ -396,6 +402,8 @@ class Guardrail:
             return v
         self.failing = 0
         v.measured["failing_checks"] = 0
+        if v.srm:
+            return v  # hold: no advance on a biased comparison
         if st.n < cfg.min_samples and self.weight < 1:
             v.reasons.append(f"holding: {st.n} stable answers in this stage, "
                              f"min_samples = {cfg.min_samples}")

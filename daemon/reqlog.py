@@ -40,6 +40,15 @@ log = logging.getLogger("ringserve.reqlog")
 FLUSH_S = 0.05
 
 
+def features_hash(data) -> str:
+    """Hash of a request's input bytes, taken when the request arrives (the
+    bytes are not kept for the writer: the buffer holds small records only)."""
+    h = hashlib.blake2b(digest_size=8)
+    for part in data:
+        h.update(part)
+    return h.hexdigest()
+
+
 def _score(data, dtype: str) -> float | None:
     n = DTYPES[dtype].itemsize
     if len(data) < n:
@@ -116,12 +125,7 @@ class RequestLog:
             (_, ts, rid, key, exp, arm, lane, model, version, status, latency_us, timing, score,
              data) = item
             timing = timing or {}
-            features = None
-            if data is not None:
-                h = hashlib.blake2b(digest_size=8)
-                for part in data:
-                    h.update(part)
-                features = h.hexdigest()
+            features = data
             rec = {"ts": ts, "type": "answer", "rid": rid, "key": self._key(key), "exp": exp,
                    "arm": arm, "lane": lane, "model": model, "version": version,
                    "status": status, "latency_us": latency_us,
@@ -171,9 +175,7 @@ class RequestLog:
             try:
                 self._drain()
             except Exception:  # disk full, permissions: say so, keep serving
-                log.exception("request log write failed; records are being dropped")
-                self.dropped += len(self.buf)
-                self.buf.clear()
+                log.exception("request log write failed; the records of this write are lost")
         self._drain()
 
     def close(self) -> None:

@@ -58,15 +58,22 @@ def load_state(path: str) -> dict:
     try:
         with open(path) as f:
             data = json.load(f)
-        if data.get("format") != STATE_FORMAT or not isinstance(data.get("rollouts"), dict):
-            raise ValueError(f"unknown format {data.get('format')!r}")
+        if (not isinstance(data, dict) or data.get("format") != STATE_FORMAT
+                or not isinstance(data.get("rollouts"), dict)
+                or not all(isinstance(v, dict) for v in data["rollouts"].values())):
+            raise ValueError("not a ringserve rollout state (format 1)")
         return data["rollouts"]
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as e:
-        log.error("rollout state file unreadable; starting every rollout from its configured "
-                  "stage (check for rolled-back canaries by hand)",
-                  extra={"path": path, "error": str(e)})
+        aside = f"{path}.corrupt"
+        try:
+            os.replace(path, aside)
+        except OSError:
+            aside = None
+        log.error("rollout state file unreadable; set aside, and every rollout starts from its "
+                  "configured stage: check it for rolled-back canaries and set `retry` or the "
+                  "stage by hand", extra={"path": path, "set_aside": aside, "error": str(e)})
         return {}
 
 
@@ -78,20 +85,28 @@ def resolve(r, saved: dict | None, now: float) -> dict:
     """The state of rollout ``r`` (a RolloutConfig) given what was saved."""
     fresh = {**_identity(r), "status": ACTIVE, "stage": r.stage, "config_stage": r.stage,
              "stages": list(r.stages), "since": now, "reason": "configured"}
-    if not saved or any(saved.get(k) != v for k, v in _identity(r).items()):
+    if not saved:
+        return fresh
+    if saved.get("status") == ROLLED_BACK:
+        if (saved.get("candidate"), saved.get("retry")) != (r.candidate, r.retry):
+            return fresh  # a new candidate, or the operator's explicit retry
+        # stable or salt edited: still rolled back, under the new identity
+        return dict(saved, **_identity(r), stages=list(r.stages))
+    if any(saved.get(k) != v for k, v in _identity(r).items()):
         return fresh
     state = dict(saved, stages=list(r.stages))
-    if saved.get("status") == ROLLED_BACK:
-        return state
-    if saved.get("config_stage") != r.stage:
+    old_stages = saved.get("stages") or []
+    cs = saved.get("config_stage")
+    old_config_weight = old_stages[cs] if isinstance(cs, int) and 0 <= cs < len(old_stages) else None
+    if old_config_weight != r.stages[r.stage]:
         return dict(state, stage=r.stage, config_stage=r.stage, since=now,
                     reason="stage set in the config")
-    old_stages = saved.get("stages") or []
     old_stage = saved.get("stage", 0)
     weight = old_stages[old_stage] if 0 <= old_stage < len(old_stages) else r.stages[r.stage]
     stage = max([i for i, w in enumerate(r.stages) if w <= weight + 1e-12] or [0])
     if stage != old_stage or list(old_stages) != list(r.stages):
-        state.update(stage=stage, since=now, reason="stage list edited; weight kept")
+        state.update(stage=stage, config_stage=r.stage, since=now,
+                     reason="stage list edited; weight kept")
     return state
 
 
@@ -159,7 +174,8 @@ class Rollouts:
             before = saved.get(model)
             if before != st:
                 self.log.write({"event": "stage", "cause": event, "model": model,
-                                "weight": weight_of(st), **st})
+                                "weight": weight_of(st),
+                                **{k: v for k, v in st.items() if k != "salt"}})
         for model, st in saved.items():
             # A rolled-back rollout taken out of the file is still remembered:
             # putting the same candidate back must not resume it.
@@ -242,14 +258,33 @@ class Rollouts:
                 if g is None:
                     continue
                 self.next_check[model] = now + g.cfg.interval_s
+                if not self._warm(model):
+                    continue  # warming up is not evidence against the candidate
                 try:
                     self.check(model, now)
                 except Exception:  # a bug here must not stop the other checks
                     log.exception("guardrail check failed", extra={"model": model})
-            self.app.report_shadows()
-            if time.monotonic() >= self._drift_at:
-                self._drift_at = time.monotonic() + DRIFT_REPORT_S
-                self.app.report_drift()
+            try:
+                self.app.report_shadows()
+                if time.monotonic() >= self._drift_at:
+                    self._drift_at = time.monotonic() + DRIFT_REPORT_S
+                    self.app.report_drift()
+            except Exception:  # a bug or a full disk here must not stop the guardrails
+                log.exception("shadow or drift report failed")
+
+    def _warm(self, model: str) -> bool:
+        """Both versions have a ready worker, or the candidate failed to load
+        (which the hard floor must see)."""
+        r = next(r for r in self.app.cfg.rollouts if r.model == model)
+        for v in (r.stable, r.candidate):
+            q = self.app.queues.get((model, v))
+            if q is None:
+                return False
+            if v == r.candidate and any(w.state == "failed" for w in q.workers):
+                return True
+            if not any(w.state == "ready" for w in q.workers):
+                return False
+        return True
 
     def _candidate_restarts(self, model: str, candidate: str) -> int:
         q = self.app.queues.get((model, candidate))

@@ -37,7 +37,7 @@ from .cache import ResponseCache
 from .drift import DriftTracker
 from .feedback import FeedbackJoin
 from .metrics import MetricsServer
-from .reqlog import RequestLog
+from .reqlog import RequestLog, features_hash
 from .protocol import Connection
 from .rollouts import Rollouts, weight_of
 from .router import CANARY, STABLE, RoutingTable, UnknownExperiment
@@ -320,7 +320,7 @@ class App:
         self._rid += 1
         req = Pending(req_id, conn, data, now, now + dl_ns, q, self._rid, lane, arm, key)
         if self.reqlog is not None and self.reqlog.sampled():
-            req.log = (data, msg.get("exp"))
+            req.log = (features_hash(data), msg.get("exp"))
         if q.cache is not None and self._cached(q, req):
             return
         if sh is not None and q.version != sh.candidate and sh.sampled(key):
@@ -338,7 +338,8 @@ class App:
                        f"(workers: {states}); retry shortly")
             req.done = True
             q.stats.shed["queue_full" if refused == "busy" else "no_worker"] += 1
-            q.finished(req, status, {"id": req_id, "status": status, "error": err, "rid": req.rid})
+            q.finished(req, status, {"id": req_id, "status": status, "error": err, "rid": req.rid},
+                       observe=refused == "busy")
 
     def _cached(self, q: ModelQueue, req: Pending) -> bool:
         """Answer ``req`` from the response cache if it can be (a hit)."""
@@ -353,7 +354,7 @@ class App:
         q.finished(req, 0, {
             "id": req.id, "status": 0, "outputs": outputs, "model": q.name, "version": q.version,
             "lane": req.lane, "arm": req.arm, "rid": req.rid,
-            "timing": {"queue_us": 0, "compute_us": 0, "batch": 0, "cache": True}})
+            "timing": {"queue_us": 0, "compute_us": 0, "batch": 0, "cache": True}}, observe=False)
         self.joins.answered(req.rid, q.name, q.version, req.lane, req.arm, req.key)
         return True
 

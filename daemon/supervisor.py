@@ -241,10 +241,19 @@ class WorkerHandle:
             _, n, status, compute_ns, err = ring.result(slot)
             self.busy.add(compute_ns)
             self.batches += 1
-            q.complete_batch(batch, self.out_mv[slot], self.out_nbytes, status, compute_ns, err,
-                             t_sub, bucket)
-            ring.release()
-            self.free_slots += 1
+            try:
+                q.complete_batch(batch, self.out_mv[slot], self.out_nbytes, status, compute_ns,
+                                 err, t_sub, bucket)
+            except Exception:
+                # A bug of ours must not leave the slot taken (the next batch
+                # would read this one's results) nor its callers unanswered.
+                log.exception("completing a batch failed", extra={"worker": self.label})
+                for r in batch:
+                    r.answer_error(int(Status.INTERNAL), "internal server error while "
+                                   "answering this batch; it is logged, please report it")
+            finally:
+                ring.release()
+                self.free_slots += 1
         if self.failures and time.monotonic() - self.ready_at > STABLE_AFTER_S:
             self.failures = 0
         q.dispatch()

@@ -667,3 +667,23 @@ def test_shadow_needs_a_served_candidate():
     assert c.shadows[0].sample_rate == 0.05 and c.shadows[0].queue_limit == 256
     with pytest.raises(ConfigError, match=r'shadows\[0\]\.candidate: "m" version "7"'):
         parse_config(_two_versions(shadows=[{"model": "m", "candidate": "7"}]), SRC)
+
+
+def test_a_shadow_candidate_must_take_the_models_inputs():
+    import tomllib
+    text = """
+[[models]]
+name = "m"
+factory = "a:b"
+input = { dtype = "float32", shape = [4] }
+[[models]]
+name = "m"
+version = "2"
+factory = "a:b"
+input = { dtype = "float32", shape = [5] }
+[[shadows]]
+model = "m"
+candidate = "2"
+"""
+    with pytest.raises(ConfigError, match=r"shadows\[0\].candidate: version \"2\" takes other inputs"):
+        parse_config(tomllib.loads(text))

@@ -198,3 +198,28 @@ def test_a_kpi_drop_from_feedback_rolls_back_and_an_equal_kpi_does_not():
     dropped = run(0.07, 0)  # click rate 10 % -> 7 %
     assert dropped.action == "rollback" and "KPI" in dropped.reasons[0]
     assert sum(run(0.10, s).action == "rollback" for s in range(20)) <= 2
+
+
+def test_a_sample_ratio_mismatch_does_not_shield_a_canary_past_its_absolute_limits():
+    _, v = simulate(2, err_c=0.3, per_check=500, checks=10, canary_share=0.3,
+                    max_error_rate=0.1, failing_checks=2, hard_error_rate=0.9)
+    assert v.action == "rollback" and v.srm and "max_error_rate" in " ".join(v.reasons)
+
+
+def test_state_rules_from_review():
+    # a rolled-back canary is not resumed by a new stable or salt, only by
+    # a new candidate or retry
+    saved = dict(resolve(rollout(), None, 0.0), status=ROLLED_BACK)
+    assert weight_of(resolve(rollout(stable="1b"), saved, 1.0)) == 0.0
+    assert weight_of(resolve(rollout(salt="t"), saved, 1.0)) == 0.0
+    # inserting a stage and bumping `stage` to keep the same weight is not a move
+    advanced = dict(resolve(rollout(), None, 0.0), stage=3)  # 0.25
+    st = resolve(rollout(stages=(0.005, 0.01, 0.05, 0.10, 0.25, 1.0), stage=1), advanced, 1.0)
+    assert weight_of(st) == 0.25
+
+
+def test_an_unreadable_state_file_is_set_aside_not_lost(tmp_path):
+    path = tmp_path / "s.json"
+    path.write_text("[]")
+    assert load_state(str(path)) == {}
+    assert not path.exists() and (tmp_path / "s.json.corrupt").read_text() == "[]"
