@@ -21,6 +21,15 @@ import time
 ENTRY_OVERHEAD = 200  # bytes of Python objects per entry, counted against the bound
 
 
+def inputs_digest(data, digest_size: int) -> bytes:
+    """BLAKE2b of a request's input bytes, every input in order: the cache
+    key here, the ``features`` field of the request log."""
+    h = hashlib.blake2b(digest_size=digest_size)
+    for part in data:
+        h.update(part)
+    return h.digest()
+
+
 def outputs_nbytes(outputs: dict) -> int:
     if "data" in outputs:
         return len(outputs["data"])
@@ -38,10 +47,7 @@ class ResponseCache:
 
     @staticmethod
     def key(data) -> bytes:
-        h = hashlib.blake2b(digest_size=16)
-        for part in data:
-            h.update(part)
-        return h.digest()
+        return inputs_digest(data, 16)
 
     def get(self, key: bytes) -> dict | None:
         e = self.entries.get(key)

@@ -36,6 +36,8 @@ import time
 
 from ipc.tensors import DTYPES, to_numpy
 
+from .cache import inputs_digest
+
 log = logging.getLogger("ringserve.reqlog")
 FLUSH_S = 0.05
 
@@ -43,10 +45,7 @@ FLUSH_S = 0.05
 def features_hash(data) -> str:
     """Hash of a request's input bytes, taken when the request arrives (the
     bytes are not kept for the writer: the buffer holds small records only)."""
-    h = hashlib.blake2b(digest_size=8)
-    for part in data:
-        h.update(part)
-    return h.hexdigest()
+    return inputs_digest(data, 8).hex()
 
 
 def _score(data, dtype: str) -> float | None:

@@ -272,10 +272,13 @@ class Rollouts:
             except Exception:  # a bug or a full disk here must not stop the guardrails
                 log.exception("shadow or drift report failed")
 
+    def _rollout(self, model: str):
+        return next(r for r in self.app.cfg.rollouts if r.model == model)
+
     def _warm(self, model: str) -> bool:
         """Both versions have a ready worker, or the candidate failed to load
         (which the hard floor must see)."""
-        r = next(r for r in self.app.cfg.rollouts if r.model == model)
+        r = self._rollout(model)
         for v in (r.stable, r.candidate):
             q = self.app.queues.get((model, v))
             if q is None:
@@ -291,7 +294,7 @@ class Rollouts:
         return sum(w.restarts for w in q.workers) if q is not None else 0
 
     def check(self, model: str, now: float) -> str:
-        r = next(r for r in self.app.cfg.rollouts if r.model == model)
+        r = self._rollout(model)
         st, g = self.states[model], self.guards[model]
         q = self.app.queues.get((model, r.candidate))
         failed = q is not None and any(w.state == "failed" for w in q.workers)
@@ -325,7 +328,7 @@ class Rollouts:
         return v.action
 
     def _move(self, model: str, stage: int, event: str, reason: str) -> None:
-        r = next(r for r in self.app.cfg.rollouts if r.model == model)
+        r = self._rollout(model)
         st = self.states[model]
         st.update(stage=stage, since=time.time(), reason=reason)
         self.persist()
@@ -337,7 +340,7 @@ class Rollouts:
         self.app.reroute()
 
     def rollback(self, model: str, verdict) -> None:
-        r = next(r for r in self.app.cfg.rollouts if r.model == model)
+        r = self._rollout(model)
         st = self.states[model]
         st.update(status=ROLLED_BACK, since=time.time(), reason="; ".join(verdict.reasons))
         self.persist()  # before anything else: a crash now must not resume the canary
