@@ -30,6 +30,8 @@ import sys
 
 import numpy as np
 
+from clients._core import read_token
+
 from . import report, servers, variants
 from .keys import DISTRIBUTIONS
 from .load import Plan, run_load
@@ -54,10 +56,11 @@ def _sample(decl: dict) -> dict:
     return {"dtype": dtype, "shape": shape, "data": data.tobytes()}
 
 
-def _request(host: str, port: int, model: str | None) -> tuple[dict, str, str]:
+def _request(host: str, port: int, model: str | None,
+             token: str | None = None) -> tuple[dict, str, str]:
     """The request to send over and over, from the server's own schema."""
     try:
-        models = servers.call(host, port, {"op": "models"}).get("models")
+        models = servers.call(host, port, {"op": "models"}, token=token).get("models")
     except (OSError, ValueError):
         models = None
     entry = None
@@ -74,6 +77,13 @@ def _request(host: str, port: int, model: str | None) -> tuple[dict, str, str]:
         decl = entry["input"] if entry else _FALLBACK_INPUT
         inputs, shown = _sample(decl), f"{decl['dtype']}{list(decl['shape'])}"
     return {"model": name, "inputs": inputs}, name, shown
+
+
+def _token(path: str | None) -> str | None:
+    try:
+        return read_token(path)
+    except ValueError as e:
+        raise SystemExit(f"python -m bench: {e}") from None
 
 
 def _args(argv):
@@ -101,6 +111,9 @@ def _args(argv):
                    help="how the keys are drawn (zipf: a few heavy users, a long tail)")
     p.add_argument("--zipf-s", type=float, default=1.1, help="the Zipf exponent")
     p.add_argument("--exp", default=None, help="experiment id to send with every request")
+    p.add_argument("--token-file", default=None,
+                   help="with --target: the server's [auth] token, read from this file "
+                   "(default: $RINGSERVE_TOKEN, if set); sent once per connection")
     p.add_argument("--limits", action="store_true",
                    help="also run the echo server and the in-process model ceiling")
     p.add_argument("--compare-batching", action="store_true",
@@ -151,7 +164,7 @@ class _Server:
             if pid is not None:
                 out["cpu"] = servers.cpu_sample(pid, role)
             if with_stats:
-                out["stats"] = _stats_or_none(host, port)
+                out["stats"] = _stats_or_none(host, port, plan.token)
             return out
 
         plan.host, plan.port = host, port
@@ -166,7 +179,7 @@ class _Server:
                                                if run["answers"] else None)
         if with_stats:
             run["server_stats"] = report.server_stats(
-                marks, _stats_or_none(host, port), plan.request["model"])
+                marks, _stats_or_none(host, port, plan.token), plan.request["model"])
         return run
 
 
@@ -185,7 +198,8 @@ def main(argv=None) -> int:
     config = a.config or str(servers.DEFAULT_CONFIG)
     plan = Plan("", 0, {}, connections=a.connections, depth=a.depth, duration=a.duration,
                 warmup=a.warmup, requests=a.requests, rate=a.rate, procs=a.procs, grace=a.grace,
-                keys=a.keys, key_dist=a.key_dist, zipf_s=a.zipf_s)
+                keys=a.keys, key_dist=a.key_dist, zipf_s=a.zipf_s,
+                token=_token(a.token_file))
     doc: dict = {"params": {"argv": sys.argv[1:] if argv is None else list(argv),
                             "duration": a.duration, "warmup": a.warmup, "requests": a.requests,
                             "rate": a.rate, "keys": a.keys, "key_dist": a.key_dist,
@@ -194,7 +208,7 @@ def main(argv=None) -> int:
                  "batching": None, "echo": None, "ceiling": None, "ratios": None}
 
     def first_runs(server: _Server) -> None:
-        plan.request, model, shown = _request(server.host, server.port, a.model)
+        plan.request, model, shown = _request(server.host, server.port, a.model, plan.token)
         if a.exp is not None:
             plan.request["exp"] = a.exp
         doc["params"].update(model=model, request=shown)
@@ -249,9 +263,9 @@ def main(argv=None) -> int:
         else 0
 
 
-def _stats_or_none(host: str, port: int) -> dict | None:
+def _stats_or_none(host: str, port: int, token: str | None = None) -> dict | None:
     try:
-        return servers.call(host, port, {"op": "stats"})
+        return servers.call(host, port, {"op": "stats"}, token=token)
     except OSError:
         return None
 

@@ -36,6 +36,7 @@ import traceback
 
 import numpy as np
 
+from clients._core import auth_frame
 from ipc.framing import FrameDecoder
 
 from .keys import Blocks, Frames, Keys
@@ -66,6 +67,7 @@ class Plan:
     keys: int | None = None        # routing keys from this many users; None: no key
     key_dist: str = "uniform"      # or "zipf"
     zipf_s: float = 1.1
+    token: str | None = None       # the server's [auth] token: sent once per connection
 
     def __post_init__(self):
         if self.procs < 1 or self.connections < self.procs:
@@ -93,7 +95,7 @@ class Plan:
                 self.host, self.port, self.request, n, self.depth,
                 None if self.rate is None else self.rate * n / self.connections,
                 None if quotas is None else quotas[first:first + n],
-                self.grace, self.seed + i, self.keys, self.key_dist, self.zipf_s))
+                self.grace, self.seed + i, self.keys, self.key_dist, self.zipf_s, self.token))
             first += n
         return parts
 
@@ -112,6 +114,7 @@ class _Part:
     keys: int | None
     key_dist: str
     zipf_s: float
+    token: str | None
 
     def frames(self) -> Frames:
         """One process's frames; its connections share them (and its key draws)."""
@@ -240,6 +243,8 @@ class _Conn(asyncio.Protocol):
         for msg in self.decoder.feed(data):
             try:
                 rid = msg["id"]
+                if rid == 0 and msg["status"] == 0:
+                    continue   # the auth op's answer
                 ts = sent[rid]
             except (TypeError, KeyError, IndexError):   # a ProtocolError, or not our id
                 run.error(f"unexpected answer: {msg!r:.300}")
@@ -407,6 +412,8 @@ async def _load_process(part: _Part, pipe) -> tuple[dict, list[bytes]]:
         else:
             proto = _Closed(run, frames, part.depth, part.quotas[i] if part.quotas else None)
         await loop.create_connection(lambda p=proto: p, part.host, part.port)
+        if part.token is not None:
+            proto.transport.write(auth_frame(part.token))
         conns.append(proto)
     run.busy = run.sending = len(conns)
     pipe.send("ready")

@@ -26,8 +26,12 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "configs" / "default.toml"
 
 
-def call(host: str, port: int, msg: dict, timeout: float = 10.0) -> dict:
-    """One request on a fresh connection, blocking; for control ops, not load."""
+def call(host: str, port: int, msg: dict, timeout: float = 10.0,
+         token: str | None = None) -> dict:
+    """One request on a fresh connection, blocking; for control ops, not load.
+    ``token``, for a server with [auth], rides in the request itself."""
+    if token is not None:
+        msg = {**msg, "token": token}
     with socket.create_connection((host, port), timeout=timeout) as s:
         s.sendall(encode_frame({"id": 1, **msg}))
         dec = FrameDecoder(1 << 30)

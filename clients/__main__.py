@@ -25,7 +25,7 @@ import numpy as np
 
 from ipc.status import Status
 
-from ._core import RetryPolicy, decode_outputs
+from ._core import RetryPolicy, decode_outputs, read_token
 from .errors import ClientError, RingserveError
 from .sync import Client
 
@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="do not retry RESOURCE_EXHAUSTED / UNAVAILABLE answers")
     common.add_argument("--json-out", action="store_true", default=argparse.SUPPRESS,
                         help="print the answer as JSON instead of text")
+    common.add_argument("--token-file", default=argparse.SUPPRESS,
+                        help="read the [auth] token from this file (default: the "
+                        "RINGSERVE_TOKEN environment variable, if set)")
 
     p = argparse.ArgumentParser(prog="python -m clients", parents=[common],
                                 description="Talk to a running ringserve daemon.")
@@ -219,8 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     if not timeout > 0:
         p.error("--timeout must be > 0")
     try:
+        token = read_token(getattr(args, "token_file", None))
+    except ValueError as e:
+        p.error(str(e))
+    try:
         with Client(host, port, timeout=timeout, connect_timeout=min(timeout, 5.0),
-                    retry=retry) as c:
+                    retry=retry, token=token) as c:
             if args.command == "health":
                 answer = c.health(args.model)
                 text = show_health

@@ -22,6 +22,7 @@ as ``now`` (``time.monotonic()`` seconds) and randomness as an ``rng``.
 from __future__ import annotations
 
 import math
+import os
 import random
 from dataclasses import dataclass, field
 
@@ -212,6 +213,37 @@ class Packed:
         if n < _JOIN_BELOW:
             return (b"".join((HEADER.pack(n), head, self.entries)),)
         return (HEADER.pack(n) + head, self.entries)
+
+
+TOKEN_ENV = "RINGSERVE_TOKEN"
+
+
+def read_token(path: str | None) -> str | None:
+    """A command line's token: from the file ``path`` (never a command-line
+    value, which other users of the machine can read in the process list),
+    else from $RINGSERVE_TOKEN, else None. ValueError says what is wrong."""
+    if path is None:
+        return os.environ.get(TOKEN_ENV) or None
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise ValueError(f"cannot read the token file {path}: {e.strerror or e}") from None
+    if not token:
+        raise ValueError(f"the token file {path} is empty")
+    return token
+
+
+def auth_frame(token: str) -> bytes:
+    """The frame a client writes first on each new connection when it has a token.
+
+    It is not awaited: the server handles a connection's frames in order, so
+    every request written after it is already authenticated. Its answer has
+    id 0, which ``InFlight`` ignores when it is OK and keeps as the
+    connection's refusal when it is not (the server then closes the
+    connection, and every waiter fails with ``Unauthenticated``)."""
+    body = encode_body({"id": 0, "op": "auth", "token": token})
+    return HEADER.pack(len(body)) + body
 
 
 _packb = msgpack.packb
@@ -423,8 +455,10 @@ class RetryPolicy:
 DEFAULT_RETRY = RetryPolicy()
 
 
-def check_options(connect_timeout, timeout, retry, connections) -> None:
+def check_options(connect_timeout, timeout, retry, connections, token=None) -> None:
     """The constructor arguments both clients share."""
+    if token is not None and (type(token) is not str or not token):
+        raise TypeError("token must be a non-empty str (the server's [auth] token) or None")
     for name, value in (("connect_timeout", connect_timeout), ("timeout", timeout)):
         if type(value) not in (int, float) or not value > 0 or not math.isfinite(value):
             raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")

@@ -124,8 +124,10 @@ class AsyncClient:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 7070, *,
                  connect_timeout: float = 5.0, timeout: float = 30.0,
-                 retry: RetryPolicy | None = _core.DEFAULT_RETRY, connections: int = 1):
-        _core.check_options(connect_timeout, timeout, retry, connections)
+                 retry: RetryPolicy | None = _core.DEFAULT_RETRY, connections: int = 1,
+                 token: str | None = None):
+        _core.check_options(connect_timeout, timeout, retry, connections, token)
+        self.token = token
         self.host, self.port = host, port
         self.connect_timeout = connect_timeout
         self.timeout = timeout
@@ -236,6 +238,8 @@ class AsyncClient:
             what = "timed out" if isinstance(e, TimeoutError) else str(e)
             raise ConnectFailed(f"cannot connect to ringserve at {self.host}:{self.port}: "
                                 f"{what}") from e
+        if self.token is not None:
+            link.transport.write(_core.auth_frame(self.token))
         return link
 
     async def _link(self) -> _Link:

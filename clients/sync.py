@@ -75,6 +75,12 @@ class _Link:
         sec = int(send_timeout)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
                         struct.pack("ll", sec, int((send_timeout - sec) * 1e6)))
+        if owner.token is not None:
+            try:
+                sock.sendall(_core.auth_frame(owner.token))
+            except OSError as e:
+                sock.close()
+                raise ConnectFailed(f"cannot write to ringserve at {host}:{port}: {e}") from e
         self.sock = sock
         self.inflight = InFlight()
         self.alive = True
@@ -246,8 +252,10 @@ class Client:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 7070, *,
                  connect_timeout: float = 5.0, timeout: float = 30.0,
-                 retry: RetryPolicy | None = _core.DEFAULT_RETRY, connections: int = 1):
-        _core.check_options(connect_timeout, timeout, retry, connections)
+                 retry: RetryPolicy | None = _core.DEFAULT_RETRY, connections: int = 1,
+                 token: str | None = None):
+        _core.check_options(connect_timeout, timeout, retry, connections, token)
+        self.token = token
         self.host, self.port = host, port
         self.connect_timeout = connect_timeout
         self.timeout = timeout

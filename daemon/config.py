@@ -45,7 +45,7 @@ from ipc.tensors import DTYPES
 __all__ = [
     "PROTOCOL_DTYPES", "RING_SLOT_BYTES", "REQUIRED", "Derived", "ConfigError", "Setting", "Section",
     "SETTINGS", "SECTIONS", "TensorShape", "ServerConfig", "LoggingConfig",
-    "ModelConfig", "RolloutConfig", "ArmConfig", "ExperimentConfig", "ShadowConfig", "GuardrailConfig", "MetricsConfig", "RequestLogConfig", "Config", "with_overrides", "load_config", "parse_config", "render_reference",
+    "ModelConfig", "RolloutConfig", "ArmConfig", "ExperimentConfig", "ShadowConfig", "GuardrailConfig", "MetricsConfig", "RequestLogConfig", "AuthConfig", "RateLimitConfig", "Config", "with_overrides", "load_config", "parse_config", "render_reference",
 ]
 
 # The tensor dtypes of the wire protocol (protocol.md, "Tensors"), with their
@@ -137,6 +137,25 @@ class RequestLogConfig:
     buffer: int
     key_secret: str
     score_output: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    tokens_file: str | None       # None: authentication is off
+    exempt_ops: tuple[str, ...]
+    # (client name, token) read from tokens_file at every load, so a SIGHUP
+    # rotates tokens; kept out of repr so no log or traceback prints them.
+    tokens: tuple[tuple[str, str], ...] = dataclasses.field(default=(), repr=False)
+
+    @property
+    def enabled(self) -> bool:
+        return self.tokens_file is not None
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    requests_per_s: float         # 0: off
+    burst: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +260,8 @@ class Config:
     logging: LoggingConfig
     metrics: MetricsConfig
     request_log: RequestLogConfig
+    auth: AuthConfig
+    rate_limit: RateLimitConfig
     models: tuple[ModelConfig, ...]
     rollouts: tuple[RolloutConfig, ...]
     experiments: tuple[ExperimentConfig, ...]
@@ -800,6 +821,76 @@ def _check_across(built: dict[str, Any], ctx: _Context) -> None:
 
 
 # --------------------------------------------------------------------------
+# [auth] and [rate_limit]
+
+AUTH_OPS = ("infer", "health", "stats", "models", "feedback")
+MIN_TOKEN_CHARS = 16
+
+
+@_rule("a list of " + ", ".join(AUTH_OPS))
+def _check_ops(v, ctx) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(o, str) for o in v):
+        raise _Invalid(f'must be a list of op names such as ["health"], got {_show(v)}')
+    for o in v:
+        if o not in AUTH_OPS:
+            raise _Invalid(f"unknown op {json.dumps(o)}; ops are {', '.join(AUTH_OPS)}")
+    return tuple(dict.fromkeys(v))
+
+
+def read_tokens(path: str) -> tuple[tuple[str, str], ...]:
+    """The ``NAME:TOKEN`` lines of a tokens file (blank lines and ``#``
+    comments skipped). Refused unless only its owner can read it: the file
+    holds secrets."""
+    try:
+        st = os.stat(path)
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise _Invalid(f"cannot read the tokens file {path}: {e}") from None
+    if st.st_mode & 0o077:
+        raise _Invalid(f"the tokens file {path} is readable by others (mode "
+                       f"{st.st_mode & 0o777:o}); it holds secrets: chmod 600 it")
+    out, names, seen = [], set(), set()
+    for i, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, token = line.partition(":")
+        name, token = name.strip(), token.strip()
+        if not sep or not _NAME_RE.fullmatch(name):
+            raise _Invalid(f"{path} line {i}: must be NAME:TOKEN, NAME being {_NAME_RULE} "
+                           "(the client's name in logs and rate limits)")
+        if len(token) < MIN_TOKEN_CHARS or any(c.isspace() for c in token):
+            raise _Invalid(f"{path} line {i}: the token of {name!r} must be at least "
+                           f"{MIN_TOKEN_CHARS} characters without spaces; make one with "
+                           "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
+        if name in names or token in seen:
+            raise _Invalid(f"{path} line {i}: {'client name ' + repr(name) if name in names else 'this token'} "
+                           "is listed twice; each client has one line and its own token")
+        names.add(name)
+        seen.add(token)
+        out.append((name, token))
+    if not out:
+        raise _Invalid(f"the tokens file {path} lists no NAME:TOKEN line; with no token "
+                       "nobody could connect (remove tokens_file to turn authentication off)")
+    return tuple(out)
+
+
+def _build_auth(values: dict[str, Any], ctx: _Context) -> AuthConfig:
+    tokens = ()
+    if values["tokens_file"] is not None:
+        try:
+            tokens = read_tokens(values["tokens_file"])
+        except _Invalid as e:
+            raise _Invalid(e.problem, ".tokens_file") from None
+    return AuthConfig(**values, tokens=tokens)
+
+
+def _default_burst(values: dict[str, Any]) -> int:
+    return max(1, math.ceil(values["requests_per_s"]))
+
+
+# --------------------------------------------------------------------------
 # The table
 
 
@@ -818,6 +909,18 @@ SECTIONS: tuple[Section, ...] = (
             "JSON Lines log of answers and feedback, for audits and the A/B report "
             "(`ringserve report`); raw routing keys never reach it, only a keyed hash.",
             lambda values, ctx: RequestLogConfig(**values)),
+    Section("auth", False,
+            "Shared-token authentication (off unless `tokens_file` is set). A client sends "
+            "`token` in a request (the clients do it once per connection, with op `auth`); "
+            "a connection that presented a valid token stays authenticated. Other requests "
+            "are answered UNAUTHENTICATED; a wrong token also closes the connection. SIGHUP "
+            "re-reads the file, so tokens rotate without a restart.", _build_auth),
+    Section("rate_limit", False,
+            "Per-client rate limit (off while `requests_per_s` is 0): a token bucket per "
+            "client (its token's name, or its IP address without auth), shared by all of "
+            "its connections. A request over the limit is answered RESOURCE_EXHAUSTED at once. "
+            "`health` is never limited (load balancers poll it).",
+            lambda values, ctx: RateLimitConfig(**values)),
     Section("models", True,
             "One `[[models]]` table per served model version; at least one. Each entry of "
             "`devices` gets its own worker process. `max_batch` x the bytes of one sample's "
@@ -911,6 +1014,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("request_log", "score_output", "string", None,
             "Output whose first element is logged as the score; unset: the first output.",
             _check_name),
+    # [auth]
+    Setting("auth", "tokens_file", "path", None,
+            "File of `NAME:TOKEN` lines, one per client, mode 600; unset: no authentication "
+            "(keep the loopback bind then).", _check_file),
+    Setting("auth", "exempt_ops", "array of strings", (),
+            "Ops answered without a token, e.g. [\"health\"] for TCP health checks (the "
+            "metrics port's /healthz needs none).", _check_ops),
+    # [rate_limit]
+    Setting("rate_limit", "requests_per_s", "float", 0.0,
+            "Sustained requests per second allowed to one client; 0 turns the limit off.",
+            _float_in(0)),
+    Setting("rate_limit", "burst", "integer",
+            Derived("requests_per_s rounded up (at least 1)", _default_burst),
+            "Requests a client may send at once above the sustained rate (the bucket's size).",
+            _int_in(1, 10**9)),
     # [[models]]
     Setting("models", "name", "string", REQUIRED,
             "Model name, as clients send it in `model`.", _check_name),

@@ -138,7 +138,13 @@ class Collector:
         up = GaugeMetricFamily("ringserve_ready", "1 when every worker is warm and the daemon "
                                "is not draining.")
         up.add_metric([], 1.0 if app.ready() else 0.0)
-        yield from (rejected, reloads, conns, up)
+        refused = CounterMetricFamily(
+            "ringserve_access_refused", "Requests refused by [auth] or [rate_limit], by reason "
+            "(unauthenticated, bad_token, rate_limited).", labels=["reason"])
+        if app.access is not None:
+            for reason, n in app.access.refused.items():
+                refused.add_metric([reason], n)
+        yield from (rejected, reloads, conns, up, refused)
 
         weight = GaugeMetricFamily("ringserve_rollout_weight", "Canary share of keyed traffic.",
                                    labels=["model", "stable", "candidate"])

@@ -15,7 +15,8 @@ from ipc.framing import FrameDecoder, encode_frame
 
 
 class Connection(asyncio.Protocol):
-    __slots__ = ("app", "decoder", "transport", "closed", "peer")
+    __slots__ = ("app", "decoder", "transport", "closed", "peer", "host", "client", "cred",
+                 "close_after_answer")
 
     def __init__(self, app):
         self.app = app
@@ -23,15 +24,23 @@ class Connection(asyncio.Protocol):
         self.transport = None
         self.closed = False
         self.peer = None
+        self.host = "?"
+        self.client = None   # the client name once a valid token was presented (daemon/access.py)
+        self.cred = None     # that token, so a reload that revokes it can tell
+        self.close_after_answer = False
 
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.peer = transport.get_extra_info("peername")
+        if self.peer:
+            self.host = str(self.peer[0])
         self.app.connection_opened(self)
 
     def data_received(self, data: bytes) -> None:
         handle = self.app.handle
         for item in self.decoder.feed(data):
+            if self.closed:  # refused and closed by an earlier frame: the rest is not served
+                return
             if type(item) is dict:
                 handle(self, item)
             else:  # a ProtocolError from the codec

@@ -31,6 +31,7 @@ from ipc.status import (InvalidArgument, NotFound, ProtocolError, ResourceExhaus
                         Unavailable)
 from ipc.tensors import TensorSpec, decode_inputs
 
+from .access import Access
 from .config import ConfigError, load_config, with_overrides
 from .batcher import Deadlines, ModelQueue, Pending
 from .cache import ResponseCache
@@ -47,7 +48,7 @@ from .supervisor import WorkerHandle
 
 log = logging.getLogger("ringserve.server")
 PROTOCOL_VERSIONS = (1,)
-OPS = ("infer", "health", "stats", "models", "feedback")
+OPS = ("infer", "health", "stats", "models", "feedback", "auth")
 MAX_DEADLINE_MS = 3_600_000
 _monotonic_ns = time.monotonic_ns
 
@@ -84,6 +85,7 @@ class App:
         self.metrics = MetricsServer(self)
         self.reqlog = None
         self.joins = FeedbackJoin()
+        self.access = Access.from_config(cfg)  # None: no auth, no rate limit
         self.conns: set[Connection] = set()
         self.server = None
         self.port = None
@@ -245,6 +247,8 @@ class App:
                 raise InvalidArgument(f"protocol version {v!r} is not supported; this server "
                                       f"speaks {list(PROTOCOL_VERSIONS)} (send v=1 or omit it)")
             op = msg.get("op", "infer")
+            if self.access is not None:
+                self.access.check(conn, msg, op)
             if op == "infer":
                 self.infer(conn, req_id, msg)
             elif op == "health":
@@ -255,12 +259,17 @@ class App:
                 conn.send(self.models(req_id, msg))
             elif op == "feedback":
                 conn.send(self.feedback(req_id, msg))
+            elif op == "auth":
+                conn.send({"id": req_id, "status": 0, "client": conn.client,
+                           "auth": self.access is not None and self.access.auth})
             else:
                 raise InvalidArgument(f"unknown op {op!r}; ops are: {', '.join(OPS)}")
         except ProtocolError as e:
             self.count_rejected(int(e.status))
             e.req_id = req_id
             conn.send(e.answer())
+            if conn.close_after_answer:
+                conn.close()
         except Exception as e:  # a bug of ours: answer it, log it, keep serving everyone
             log.exception("internal error while handling a request", extra={"op": msg.get("op")})
             self.count_rejected(int(Status.INTERNAL))
@@ -427,6 +436,7 @@ class App:
                 "rejected": {str(k): v for k, v in sorted(self.rejected.items())},
                 "models": out, "kpis": self.joins.snapshot(name), "reloads": dict(self.reloads),
                 "feedback": {"joined": self.joins.joined, "unjoined": self.joins.unjoined},
+                "access": self.access.snapshot() if self.access is not None else None,
                 "rollouts": self.rollouts.snapshot(name),
                 "shadows": [sh.snapshot() for sh in self.shadows.values()
                             if name is None or sh.model == name],
@@ -517,6 +527,7 @@ class App:
         self.cfg = new
         self.queues = {**keep, **started}
         self.default_deadline_ns = new.server.deadline_ms * 1_000_000
+        self._set_access(Access.from_config(new))
         self.rollouts.apply(new, "reload")
         self.reroute()
         self._set_shadows()
@@ -528,6 +539,22 @@ class App:
         self.rollouts.log.write({"event": "reload", "ok": True, **record})
         await self._retire(retired, new.server.drain_timeout_s)
         return True
+
+    def _set_access(self, access: Access | None) -> None:
+        """A reload's auth and limits: rate buckets and refusal counts carry
+        over; connections whose token was removed must authenticate again."""
+        old = self.access
+        if access is not None and old is not None:
+            access.buckets, access.refused = old.buckets, old.refused
+        self.access = access
+        if access is not None and access.auth:
+            revoked = access.revoke_stale(self.conns)
+            if revoked:
+                log.info("tokens rotated: connections whose token is gone must authenticate "
+                         "again", extra={"event": "reload", "connections": revoked})
+        else:
+            for c in self.conns:
+                c.client = c.cred = None
 
     async def _wait_warm(self, queues, timeout_s: float) -> list[str]:
         """Wait until every worker of ``queues`` is ready; the errors of those

@@ -32,7 +32,8 @@ def shm_segments() -> set[str]:
 
 class Daemon:
     def __init__(self, tmp_path: Path, config: str, env: dict | None = None,
-                 args: tuple[str, ...] = ()):
+                 args: tuple[str, ...] = (), token: str | None = None):
+        self.token = token  # sent with health checks when the config has [auth]
         self.dir = tmp_path
         tmp_path.mkdir(parents=True, exist_ok=True)
         self.config_path = tmp_path / "ringserve.toml"
@@ -68,8 +69,9 @@ class Daemon:
         return WireClient("127.0.0.1", self.port, timeout=timeout)
 
     def health(self) -> dict:
+        msg = {"op": "health"} if self.token is None else {"op": "health", "token": self.token}
         with self.client() as c:
-            return c.call({"op": "health"})
+            return c.call(msg)
 
     def wait_ready(self, timeout: float = 120.0) -> dict:
         t_end = time.monotonic() + timeout
@@ -135,8 +137,9 @@ def daemon_factory(tmp_path):
     started: list[Daemon] = []
 
     def make(config: str, *, env: dict | None = None, wait_ready: bool = True,
-             sub: str | None = None, args: tuple[str, ...] = ()) -> Daemon:
-        d = Daemon(tmp_path / (sub or f"d{len(started)}"), config, env, args)
+             sub: str | None = None, args: tuple[str, ...] = (),
+             token: str | None = None) -> Daemon:
+        d = Daemon(tmp_path / (sub or f"d{len(started)}"), config, env, args, token)
         started.append(d)
         return d.start(wait_ready=wait_ready)
 

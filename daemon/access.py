@@ -1,0 +1,117 @@
+"""Who may send requests, and how fast: shared-token auth and per-client rate limits.
+
+Authentication is per connection. A request may carry ``token``; a valid one
+marks its connection as that client's for the rest of its life, so a client
+sends it once (the bundled clients open each connection with an ``auth`` op)
+and its hot path pays one attribute test. A request on a connection that has
+not authenticated gets UNAUTHENTICATED and the connection stays open (the
+client may still send its token); a wrong token gets UNAUTHENTICATED and the
+connection is closed, so guessing costs a TCP handshake a try. Tokens are
+compared in constant time (``hmac.compare_digest``) against every configured
+token, so the time taken does not tell which prefix was right.
+
+Rate limits (every op but ``health``, which load balancers poll) are a token bucket per client identity: the token's client name,
+or the peer's IP address when auth is off, shared by all of that client's
+connections (opening more connections does not raise the limit). Buckets of
+clients that have gone quiet are pruned once full again: a full bucket is the
+same as no bucket, so pruning never changes an answer.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+
+from ipc.status import ResourceExhausted, Unauthenticated
+
+PRUNE_ABOVE = 4096  # buckets kept before quiet clients are pruned
+
+
+class Access:
+    """The [auth] and [rate_limit] sections, applied to one request at a time."""
+
+    def __init__(self, auth_cfg, rate_cfg):
+        self.tokens = tuple((n, t.encode()) for n, t in auth_cfg.tokens)
+        self.auth = auth_cfg.enabled
+        self.exempt = frozenset(auth_cfg.exempt_ops)
+        self.rate = rate_cfg.requests_per_s
+        self.burst = float(rate_cfg.burst)
+        self.buckets: dict[str, list[float]] = {}  # identity -> [tokens, last refill (s)]
+        self.refused = {"unauthenticated": 0, "bad_token": 0, "rate_limited": 0}
+
+    @classmethod
+    def from_config(cls, cfg) -> "Access | None":
+        """None when neither auth nor a rate limit is configured: the hot path skips it."""
+        if not cfg.auth.enabled and not cfg.rate_limit.requests_per_s:
+            return None
+        return cls(cfg.auth, cfg.rate_limit)
+
+    def client_of(self, token) -> str | None:
+        """The client name whose token this is, or None."""
+        if type(token) is not str:
+            return None
+        given = token.encode()
+        found = None
+        for name, t in self.tokens:  # no early exit: the same work for every token
+            if hmac.compare_digest(given, t):
+                found = name
+        return found
+
+    def revoke_stale(self, conns) -> int:
+        """After a reload: connections whose token is no longer listed must
+        authenticate again. Returns how many were revoked."""
+        valid = set(self.tokens)
+        n = 0
+        for c in conns:
+            if c.client is not None and (c.client, c.cred) not in valid:
+                c.client = c.cred = None
+                n += 1
+        return n
+
+    def check(self, conn, msg: dict, op: str) -> None:
+        """Raise the ProtocolError that answers ``msg`` instead, if any."""
+        if self.auth:
+            token = msg.get("token")
+            if token is not None:
+                name = self.client_of(token)
+                if name is None:
+                    self.refused["bad_token"] += 1
+                    conn.close_after_answer = True
+                    raise Unauthenticated("the token is not valid here; check the token "
+                                          "your client sends (this connection is closed)")
+                conn.client, conn.cred = name, token.encode()
+            elif conn.client is None and op not in self.exempt:
+                self.refused["unauthenticated"] += 1
+                raise Unauthenticated("this server requires a token: send 'token' in a "
+                                      "request (op 'auth' opens a connection with it), e.g. "
+                                      "Client(..., token=...) or RINGSERVE_TOKEN")
+        if self.rate and op != "health":  # probes must never be limited into "down"
+            self.take(conn.client or conn.host)
+
+    def take(self, ident: str, now: float | None = None) -> None:
+        """One request of ``ident`` against its bucket."""
+        now = time.monotonic() if now is None else now
+        b = self.buckets.get(ident)
+        if b is None:
+            if len(self.buckets) >= PRUNE_ABOVE:
+                self._prune(now)
+            b = self.buckets[ident] = [self.burst, now]
+        else:
+            b[0] = min(self.burst, b[0] + (now - b[1]) * self.rate)
+            b[1] = now
+        if b[0] < 1.0:
+            self.refused["rate_limited"] += 1
+            wait_ms = max(1, round((1.0 - b[0]) / self.rate * 1000))
+            raise ResourceExhausted(f"client {ident!r} is over its rate limit of "
+                                    f"{self.rate:g} requests/s (burst {self.burst:g}); "
+                                    f"retry in {wait_ms} ms or slow down")
+        b[0] -= 1.0
+
+    def _prune(self, now: float) -> None:
+        rate, burst = self.rate, self.burst
+        self.buckets = {k: b for k, b in self.buckets.items()
+                        if b[0] + (now - b[1]) * rate < burst}
+
+    def snapshot(self) -> dict:
+        return {"auth": self.auth, "rate_per_client": self.rate or None,
+                "clients_limited": len(self.buckets), "refused": dict(self.refused)}
