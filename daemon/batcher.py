@@ -164,6 +164,7 @@ class ModelQueue:
         self.q: collections.deque[Pending] = collections.deque()
         self.queued = 0  # live (unanswered) requests in q
         self.workers: list[WorkerHandle] = []
+        self.has_ready = False  # any worker ready: kept by worker_changed, read per request
         self.stats = ModelStats(self.buckets)
         self.window_timer = None
         self.outputs = []  # TensorDecl list, learned from the first worker
@@ -177,6 +178,9 @@ class ModelQueue:
         self.cache = None  # ResponseCache when the model has cache = true
         self.drift = None  # DriftTracker when the model has drift = true
         self.reqlog = None  # RequestLog, when [request_log] is enabled
+        # (input index, dtype, elements per sample, where) of the float inputs
+        # whose NaN/Inf check runs once per batch (WorkerHandle.submit_batch)
+        self.finite_checks: tuple = ()
 
     # -- intake ------------------------------------------------------------
     def ready_workers(self):
@@ -187,7 +191,7 @@ class ModelQueue:
         taken: 'busy' (queue full) or 'unavailable' (no ready worker)."""
         if self.queued >= self.limit:
             return "busy"
-        if not any(w.state == "ready" for w in self.workers):
+        if not self.has_ready:
             return "unavailable"
         self.q.append(req)
         self.queued += 1
@@ -201,7 +205,7 @@ class ModelQueue:
             return "queue_full"
         if self.queued * 2 >= self.limit:
             return "overload"  # callers' requests are piling up: they come first
-        if not any(w.state == "ready" for w in self.workers):
+        if not self.has_ready:
             return "unavailable"
         self.shadow_q.append(req)
         self.shadow_queued += 1
@@ -395,8 +399,10 @@ class ModelQueue:
         self._maybe_idle()
 
     def worker_changed(self) -> None:
-        """A worker became ready or went away."""
-        if not any(w.state == "ready" for w in self.workers) and (self.queued or self.shadow_queued):
+        """A worker became ready or went away (the only ways into and out of
+        "ready": WorkerHandle calls this on both)."""
+        self.has_ready = any(w.state == "ready" for w in self.workers)
+        if not self.has_ready and (self.queued or self.shadow_queued):
             states = ", ".join(sorted({w.state for w in self.workers})) or "none"
             self.fail_all_queued(int(Status.UNAVAILABLE),
                                  f"model {self.name!r} version {self.version!r} has no ready "

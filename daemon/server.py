@@ -29,7 +29,7 @@ import time
 from ipc import shm
 from ipc.status import (InvalidArgument, NotFound, ProtocolError, ResourceExhausted, Status,
                         Unavailable)
-from ipc.tensors import TensorSpec, decode_inputs
+from ipc.tensors import DEFERRABLE, TensorSpec, decode_inputs, input_where
 
 from .access import Access
 from .config import ConfigError, load_config, with_overrides
@@ -144,6 +144,10 @@ class App:
             q.cache = ResponseCache(m.cache_ttl_s, m.cache_max_bytes)
         if m.drift:
             q.drift = DriftTracker(m, self.cfg.side_file(None, f".drift-{m.name}-{m.version}.json"))
+        else:  # drift samples requests before they are batched: they must be checked first
+            q.finite_checks = tuple(
+                (k, s.dtype, s.numel, "inputs" if m.single_input else input_where(n))
+                for k, (n, s) in enumerate(m.inputs) if s.dtype in DEFERRABLE)
         for i, dev in enumerate(m.devices):
             t = m.threads or threads if dev == "cpu" else 1
             q.workers.append(WorkerHandle(self, q, i, dev, t))
@@ -314,7 +318,7 @@ class App:
         if inputs is None:
             raise InvalidArgument("request has no 'inputs'; send one sample as a tensor map "
                                   "{dtype, shape, data} or a list of numbers")
-        data = decode_inputs(inputs, q.specs, q.cfg.single_input)
+        data = decode_inputs(inputs, q.specs, q.cfg.single_input, bool(q.finite_checks))
         if q.drift is not None:
             q.drift.sample(data)
         dl = msg.get("deadline_ms")

@@ -30,6 +30,7 @@ import time
 
 from ipc.ring import Ring, RingLayout
 from ipc.status import Status
+from ipc.tensors import non_finite_rows, not_finite_error
 
 from .spec import TensorDecl, spawn_worker, spec_for
 from .stats import BusyMeter
@@ -214,6 +215,8 @@ class WorkerHandle:
             for r in batch:
                 mv[off:off + nb] = r.data[k]  # the one copy: frame bytes -> shared memory
                 off += nb
+        if self.queue.finite_checks:
+            self._refuse_non_finite(batch, slot)
         for r in batch:
             r.dispatched = 1
             r.data = None  # in shared memory now: let the frame bytes go
@@ -223,6 +226,26 @@ class WorkerHandle:
         self.inflight.append((batch, now, bucket))
         self.free_slots -= 1
         os.write(self._wake, _ONE)
+
+    def _refuse_non_finite(self, batch: list, slot: int) -> None:
+        """The NaN/Inf check of float inputs, once per batch on the slot
+        (``decode_inputs(defer_finite=True)`` skipped it per request). A bad
+        row is answered INVALID_ARGUMENT at once, exactly as the per-request
+        check would have (counted as rejected, not as the model's answer), and
+        zeroed, so the model never sees it; its result is never read."""
+        n = len(batch)
+        views = self.in_mv[slot]
+        for k, dtype, elems, where in self.queue.finite_checks:
+            bad = non_finite_rows(views[k], dtype, n, elems)
+            nb = self.in_nbytes[k]
+            for row, (index, value) in bad.items():
+                views[k][row * nb:(row + 1) * nb] = bytes(nb)
+                r = batch[row]
+                if not r.done:
+                    r.done = True
+                    e = not_finite_error(index, value, where)
+                    self.app.count_rejected(int(e.status))
+                    r.conn.send({"id": r.id, "status": int(e.status), "error": e.message})
 
     def _on_done(self) -> None:
         try:

@@ -102,6 +102,40 @@ def test_every_batch_is_bit_for_bit_the_in_process_batch(daemon_factory, model):
     assert max(sizes) > 1, "no batching under 400 pipelined requests"
 
 
+def test_non_finite_rows_inside_a_batch_are_refused_alone(daemon_factory, model):
+    """The NaN/Inf check runs once per batch: the bad rows of a pipelined
+    burst get INVALID_ARGUMENT naming their element, every other row its
+    correct answer, and the bad rows never count as the model's answers."""
+    d = daemon_factory(demo_config(max_batch=16, window_ms=5.0))
+    xs = samples(64, seed=9)
+    bad = {3: (7, np.nan), 17: (0, np.inf), 18: (127, -np.inf), 40: (64, np.nan)}
+    for row, (i, v) in bad.items():
+        xs[row, i] = v
+    with d.client() as c:
+        for i, x in enumerate(xs):
+            c.send({"id": 1 + i, "model": "demo", "inputs": tensor(x)})
+        answers = {a["id"]: a for a in c.recv_n(len(xs))}
+        stats = c.call({"op": "stats"})
+    with torch.inference_mode():
+        want = model(torch.from_numpy(np.nan_to_num(xs))).numpy()
+    batched = []
+    for row in range(len(xs)):
+        a = answers[1 + row]
+        if row in bad:
+            i, v = bad[row]
+            assert a["status"] == INVALID, a
+            assert a["error"] == (f"inputs: the element at flat index {i} is {float(v)}; "
+                                  "NaN and infinity are not accepted, send finite numbers")
+            assert "outputs" not in a
+        else:
+            assert a["status"] == OK, a
+            np.testing.assert_allclose(out_array(a), want[row], rtol=0, atol=1e-5)
+            batched.append(a["timing"]["batch"])
+    assert max(batched) > 1
+    m = stats["models"][0]
+    assert m["counts"] == {"0": 60} and stats["rejected"] == {"3": 4}
+
+
 def test_list_inputs_are_cast(daemon_factory, model):
     d = daemon_factory(demo_config())
     x = samples(1, seed=3)[0]
