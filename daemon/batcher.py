@@ -318,7 +318,9 @@ class ModelQueue:
         single = self.single_output
         name, version = self.name, self.version
         finished = self.finished
-        joined = self.joins.answered if self.joins is not None else None
+        joins = self.joins
+        joined = joins.answered if joins is not None else None
+        now = joins.clock() if joins is not None else 0.0
         shadow_lane = SHADOW
         queue_time = stats.queue_time.add
         cache = self.cache
@@ -348,7 +350,7 @@ class ModelQueue:
             if r.ckey is not None:
                 cache.put(r.ckey, _owned(outputs))
             if joined is not None:
-                joined(r.rid, name, version, r.lane, r.arm, r.key)
+                joined(r.rid, name, version, r.lane, r.arm, r.key, now)
             if r.shadow is not None:  # after the answer is on its way
                 nb = out_nbytes[0]
                 r.shadow.mirror(r, out_mvs[0][i * nb:(i + 1) * nb], meta[0][1])

@@ -61,8 +61,12 @@ class FeedbackJoin:
         self.unjoined = 0
         self.last_rid = None  # the rid the latest ``record`` joined to (None: unjoined)
 
-    def answered(self, rid: int, model: str, version: str, lane: str, arm, key) -> None:
-        now = self.clock()
+    def answered(self, rid: int, model: str, version: str, lane: str, arm, key,
+                 now: float | None = None) -> None:
+        """Remember an OK answer for later feedback. ``now``: the clock read
+        once for a whole batch (the window is an hour; microseconds do not matter)."""
+        if now is None:
+            now = self.clock()
         by_rid = self.by_rid
         by_rid[rid] = (now, model, version, lane, arm)
         if key is not None:

@@ -78,6 +78,7 @@ class App:
         self.worker_env = worker_env(cfg.source, self.workdir)
         self.deadlines = Deadlines(loop)
         self.queues: dict[tuple[str, str], ModelQueue] = {}
+        self._plain: dict[str, ModelQueue] = {}  # see _set_lanes
         self.rollouts = Rollouts(self)
         self.router = RoutingTable.from_config(cfg, self.rollouts.apply(cfg, "start"),
                                                self.rollouts.routed_counts())
@@ -209,6 +210,10 @@ class App:
         candidates = {(r.model, r.candidate) for r in self.router.rollouts.values()}
         for key, q in self.queues.items():
             q.lane = CANARY if key in candidates else STABLE
+        # route()'s fast path: models without a rollout, to their default version's queue
+        self._plain = {name: self.queues[(name, v)]
+                       for name, v in self.router.default_version.items()
+                       if name not in self.router.rollouts and (name, v) in self.queues}
 
     def worker_ready(self, w) -> None:
         if self.ready():
@@ -285,6 +290,10 @@ class App:
         """(queue, lane, arm, key) for an infer request (daemon/router.py)."""
         name, version = msg.get("model"), msg.get("version")
         key, exp = msg.get("key"), msg.get("exp")
+        if version is None and exp is None and type(name) is str:
+            q = self._plain.get(name)  # no rollout: the key cannot change the answer
+            if q is not None and (key is None or type(key) is str):
+                return q, STABLE, None, key
         if type(name) is not str:
             if name is None:
                 raise InvalidArgument(f"request has no 'model'; models served here: "
