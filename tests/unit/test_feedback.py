@@ -47,3 +47,21 @@ def test_expiry_window_and_size_bound():
         j.answered(rid, "m", "1", "stable", None, f"k{rid}")
     assert len(j.by_rid) <= 100 and len(j.by_key) <= 2 * 100 + 1024
     assert j.record(399, 1.0) is not None
+
+
+def test_the_bound_keeps_the_newest_answers_in_order():
+    """Past max_entries the oldest answers go first, one per new answer, and
+    the rest still join (the bound is hit within a minute at full load)."""
+    t = [0.0]
+    j = FeedbackJoin(window_s=3600, max_entries=1000, clock=lambda: t[0])
+    for rid in range(1, 50_001):
+        t[0] += 0.001
+        j.answered(rid, "m", "1", "stable" if rid % 2 else "canary", None, None)
+    assert len(j.by_rid) == len(j.order) == len(j.times) == 1000
+    assert list(j.order) == list(range(49_001, 50_001))
+    assert j.record(49_000, 1.0) is None and j.unjoined == 1
+    assert j.record(50_000, 1.0) == ("m", "1", "canary", None)
+    # the window expires by time as well: an hour later one new answer is all that is left
+    t[0] += 3601
+    j.answered(60_000, "m", "1", "stable", None, "k")
+    assert list(j.order) == [60_000] and j.record("k", 0.5) == ("m", "1", "stable", None)
