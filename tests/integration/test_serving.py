@@ -208,7 +208,7 @@ def test_health_models_stats(daemon_factory):
         m = c.call({"op": "models"})["models"][0]
         assert m["input"] == {"dtype": "float32", "shape": [128]}
         assert m["output"] == {"dtype": "float32", "shape": [2]}
-        assert m["batching"]["max_batch"] == 8 and m["batching"]["buckets"] == [1, 2, 4, 8]
+        assert m["batching"]["max_batch"] == 8 and m["batching"]["buckets"] == [1, 2, 3, 4, 6, 8]
         for x in samples(10):
             assert c.call({"model": "demo", "inputs": tensor(x)})["status"] == OK
         s = c.call({"op": "stats"})

@@ -75,7 +75,7 @@ def test_default_toml_loads():
     assert m.single_output is True
     assert m.devices == ("cpu",)
     assert (m.max_batch, m.window_ms, m.queue_limit) == (64, 2.0, 1024)
-    assert m.buckets == (1, 2, 4, 8, 16, 32, 64)
+    assert m.buckets == (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
     assert c.model("demo") is m and c.model("demo", "1") is m
 
 
@@ -109,7 +109,7 @@ def test_every_default():
     assert m.dtype == "float32"
     assert m.max_batch == 64
     assert m.window_ms == 2.0 and isinstance(m.window_ms, float)
-    assert m.buckets == (1, 2, 4, 8, 16, 32, 64)
+    assert m.buckets == (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
     assert m.queue_limit == 1024
     assert m.inflight_batches == 2
     assert c.source == "<config>"
@@ -399,9 +399,12 @@ def test_input_data_not_mutated():
 
 
 @pytest.mark.parametrize("max_batch, buckets", [
-    (1, (1,)), (2, (1, 2)), (3, (1, 2, 3)), (48, (1, 2, 4, 8, 16, 32, 48)),
-    (64, (1, 2, 4, 8, 16, 32, 64)), (65, (1, 2, 4, 8, 16, 32, 64, 65)),
-    (4096, (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)),
+    (1, (1,)), (2, (1, 2)), (3, (1, 2, 3)), (4, (1, 2, 3, 4)), (5, (1, 2, 3, 4, 5)),
+    (48, (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48)),
+    (64, (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)),
+    (65, (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 65)),
+    (4096, (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024,
+            1536, 2048, 3072, 4096)),
 ])
 def test_default_buckets(max_batch, buckets):
     assert model(max_batch=max_batch).buckets == buckets
@@ -588,7 +591,7 @@ def test_docs_full_example_parses(tmp_path):
     assert [(m.name, m.version) for m in c.models] == [
         ("ranker", "2024-06-01"), ("ranker", "2024-07-15"), ("fraud", "3")]
     assert c.models[0].inputs == c.models[1].inputs
-    assert c.models[2].buckets == (1, 2, 4, 8, 16, 32, 48)
+    assert c.models[2].buckets == (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48)
 
 
 def test_module_is_torch_free():
