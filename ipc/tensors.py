@@ -76,6 +76,7 @@ _U32 = np.dtype("<u4")
 _frombuffer = np.frombuffer
 _max = np.maximum.reduce
 _np_isfinite = np.isfinite
+_all_true = np.logical_and.reduce  # ndarray.all() goes through a Python-level wrapper
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ def _check_float(data, spec: TensorSpec, where: str) -> None:
     # saves. isfinite also beats integer views of the exponent bits (measured).
     a = _frombuffer(data, _NP[spec.dtype])
     finite = _np_isfinite(a)
-    if not finite.all():
+    if not _all_true(finite):
         i = int(np.flatnonzero(~finite)[0])
         raise _not_finite(i, float(a[i]), where)
 
@@ -187,7 +188,7 @@ def non_finite_rows(buf, dtype: str, rows: int, row_elems: int) -> dict[int, tup
     common case costs one isfinite and one all over the batch."""
     a = _frombuffer(buf, _NP[dtype], rows * row_elems)
     finite = _np_isfinite(a)
-    if finite.all():
+    if _all_true(finite):
         return {}
     bad: dict[int, tuple[int, float]] = {}
     for i in np.flatnonzero(~finite).tolist():

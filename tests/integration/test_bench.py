@@ -8,6 +8,7 @@ of bench/models.py with an A/B experiment on it.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -73,3 +74,20 @@ def test_keys_batching_sweep_and_plot(tmp_path):
     # (Segments of daemons still running belong to other tests on this machine.)
     leaked = {s for s in shm_segments() - before if not psutil.pid_exists(int(s.split("-")[1]))}
     assert not leaked
+
+
+def test_front_only_benchmark_answers_every_request_and_cleans_up():
+    """``python -m bench.front``: the daemon's request path in-process, with a
+    real ring and no worker; every request it sends is answered OK, in
+    batches of the requests that arrived meanwhile, and the ring is gone."""
+    before = shm_segments()
+    p = subprocess.run([sys.executable, "-m", "bench.front", "--requests", "4200",
+                        "--arrivals", "21"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    m = re.search(r"over 4,200 requests \(mean batch ([\d.]+)\); answers OK 24,213 of 24,213 "
+                  r"sent", p.stdout)   # 20,000 warm-up requests, rounded up to whole rounds
+    assert m, p.stdout
+    # 21 per batch, unless a round outlasted the 2 ms window (a slow moment of the machine)
+    assert 15 <= float(m.group(1)) <= 21
+    assert shm_segments() == before
