@@ -196,6 +196,14 @@ class ModelQueue:
         self.q.append(req)
         self.queued += 1
         self.deadlines.add(req)
+        if (self.window_timer is not None and self.queued < self.max_batch
+                and req.deadline - req.arrival > self.window_ns):
+            # A batch is filling while no worker is idle: the armed window
+            # timer says so (dispatch cancels it whenever it hands a batch
+            # over, and a worker only becomes idle through a dispatch). This
+            # request cannot make it go sooner; the timer or a finishing
+            # worker will.
+            return None
         self.dispatch()
         return None
 
@@ -261,10 +269,16 @@ class ModelQueue:
                 return
             batch = self._take(self.q)
             self.queued -= len(batch)
+            if self.window_timer is not None:  # it waited for the oldest, now gone
+                self.window_timer.cancel()
+                self.window_timer = None
             if batch:
                 n = len(batch)
                 self.stats.dispatch[why] += 1
                 w.submit_batch(batch, self.bucket_for[n])
+        if self.window_timer is not None:  # nothing left to wait for (see submit)
+            self.window_timer.cancel()
+            self.window_timer = None
         if self.shadow_queued and not self.queued:
             self._dispatch_shadow()
         self._maybe_idle()

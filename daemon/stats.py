@@ -27,24 +27,27 @@ def percentiles(values, ps=(50, 95, 99)) -> dict:
 DURATION_BOUNDS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                      0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _DURATION_BOUNDS_US = tuple(int(b * 1e6) for b in DURATION_BOUNDS_S)
+_bisect_left = bisect.bisect_left
 
 
 class Histogram:
     """Cumulative-on-export bucket counts: O(log buckets) to record, no lock
     (the front is one thread), read by the Prometheus collector at scrape."""
 
-    __slots__ = ("bounds", "counts", "sum", "n")
+    __slots__ = ("bounds", "counts", "sum")
 
     def __init__(self, bounds=_DURATION_BOUNDS_US):
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
         self.sum = 0
-        self.n = 0
 
     def add(self, v) -> None:
-        self.counts[bisect.bisect_left(self.bounds, v)] += 1
+        self.counts[_bisect_left(self.bounds, v)] += 1
         self.sum += v
-        self.n += 1
+
+    @property
+    def n(self) -> int:
+        return sum(self.counts)
 
     def cumulative(self) -> list[int]:
         return list(itertools.accumulate(self.counts))
@@ -52,7 +55,6 @@ class Histogram:
 
 class ModelStats:
     def __init__(self, buckets=(1,)):
-        self.by_status: collections.Counter = collections.Counter()
         self.by_route: collections.Counter = collections.Counter()  # (lane, arm, status)
         self.latency_us: collections.deque = collections.deque(maxlen=LATENCY_WINDOW)
         self.duration: dict[str, Histogram] = {}  # lane -> OK answers, arrival to answer
@@ -66,8 +68,16 @@ class ModelStats:
         self.batches = 0
         self.padded_rows = 0
 
+    @property
+    def by_status(self) -> collections.Counter:
+        """Answers by status, summed over lanes and arms (read, not kept: one
+        counter less per answer)."""
+        out: collections.Counter = collections.Counter()
+        for (_, _, status), n in self.by_route.items():
+            out[status] += n
+        return out
+
     def answered(self, status: int, latency_us: int, lane: str = "stable", arm=None) -> None:
-        self.by_status[status] += 1
         self.by_route[(lane, arm, status)] += 1
         if status == 0:
             self.latency_us.append(latency_us)
@@ -84,9 +94,10 @@ class ModelStats:
         self.padded_rows += bucket - n
 
     def snapshot(self) -> dict:
+        by_status = self.by_status
         return {
-            "counts": {str(k): v for k, v in sorted(self.by_status.items())},
-            "requests": sum(self.by_status.values()),
+            "counts": {str(k): v for k, v in sorted(by_status.items())},
+            "requests": sum(by_status.values()),
             "latency_us": percentiles(self.latency_us),
             "batches": self.batches,
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
