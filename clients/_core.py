@@ -295,6 +295,10 @@ class InFlight:
             if answer.get("status"):
                 self.refusal = answer
             return None
+        # A refusal is the server's last word before it closes; an answer
+        # after it means it was not (an old server that does not know the
+        # auth op, say), so a later drop is a plain ConnectionLost.
+        self.refusal = None
         return self._waiting.pop(rid, None)
 
     def drop(self, rid: int) -> None:

@@ -1,7 +1,7 @@
 """Who may send requests, and how fast: shared-token auth and per-client rate limits.
 
 Authentication is per connection. A request may carry ``token``; a valid one
-marks its connection as that client's for the rest of its life, so a client
+marks its connection as that client's (until a reload changes the tokens), so a client
 sends it once (the bundled clients open each connection with an ``auth`` op)
 and its hot path pays one attribute test. A request on a connection that has
 not authenticated gets UNAUTHENTICATED and the connection stays open (the
@@ -10,11 +10,18 @@ connection is closed, so guessing costs a TCP handshake a try. Tokens are
 compared in constant time (``hmac.compare_digest``) against every configured
 token, so the time taken does not tell which prefix was right.
 
-Rate limits (every op but ``health``, which load balancers poll) are a token bucket per client identity: the token's client name,
-or the peer's IP address when auth is off, shared by all of that client's
-connections (opening more connections does not raise the limit). Buckets of
-clients that have gone quiet are pruned once full again: a full bucket is the
-same as no bucket, so pruning never changes an answer.
+A reload that changes the tokens (or turns auth on) marks every connection
+not authenticated by a token still listed: its next request is answered
+UNAVAILABLE and the connection closed, so a client retries on a new
+connection that opens with its token (see ``revoke_stale``).
+
+Rate limits (every op but ``health``, which load balancers poll, and
+``auth``) are a token bucket per client identity: ("client", the token's
+name), or ("ip", the peer's address) for a connection without a token,
+shared by all of that client's connections (opening more connections does
+not raise the limit). Buckets of clients that have gone quiet are pruned
+once full again: a full bucket is the same as no bucket, so pruning never
+changes an answer.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from __future__ import annotations
 import hmac
 import time
 
-from ipc.status import ResourceExhausted, Unauthenticated
+from ipc.status import ResourceExhausted, Unauthenticated, Unavailable
 
 PRUNE_ABOVE = 4096  # buckets kept before quiet clients are pruned
 
@@ -36,8 +43,10 @@ class Access:
         self.exempt = frozenset(auth_cfg.exempt_ops)
         self.rate = rate_cfg.requests_per_s
         self.burst = float(rate_cfg.burst)
-        self.buckets: dict[str, list[float]] = {}  # identity -> [tokens, last refill (s)]
-        self.refused = {"unauthenticated": 0, "bad_token": 0, "rate_limited": 0}
+        self.buckets: dict[tuple, list[float]] = {}  # identity -> [tokens, last refill (s)]
+        self._prune_at = PRUNE_ABOVE
+        self.refused = {"unauthenticated": 0, "bad_token": 0, "reauthenticate": 0,
+                        "rate_limited": 0}
 
     @classmethod
     def from_config(cls, cfg) -> "Access | None":
@@ -58,13 +67,19 @@ class Access:
         return found
 
     def revoke_stale(self, conns) -> int:
-        """After a reload: connections whose token is no longer listed must
-        authenticate again. Returns how many were revoked."""
+        """After a reload: connections that are not authenticated by a token
+        still listed (their token was removed, or auth was off when they
+        connected) must authenticate again. Their next request is answered
+        UNAVAILABLE and the connection closed: a client retries on a new
+        connection, which opens with its token (the bundled clients do both),
+        instead of being refused for good on a connection that stays open.
+        Returns how many were marked."""
         valid = set(self.tokens)
         n = 0
         for c in conns:
-            if c.client is not None and (c.client, c.cred) not in valid:
+            if (c.client, c.cred) not in valid and not c.reauth:
                 c.client = c.cred = None
+                c.reauth = True
                 n += 1
         return n
 
@@ -80,20 +95,31 @@ class Access:
                     raise Unauthenticated("the token is not valid here; check the token "
                                           "your client sends (this connection is closed)")
                 conn.client, conn.cred = name, token.encode()
-            elif conn.client is None and op not in self.exempt:
+                conn.reauth = False
+            elif conn.client is None and (type(op) is not str or op not in self.exempt):
+                if conn.reauth:
+                    self.refused["reauthenticate"] += 1
+                    conn.close_after_answer = True
+                    raise Unavailable("the server's [auth] changed in a config reload and this "
+                                      "connection must authenticate again: reconnect and send "
+                                      "your token (this connection is closed; retry)")
                 self.refused["unauthenticated"] += 1
                 raise Unauthenticated("this server requires a token: send 'token' in a "
                                       "request (op 'auth' opens a connection with it), e.g. "
                                       "Client(..., token=...) or RINGSERVE_TOKEN")
-        if self.rate and op != "health":  # probes must never be limited into "down"
-            self.take(conn.client or conn.host)
+        # Probes must never be limited into "down", and the auth op opens
+        # every connection of a well-behaved client.
+        if self.rate and op != "health" and op != "auth":
+            self.take(("client", conn.client) if conn.client is not None else ("ip", conn.host))
 
-    def take(self, ident: str, now: float | None = None) -> None:
-        """One request of ``ident`` against its bucket."""
+    def take(self, ident: tuple[str, str], now: float | None = None) -> None:
+        """One request of ``ident`` (("client", name) or ("ip", address): a
+        client may not be named like an address and share its bucket)
+        against its bucket."""
         now = time.monotonic() if now is None else now
         b = self.buckets.get(ident)
         if b is None:
-            if len(self.buckets) >= PRUNE_ABOVE:
+            if len(self.buckets) >= self._prune_at:
                 self._prune(now)
             b = self.buckets[ident] = [self.burst, now]
         else:
@@ -102,7 +128,7 @@ class Access:
         if b[0] < 1.0:
             self.refused["rate_limited"] += 1
             wait_ms = max(1, round((1.0 - b[0]) / self.rate * 1000))
-            raise ResourceExhausted(f"client {ident!r} is over its rate limit of "
+            raise ResourceExhausted(f"{ident[0]} {ident[1]!r} is over its rate limit of "
                                     f"{self.rate:g} requests/s (burst {self.burst:g}); "
                                     f"retry in {wait_ms} ms or slow down")
         b[0] -= 1.0
@@ -111,6 +137,9 @@ class Access:
         rate, burst = self.rate, self.burst
         self.buckets = {k: b for k, b in self.buckets.items()
                         if b[0] + (now - b[1]) * rate < burst}
+        # Many busy clients: prune again only once as many more have come,
+        # so a new client costs O(1) amortised, not a scan each.
+        self._prune_at = max(PRUNE_ABOVE, 2 * len(self.buckets))
 
     def snapshot(self) -> dict:
         return {"auth": self.auth, "rate_per_client": self.rate or None,

@@ -405,6 +405,9 @@ class ModelQueue:
         self._maybe_idle()
 
     def fail_all_queued(self, status: int, message: str) -> None:
+        if self.window_timer is not None:  # nothing is queued for it any more
+            self.window_timer.cancel()
+            self.window_timer = None
         q, self.q = self.q, collections.deque()
         sq, self.shadow_q = self.shadow_q, collections.deque()
         self.queued = self.shadow_queued = 0

@@ -920,12 +920,13 @@ SECTIONS: tuple[Section, ...] = (
             "`token` in a request (the clients do it once per connection, with op `auth`); "
             "a connection that presented a valid token stays authenticated. Other requests "
             "are answered UNAUTHENTICATED; a wrong token also closes the connection. SIGHUP "
-            "re-reads the file, so tokens rotate without a restart.", _build_auth),
+            "re-reads the file, so tokens rotate without a restart (docs/operations.md).",
+            _build_auth),
     Section("rate_limit", False,
             "Per-client rate limit (off while `requests_per_s` is 0): a token bucket per "
             "client (its token's name, or its IP address without auth), shared by all of "
             "its connections. A request over the limit is answered RESOURCE_EXHAUSTED at once. "
-            "`health` is never limited (load balancers poll it).",
+            "`health` (load balancers poll it) and `auth` are never limited.",
             lambda values, ctx: RateLimitConfig(**values)),
     Section("models", True,
             "One `[[models]]` table per served model version; at least one. Each entry of "

@@ -140,7 +140,7 @@ class Collector:
         up.add_metric([], 1.0 if app.ready() else 0.0)
         refused = CounterMetricFamily(
             "ringserve_access_refused", "Requests refused by [auth] or [rate_limit], by reason "
-            "(unauthenticated, bad_token, rate_limited).", labels=["reason"])
+            "(unauthenticated, bad_token, reauthenticate, rate_limited).", labels=["reason"])
         if app.access is not None:
             for reason, n in app.access.refused.items():
                 refused.add_metric([reason], n)

@@ -16,7 +16,7 @@ from ipc.framing import FrameDecoder, encode_frame
 
 class Connection(asyncio.Protocol):
     __slots__ = ("app", "decoder", "transport", "closed", "peer", "host", "client", "cred",
-                 "close_after_answer")
+                 "reauth", "close_after_answer")
 
     def __init__(self, app):
         self.app = app
@@ -27,6 +27,7 @@ class Connection(asyncio.Protocol):
         self.host = "?"
         self.client = None   # the client name once a valid token was presented (daemon/access.py)
         self.cred = None     # that token, so a reload that revokes it can tell
+        self.reauth = False  # a reload changed [auth] under it (daemon/access.py)
         self.close_after_answer = False
 
     def connection_made(self, transport) -> None:

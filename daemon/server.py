@@ -515,6 +515,10 @@ class App:
                 log.warning(f"[{section}] changes need a restart; it stays as it is",
                             extra={"event": "reload"})
                 new = dataclasses.replace(new, **{section: getattr(old, section)})
+        # Tokens and limits apply as soon as the file validates: a revoked
+        # token must not stay valid while new models warm up, nor because
+        # one of them then fails to start and the rest of the reload is rejected.
+        self._set_access(Access.from_config(new))
         wanted = {(m.name, m.version): m for m in new.models}
         keep = {k: q for k, q in self.queues.items() if k in wanted and q.cfg == wanted[k]}
         threads = default_threads(new)
@@ -540,7 +544,6 @@ class App:
         self.cfg = new
         self.queues = {**keep, **started}
         self.default_deadline_ns = new.server.deadline_ms * 1_000_000
-        self._set_access(Access.from_config(new))
         self.rollouts.apply(new, "reload")
         self.reroute()
         self._set_shadows()
@@ -555,19 +558,21 @@ class App:
 
     def _set_access(self, access: Access | None) -> None:
         """A reload's auth and limits: rate buckets and refusal counts carry
-        over; connections whose token was removed must authenticate again."""
+        over; when the tokens changed (or auth was turned on), connections
+        not authenticated by a token still listed must authenticate again."""
         old = self.access
         if access is not None and old is not None:
             access.buckets, access.refused = old.buckets, old.refused
         self.access = access
         if access is not None and access.auth:
-            revoked = access.revoke_stale(self.conns)
-            if revoked:
-                log.info("tokens rotated: connections whose token is gone must authenticate "
-                         "again", extra={"event": "reload", "connections": revoked})
+            if old is None or not old.auth or old.tokens != access.tokens:
+                n = access.revoke_stale(self.conns)
+                log.info("tokens changed: connections without a listed token must authenticate "
+                         "again", extra={"event": "reload", "connections": n})
         else:
             for c in self.conns:
                 c.client = c.cred = None
+                c.reauth = False
 
     async def _wait_warm(self, queues, timeout_s: float) -> list[str]:
         """Wait until every worker of ``queues`` is ready; the errors of those

@@ -105,7 +105,7 @@ def test_clients_send_their_token_once_per_connection(daemon_factory, tmp_path):
         for _ in range(4):   # both connections
             assert c.infer("demo", X).outputs.shape == (2,)
         assert c.stats()["access"]["refused"] == {"unauthenticated": 0, "bad_token": 0,
-                                                  "rate_limited": 0}
+                                                  "reauthenticate": 0, "rate_limited": 0}
     with Client(port=d.port, retry=RetryPolicy()) as c:
         e = pytest.raises(errors.Unauthenticated, c.infer, "demo", X).value
         assert e.attempts == 1 and "requires a token" in e.message   # never retried
@@ -155,16 +155,41 @@ def test_sighup_rotates_tokens_and_revokes_removed_ones(daemon_factory, tmp_path
         os.kill(d.proc.pid, signal.SIGHUP)
         wait_stats(d, lambda s: s["status"] == 0 and s["reloads"]["ok"] == 1, "reload",
                    token=alice2)
-        # alice's old token is gone: her open connection must authenticate again
+        # alice's old token is gone: her open connection must authenticate
+        # again, on a new connection (UNAVAILABLE: retry; then closed)
         a = old.call(dict(INFER))
-        assert a["status"] == 16
-        assert old.call(dict(INFER, token=alice2))["status"] == 0
+        assert a["status"] == 14 and "must authenticate again" in a["error"]
+        assert old.closed_by_peer()
         assert keep.call(dict(INFER))["status"] == 0   # bob's token did not change
     finally:
         old.close()
         keep.close()
     with d.client() as c:
         assert c.call(dict(INFER, token=ALICE))["status"] == 16
+    with d.client() as c:
+        assert c.call(dict(INFER, token=alice2))["status"] == 0
+    assert stats(d, alice2)["access"]["refused"]["reauthenticate"] == 1
+
+
+def test_turning_auth_on_by_reload_moves_clients_to_new_connections(daemon_factory, tmp_path):
+    """Clients that connected while auth was off keep working once a reload
+    turns it on, if they have a token: their next call is answered
+    UNAVAILABLE on the old connection and retried on a new one, which opens
+    with the token. Tokens apply as soon as the file validates."""
+    d = daemon_factory(demo_config())
+    with Client(port=d.port, token=ALICE) as c, d.client() as anonymous:
+        assert c.infer("demo", X).attempts == 1
+        assert anonymous.call(dict(INFER))["status"] == 0
+        d.config_path.write_text(auth_config(tmp_path))
+        os.kill(d.proc.pid, signal.SIGHUP)
+        wait_stats(d, lambda s: s["status"] == 0 and s["reloads"]["ok"] == 1, "reload")
+        r = c.infer("demo", X)
+        assert r.outputs.shape == (2,) and r.attempts == 2
+        assert c.infer("demo", X).attempts == 1   # the new connection is authenticated
+        a = anonymous.call(dict(INFER))
+        assert a["status"] == 14 and anonymous.closed_by_peer()
+    with d.client() as c2:
+        assert c2.call(dict(INFER))["status"] == 16
 
 
 def test_a_readable_tokens_file_is_refused_at_start(tmp_path):
@@ -209,11 +234,11 @@ def test_rate_limit_per_client_address(daemon_factory):
 def test_rate_limit_follows_the_token_and_clients_retry_through_it(daemon_factory, tmp_path):
     d = daemon_factory(auth_config(tmp_path, extra=RATE))
     with d.client() as a, d.client() as b:
-        assert a.call({"op": "auth", "token": ALICE})["status"] == 0   # takes a token too
-        assert [a.call(dict(INFER))["status"] for _ in range(5)] == [0] * 4 + [8]
+        assert a.call({"op": "auth", "token": ALICE})["status"] == 0   # not limited
+        assert [a.call(dict(INFER))["status"] for _ in range(6)] == [0] * 5 + [8]
         # bob comes from the same address but is his own client
         assert b.call({"op": "auth", "token": BOB})["status"] == 0
-        assert [b.call(dict(INFER))["status"] for _ in range(5)] == [0] * 4 + [8]
+        assert [b.call(dict(INFER))["status"] for _ in range(6)] == [0] * 5 + [8]
     # The retry policy backs off through RESOURCE_EXHAUSTED until a token is back.
     with Client(port=d.port, token=BOB, timeout=20,
                 retry=RetryPolicy(attempts=20, base_delay=0.1, max_delay=1.0)) as c:

@@ -9,7 +9,7 @@ import pytest
 
 from daemon.access import PRUNE_ABOVE, Access
 from daemon.config import ConfigError, parse_config
-from ipc.status import ResourceExhausted, Unauthenticated
+from ipc.status import ResourceExhausted, Unauthenticated, Unavailable
 
 MODEL = {"name": "m", "factory": "pkg.mod:build", "input": {"dtype": "float32", "shape": [4]}}
 A, B = "a" * 16, "b" * 20
@@ -33,7 +33,8 @@ def error(tmp_path, text, mode=0o600) -> str:
 
 class Conn:
     def __init__(self, host="10.0.0.1"):
-        self.host, self.client, self.cred, self.close_after_answer = host, None, None, False
+        self.host, self.client, self.cred = host, None, None
+        self.reauth = self.close_after_answer = False
 
 
 def test_tokens_file_lines(tmp_path):
@@ -91,40 +92,64 @@ def test_check_authenticates_the_connection(tmp_path):
     with pytest.raises(Unauthenticated):
         acc.check(bad, {"token": 7}, "infer")
     assert bad.close_after_answer
-    assert acc.refused == {"unauthenticated": 1, "bad_token": 2, "rate_limited": 0}
-    # a reload that drops bob's token revokes his connection
+    with pytest.raises(Unauthenticated):   # an op that is not a string is no crash
+        acc.check(Conn(), {"op": ["x"]}, ["x"])
+    assert acc.refused == {"unauthenticated": 2, "bad_token": 2, "reauthenticate": 0,
+                           "rate_limited": 0}
+    # a reload that drops bob's token makes his connection authenticate again:
+    # UNAVAILABLE and closed, so that a client retries on a new connection
     acc2 = Access.from_config(config(tmp_path, f"alice:{A}\n"))
-    assert acc2.revoke_stale([c]) == 1 and c.client is None
+    anonymous, alice = Conn(), Conn()
+    acc2.check(alice, {"token": A}, "infer")
+    assert acc2.revoke_stale([c, anonymous, alice]) == 2 and c.client is None
+    assert c.reauth and anonymous.reauth and not alice.reauth
+    with pytest.raises(Unavailable, match="must authenticate again"):
+        acc2.check(c, {}, "infer")
+    assert c.close_after_answer
+    acc2.check(anonymous, {"token": A}, "infer")   # a token clears it
+    assert anonymous.client == "alice" and not anonymous.reauth
 
 
 def test_token_bucket(tmp_path):
     acc = Access.from_config(config(tmp_path, rate_limit={"requests_per_s": 10, "burst": 3}))
-    t = 100.0
+    t, x, y = 100.0, ("client", "x"), ("ip", "x")
     for _ in range(3):
-        acc.take("x", t)
-    with pytest.raises(ResourceExhausted, match=r"over its rate limit of 10 requests/s \(burst 3\); "
-                                                 r"retry in 100 ms"):
-        acc.take("x", t)
-    acc.take("y", t)          # another client has its own bucket
-    acc.take("x", t + 0.11)   # 0.11 s at 10/s: one token back
+        acc.take(x, t)
+    with pytest.raises(ResourceExhausted, match=r"client 'x' is over its rate limit of 10 "
+                                                 r"requests/s \(burst 3\); retry in 100 ms"):
+        acc.take(x, t)
+    acc.take(y, t)            # an address that reads like a client name has its own bucket
+    acc.take(x, t + 0.11)     # 0.11 s at 10/s: one token back
     with pytest.raises(ResourceExhausted):
-        acc.take("x", t + 0.11)
+        acc.take(x, t + 0.11)
     for _ in range(3):        # refills never exceed the burst
-        acc.take("x", t + 60)
+        acc.take(x, t + 60)
     with pytest.raises(ResourceExhausted):
-        acc.take("x", t + 60)
+        acc.take(x, t + 60)
     assert acc.refused["rate_limited"] == 3
+    c = Conn("10.0.0.9")
+    acc.check(c, {}, "health")   # never limited, nor is the auth op
+    acc.check(c, {}, "auth")
+    assert ("ip", "10.0.0.9") not in acc.buckets
 
 
 def test_quiet_clients_are_pruned_without_changing_answers(tmp_path):
     acc = Access.from_config(config(tmp_path, rate_limit={"requests_per_s": 1, "burst": 2}))
-    acc.take("busy", 0.0)
-    acc.take("busy", 0.0)
+    acc.take(("ip", "busy"), 0.0)
+    acc.take(("ip", "busy"), 0.0)
     for i in range(PRUNE_ABOVE - 1):
-        acc.take(f"c{i}", 0.0)
+        acc.take(("ip", f"c{i}"), 0.0)
     assert len(acc.buckets) == PRUNE_ABOVE
-    acc.take("new", 1.5)   # every 1-request client is full again at 1.5 s; "busy" is not
-    assert set(acc.buckets) == {"busy", "new"}
-    acc.take("busy", 1.5)   # 1.5 tokens back: it still has its own history
+    acc.take(("ip", "new"), 1.5)   # every 1-request client is full again at 1.5 s; "busy" is not
+    assert set(acc.buckets) == {("ip", "busy"), ("ip", "new")}
+    acc.take(("ip", "busy"), 1.5)   # 1.5 tokens back: it still has its own history
     with pytest.raises(ResourceExhausted):
-        acc.take("busy", 1.5)
+        acc.take(("ip", "busy"), 1.5)
+
+
+def test_many_busy_clients_do_not_make_every_new_one_a_scan(tmp_path):
+    acc = Access.from_config(config(tmp_path, rate_limit={"requests_per_s": 1, "burst": 2}))
+    for i in range(3 * PRUNE_ABOVE):   # all busy (not full): none can be pruned
+        acc.take(("ip", f"c{i}"), 0.0)
+    assert len(acc.buckets) == 3 * PRUNE_ABOVE
+    assert acc._prune_at == 4 * PRUNE_ABOVE   # the next scan waits for as many again

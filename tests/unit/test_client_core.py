@@ -213,6 +213,13 @@ def test_inflight_ids_matching_and_refusal():
     e1, e2 = f.lost_error("gone"), f.lost_error("gone")
     assert type(e1) is errors.ResourceExhausted and e1 is not e2
     assert e1.message == "too many connections"
+    # a non-OK id-0 answer that the server did not close after (an older
+    # server refusing the auth op, say) is not what a later drop reports
+    f = InFlight()
+    f.add(a)
+    f.match({"id": 0, "status": 3, "error": "unknown op 'auth'"})
+    assert f.match({"id": 1, "status": 0}) is a
+    assert isinstance(f.lost_error("gone"), errors.ConnectionLost)
 
 
 def test_inflight_ids_wrap_and_skip_waiting_ones():
