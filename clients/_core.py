@@ -21,6 +21,7 @@ as ``now`` (``time.monotonic()`` seconds) and randomness as an ``rng``.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import random
@@ -36,7 +37,7 @@ from .errors import ClientError, ClientTimeout, ConnectionLost, RingserveError, 
 
 __all__ = [
     "DEFAULT_RETRY", "MAX_ANSWER_BYTES", "MAX_DEADLINE_MS", "RETRYABLE", "Call", "InFlight",
-    "InferResult", "Packed", "Retry", "RetryPolicy", "check_options", "decode_outputs",
+    "ClientOptions", "InferResult", "Packed", "Retry", "RetryPolicy", "check_options", "decode_outputs",
     "encode_inputs", "error_from_answer", "feedback_request", "infer_request", "infer_result",
     "op_request", "plain_answer",
 ]
@@ -470,6 +471,24 @@ def check_options(connect_timeout, timeout, retry, connections, token=None) -> N
         raise TypeError(f"retry must be a RetryPolicy or None, got {type(retry).__name__}")
     if type(connections) is not int or connections < 1:
         raise ValueError(f"connections must be an int >= 1, got {connections!r}")
+
+
+class ClientOptions:
+    """What ``Client`` and ``AsyncClient`` share from their constructors:
+    the checked options, and the slots of their connections (each opened by
+    the subclass, in its own way)."""
+
+    def __init__(self, host: str, port: int, connect_timeout: float, timeout: float,
+                 retry: "RetryPolicy | None", connections: int, token: str | None):
+        check_options(connect_timeout, timeout, retry, connections, token)
+        self.host, self.port = host, port
+        self.connect_timeout = connect_timeout
+        self.timeout = timeout
+        self.retry = retry
+        self.token = token
+        self._closed = False
+        self._links: list = [None] * connections
+        self._turn = itertools.count()
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,6 @@ Works on any asyncio event loop, uvloop's included.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import socket
 import time
 from functools import partial
@@ -113,7 +112,7 @@ class _Link(asyncio.Protocol):
         self._fail("the client was closed")
 
 
-class AsyncClient:
+class AsyncClient(_core.ClientOptions):
     """An asyncio ringserve client; pipelined by concurrency.
 
     Open it with ``client = await AsyncClient.connect(host, port, ...)`` or
@@ -126,15 +125,7 @@ class AsyncClient:
                  connect_timeout: float = 5.0, timeout: float = 30.0,
                  retry: RetryPolicy | None = _core.DEFAULT_RETRY, connections: int = 1,
                  token: str | None = None):
-        _core.check_options(connect_timeout, timeout, retry, connections, token)
-        self.token = token
-        self.host, self.port = host, port
-        self.connect_timeout = connect_timeout
-        self.timeout = timeout
-        self.retry = retry
-        self._closed = False
-        self._links: list[_Link | None] = [None] * connections
-        self._turn = itertools.count()
+        super().__init__(host, port, connect_timeout, timeout, retry, connections, token)
         self._dial_lock: asyncio.Lock | None = None
 
     @classmethod

@@ -237,7 +237,7 @@ class _Timers:
         return futures
 
 
-class Client:
+class Client(_core.ClientOptions):
     """A blocking ringserve client; thread-safe, pipelined.
 
     Many threads may share one client, and ``submit`` puts many requests in
@@ -254,15 +254,7 @@ class Client:
                  connect_timeout: float = 5.0, timeout: float = 30.0,
                  retry: RetryPolicy | None = _core.DEFAULT_RETRY, connections: int = 1,
                  token: str | None = None):
-        _core.check_options(connect_timeout, timeout, retry, connections, token)
-        self.token = token
-        self.host, self.port = host, port
-        self.connect_timeout = connect_timeout
-        self.timeout = timeout
-        self.retry = retry
-        self._closed = False
-        self._links: list[_Link | None] = [None] * connections
-        self._turn = itertools.count()
+        super().__init__(host, port, connect_timeout, timeout, retry, connections, token)
         self._dial_lock = threading.Lock()
         self._timers = _Timers(self)
         try:
