@@ -76,3 +76,23 @@ class Unavailable(ProtocolError):
 
 class Unauthenticated(ProtocolError):
     status = Status.UNAUTHENTICATED
+
+
+# Messages quote what they name, but never more than a short prefix of it: a
+# 7 MiB model name must not become a 7 MiB answer (or log line).
+BRIEF_LIMIT = 64
+
+
+def brief(value, limit: int = BRIEF_LIMIT) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, saying how long the
+    whole was when it was cut; cheap for huge values (never reprs them whole)."""
+    if type(value) in (str, bytes, bytearray) and len(value) > limit:
+        head = repr(value[:limit])
+        return f"{head}... ({len(value)} {'characters' if type(value) is str else 'bytes'})"
+    if type(value) in (list, tuple, dict) and len(value) > 8:
+        kind = type(value).__name__
+        return f"<{kind} of {len(value)} items>"
+    text = repr(value)
+    if len(text) > limit:
+        return text[:limit] + f"... ({len(text)} characters)"
+    return text
