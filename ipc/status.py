@@ -13,6 +13,7 @@ know gRPC read them without a table. Two families of exception:
 from __future__ import annotations
 
 import enum
+import reprlib
 
 
 class Status(enum.IntEnum):
@@ -79,20 +80,22 @@ class Unauthenticated(ProtocolError):
 
 
 # Messages quote what they name, but never more than a short prefix of it: a
-# 7 MiB model name must not become a 7 MiB answer (or log line).
+# 7 MiB model name must not become a 7 MiB answer (or log line). reprlib
+# cuts strings, nesting and long containers before it builds the text, so
+# quoting a huge value costs no more than quoting a small one.
 BRIEF_LIMIT = 64
+_repr = reprlib.Repr()  # Python 3.11's Repr takes no arguments
+for _name, _value in (("maxlevel", 3), ("maxdict", 4), ("maxlist", 6), ("maxtuple", 6),
+                      ("maxset", 4), ("maxfrozenset", 4), ("maxdeque", 4), ("maxarray", 4),
+                      ("maxstring", BRIEF_LIMIT), ("maxlong", 40), ("maxother", BRIEF_LIMIT)):
+    setattr(_repr, _name, _value)
 
 
 def brief(value, limit: int = BRIEF_LIMIT) -> str:
-    """``repr(value)`` cut to about ``limit`` characters, saying how long the
-    whole was when it was cut; cheap for huge values (never reprs them whole)."""
+    """A short repr of ``value`` for an error message: at most about ``limit``
+    characters, with the length of a cut string or bytes value."""
+    text = _repr.repr(value)
     if type(value) in (str, bytes, bytearray) and len(value) > limit:
-        head = repr(value[:limit])
-        return f"{head}... ({len(value)} {'characters' if type(value) is str else 'bytes'})"
-    if type(value) in (list, tuple, dict) and len(value) > 8:
-        kind = type(value).__name__
-        return f"<{kind} of {len(value)} items>"
-    text = repr(value)
-    if len(text) > limit:
-        return text[:limit] + f"... ({len(text)} characters)"
-    return text
+        unit = "characters" if type(value) is str else "bytes"
+        return f"{text[:limit]}... ({len(value)} {unit})"
+    return text if len(text) <= limit + 16 else text[:limit] + "..."
