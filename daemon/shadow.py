@@ -31,7 +31,7 @@ import numpy as np
 from ipc.tensors import DTYPES, to_numpy
 
 from .router import BUCKETS, bucket
-from .stats import percentiles
+from .stats import LatencyWindow
 
 SHADOW = "shadow"  # the lane of mirrored requests; they are never answered to anyone
 _monotonic_ns = time.monotonic_ns
@@ -61,7 +61,7 @@ class Shadow:
         self.incomparable = 0
         self.diff_sum = 0.0
         self.diff_max = 0.0
-        self.latency_us: collections.deque = collections.deque(maxlen=8192)
+        self.latency = LatencyWindow()  # OK shadow answers, mirror to answer
         self.last_report = time.monotonic()
 
     def sampled(self, key: str | None) -> bool:
@@ -100,7 +100,7 @@ class Shadow:
         self.by_status[status] += 1
         if status:
             return
-        self.latency_us.append((_monotonic_ns() - t0) // 1000)
+        self.latency.add((_monotonic_ns() - t0) // 1000)
         out = answer["outputs"]
         if "data" not in out:  # several named outputs: compare the first
             out = next(iter(out.values()))
@@ -127,4 +127,4 @@ class Shadow:
                 "agreement": round(self.agreed / self.compared, 6) if self.compared else None,
                 "score_diff_mean": round(self.diff_sum / self.compared, 9) if self.compared else None,
                 "score_diff_max": round(self.diff_max, 9) if self.compared else None,
-                "latency_us": percentiles(self.latency_us)}
+                "latency_us": self.latency.percentiles()}

@@ -1,7 +1,28 @@
 """Per-model serving figures for the ``stats`` op: counts, latency, batches.
 
-Recording is O(1) and allocation-free on the hot path (a counter bump and a
-bounded deque append); percentiles are computed only when someone asks.
+Recording is O(1) and allocation-free on the hot path (counter bumps and a
+list-slot increment); percentiles are read from running counts when someone
+asks, never by sorting what was recorded.
+
+Latency percentiles (``LatencyWindow``) come from a log-bucketed histogram
+laid out like HdrHistogram's: values below 64 us have a bucket each; above
+that, each power of two is split into 32 equal buckets, so a bucket is at
+most 1/32 of its lower bound wide and its midpoint, which is what is
+reported, is within 1/64 (1.6 %) of any value in it. A value maps to its
+bucket with one ``bit_length`` and two shifts::
+
+    v < 64:   i = v
+    v >= 64:  s = v.bit_length() - 6;  i = (s << 5) + (v >> s)
+
+896 buckets reach 2**32 us (71 minutes, past the longest deadline, 1 hour);
+larger values are counted in the last bucket.
+
+The window: two histograms, the current and the previous one, rotated on
+clock epochs of ``window_s`` (10 s), so the figures cover the last 10 to 20
+seconds of answers and follow the traffic. The clock is read when a batch
+completes (``ModelStats.batch``, before its answers are recorded), every
+256th value and at every read, never once per answer; an epoch skipped
+entirely (no traffic for over a window) clears both histograms.
 """
 
 from __future__ import annotations
@@ -9,18 +30,102 @@ from __future__ import annotations
 import bisect
 import collections
 import itertools
+import operator
 import time
 
-LATENCY_WINDOW = 8192  # latency percentiles cover the most recent answers
+LATENCY_WINDOW_S = 10.0  # latency percentiles cover the last 10-20 s of answers
 BUSY_WINDOW_S = 10.0
 
+# -- latency percentiles: log buckets over a rotating window ---------------------------------
 
-def percentiles(values, ps=(50, 95, 99)) -> dict:
-    if not values:
+_SUB_BITS = 5                 # 32 buckets per power of two: <= 1/32 wide, midpoint within 1/64
+_EXACT = 2 << _SUB_BITS       # below 64 us every value has its own bucket
+MAX_US = (1 << 32) - 1        # larger values land in the last bucket
+N_BUCKETS = (((MAX_US.bit_length() - _SUB_BITS - 1) << _SUB_BITS)
+             + (MAX_US >> (MAX_US.bit_length() - _SUB_BITS - 1)) + 1)
+_TICK_EVERY = 256             # values recorded between two clock reads (besides batches, reads)
+
+
+def bucket_of(us: int) -> int:
+    """The bucket of a latency in whole microseconds (the formula above)."""
+    if us < _EXACT:
+        return us if us > 0 else 0
+    if us > MAX_US:
+        us = MAX_US
+    s = us.bit_length() - _SUB_BITS - 1
+    return (s << _SUB_BITS) + (us >> s)
+
+
+def bucket_value(i: int) -> int:
+    """What a bucket reports: its midpoint, in whole microseconds."""
+    if i < _EXACT:
+        return i
+    s = (i >> _SUB_BITS) - 1
+    lo = (i - (s << _SUB_BITS)) << s
+    return lo + ((1 << s) - 1) // 2
+
+
+_VALUES = tuple(bucket_value(i) for i in range(N_BUCKETS))
+
+
+def percentiles_of(counts, ps=(50, 95, 99)) -> dict:
+    """``{"p50": us, ...}`` of a bucket-count list: the bucket holding the
+    element of rank ``int(p / 100 * n)`` (0-based), as a sort would pick it;
+    None for every p when nothing was recorded."""
+    cum = list(itertools.accumulate(counts))
+    n = cum[-1] if cum else 0
+    if not n:
         return {f"p{p}": None for p in ps}
-    s = sorted(values)
-    n = len(s)
-    return {f"p{p}": s[min(n - 1, int(p / 100 * n))] for p in ps}
+    return {f"p{p}": _VALUES[bisect.bisect_right(cum, min(n - 1, int(p / 100 * n)))] for p in ps}
+
+
+class LatencyWindow:
+    """Latency percentiles of the last ``window_s`` to ``2 * window_s``
+    seconds, from two rotating log-bucketed histograms (module docstring).
+    ``clock`` returns seconds (``time.monotonic``; tests pass a fake)."""
+
+    __slots__ = ("window_s", "clock", "cur", "prev", "epoch", "countdown")
+
+    def __init__(self, window_s: float = LATENCY_WINDOW_S, clock=time.monotonic):
+        self.window_s = window_s
+        self.clock = clock
+        self.cur = [0] * N_BUCKETS
+        self.prev = [0] * N_BUCKETS
+        self.epoch = int(clock() // window_s)
+        self.countdown = _TICK_EVERY
+
+    def add(self, us: int) -> None:
+        """Record one latency in whole microseconds (an int)."""
+        if us >= _EXACT:
+            s = us.bit_length() - _SUB_BITS - 1
+            us = (s << _SUB_BITS) + (us >> s)
+        elif us < 0:
+            us = 0
+        try:  # free in 3.11 when nothing is raised: cheaper than comparing with MAX_US
+            self.cur[us] += 1
+        except IndexError:  # above MAX_US
+            self.cur[-1] += 1
+        self.countdown -= 1
+        if not self.countdown:
+            self.tick()
+
+    def tick(self) -> None:
+        """Rotate if the clock has entered a new epoch since the last tick."""
+        self.countdown = _TICK_EVERY
+        epoch = int(self.clock() // self.window_s)
+        if epoch != self.epoch:
+            self.prev = self.cur if epoch == self.epoch + 1 else [0] * N_BUCKETS
+            self.cur = [0] * N_BUCKETS
+            self.epoch = epoch
+
+    def percentiles(self, ps=(50, 95, 99)) -> dict:
+        self.tick()
+        return percentiles_of(map(operator.add, self.cur, self.prev), ps)
+
+    @property
+    def n(self) -> int:
+        """Values in the window (as of the last tick)."""
+        return sum(self.cur) + sum(self.prev)
 
 
 # Prometheus histogram bounds, in seconds as exported and in us as recorded.
@@ -56,7 +161,7 @@ class Histogram:
 class ModelStats:
     def __init__(self, buckets=(1,)):
         self.by_route: collections.Counter = collections.Counter()  # (lane, arm, status)
-        self.latency_us: collections.deque = collections.deque(maxlen=LATENCY_WINDOW)
+        self.latency = LatencyWindow()  # OK answers, all lanes: the stats op's percentiles
         self.duration: dict[str, Histogram] = {}  # lane -> OK answers, arrival to answer
         self.queue_time = Histogram()    # per request: arrival to hand-over to a worker
         self.compute_time = Histogram()  # per batch, as the worker measured it
@@ -80,13 +185,14 @@ class ModelStats:
     def answered(self, status: int, latency_us: int, lane: str = "stable", arm=None) -> None:
         self.by_route[(lane, arm, status)] += 1
         if status == 0:
-            self.latency_us.append(latency_us)
+            self.latency.add(latency_us)
             h = self.duration.get(lane)
             if h is None:
                 h = self.duration[lane] = Histogram()
             h.add(latency_us)
 
     def batch(self, n: int, bucket: int, compute_us: int = 0) -> None:
+        self.latency.tick()  # before the batch's answers are recorded: they land in this epoch
         self.batches += 1
         self.batch_sizes[n] += 1
         self.batch_hist.add(n)
@@ -98,7 +204,7 @@ class ModelStats:
         return {
             "counts": {str(k): v for k, v in sorted(by_status.items())},
             "requests": sum(by_status.values()),
-            "latency_us": percentiles(self.latency_us),
+            "latency_us": self.latency.percentiles(),
             "batches": self.batches,
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "padded_rows": self.padded_rows,
