@@ -41,6 +41,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 _monotonic_ns = time.monotonic_ns
 OK = int(Status.OK)
+# A client refused for a full queue counts among those sharing it this long
+# (``ModelQueue.submit``): about the time a retrying client takes to return.
+WAITING_S = 1.0
+WAITING_NS = int(WAITING_S * 1e9)
 
 
 def loop_time_at(loop, monotonic_ns: int) -> float:
@@ -62,7 +66,7 @@ class Pending:
     """One accepted infer request, from arrival to its one answer."""
 
     __slots__ = ("id", "conn", "data", "arrival", "deadline", "done", "queue", "rid", "dispatched",
-                 "lane", "arm", "key", "shadow", "sdata", "log", "ckey")
+                 "lane", "arm", "key", "shadow", "sdata", "log", "ckey", "client")
 
     def __init__(self, req_id, conn, data, arrival, deadline, queue, rid, lane, arm, key):
         self.id = req_id
@@ -81,6 +85,7 @@ class Pending:
         self.sdata = None   # its input bytes, kept for the mirror (``data`` is dropped)
         self.log = None     # (input bytes, exp) when the request log samples this request
         self.ckey = None    # response-cache key, when the model caches and this was a miss
+        self.client = None  # who holds it in ModelQueue.held, once queued
 
     def answer_error(self, status: int, message: str) -> None:
         if self.done:
@@ -163,6 +168,9 @@ class ModelQueue:
             self.bucket_for[n] = self.buckets[b]
         self.q: collections.deque[Pending] = collections.deque()
         self.queued = 0  # live (unanswered) requests in q
+        self.held: dict = {}  # client -> its unanswered requests here, queued or running
+        self.waiting: dict = {}  # client -> when it was last refused for a full queue (ns)
+        self._pruned = 0
         self.workers: list[WorkerHandle] = []
         self.has_ready = False  # any worker ready: kept by worker_changed, read per request
         self.stats = ModelStats(self.buckets)
@@ -186,13 +194,37 @@ class ModelQueue:
     def ready_workers(self):
         return [w for w in self.workers if w.state == "ready"]
 
-    def submit(self, req: Pending) -> str | None:
+    def submit(self, req: Pending, client=None) -> str | None:
         """Queue a request; returns an error kind instead when it cannot be
-        taken: 'busy' (queue full) or 'unavailable' (no ready worker)."""
+        taken: 'busy' (queue full), 'share' (see below) or 'unavailable' (no
+        ready worker).
+
+        Fair shares: once the queue is half full, a client (``client``: its
+        token's name or address) may hold at most ``queue_limit / n`` of the
+        model's unanswered requests (queued or running), n being the clients
+        that hold some or were refused in the last ``WAITING_S`` (itself
+        included), unless it is alone. So one pipelining client fills the
+        queue only while nobody else wants it: a client refused because the
+        queue was full counts from then on, the flooder's share shrinks to
+        half, and the newcomer's retry finds room as the flooder's requests
+        are answered."""
+        held = self.held
         if self.queued >= self.limit:
+            if client is not None and client not in held:
+                self._waiting(client, req.arrival)
             return "busy"
         if not self.has_ready:
             return "unavailable"
+        if client is not None:
+            mine = held.get(client, 0)
+            if self.queued * 2 >= self.limit:
+                n = self._clients(client, mine, req.arrival)
+                if n > 1 and mine * n >= self.limit:
+                    return "share"
+            held[client] = mine + 1
+            req.client = client
+            if self.waiting:
+                self.waiting.pop(client, None)
         self.q.append(req)
         self.queued += 1
         self.deadlines.add(req)
@@ -206,6 +238,19 @@ class ModelQueue:
             return None
         self.dispatch()
         return None
+
+    def _waiting(self, client, now: int) -> None:
+        self.waiting[client] = now
+
+    def _clients(self, client, mine: int, now: int) -> int:
+        """How many clients share the queue now (``submit``'s n)."""
+        waiting = self.waiting
+        if waiting and now - self._pruned > WAITING_NS // 4:
+            self._pruned = now
+            horizon = now - WAITING_NS
+            for c in [c for c, t in waiting.items() if t < horizon]:
+                del waiting[c]
+        return len(self.held) + len(waiting) + (0 if mine or client in waiting else 1)
 
     def submit_shadow(self, req: Pending) -> str | None:
         """Queue a mirrored request, or say why it is shed."""
@@ -373,9 +418,19 @@ class ModelQueue:
         """Send one answer (already marked done) and count it. ``observe``
         False keeps it from the rollout's guardrail (cache hits, refusals
         while no worker was ready: they say nothing of the model)."""
+        conn = req.conn
         if req.lane is SHADOW:  # to its Shadow, not to a caller; counted there
-            req.conn.send(answer)
+            conn.send(answer)
             return
+        conn.inflight -= 1
+        client = req.client
+        if client is not None:
+            held = self.held
+            n = held[client] - 1
+            if n:
+                held[client] = n
+            else:
+                del held[client]
         latency_us = (_monotonic_ns() - req.arrival) // 1000
         self.stats.answered(status, latency_us, req.lane, req.arm)
         if observe and self.observer is not None:
@@ -383,7 +438,7 @@ class ModelQueue:
         if req.log is not None and self.reqlog is not None:
             self.reqlog.answer(req, status, answer, latency_us, self.name, self.version,
                                self.reqlog.cfg.score_output)
-        req.conn.send(answer)
+        conn.send(answer)
 
     def expire(self, req: Pending) -> None:
         """Deadline passed: answer now, wherever the request is."""

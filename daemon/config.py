@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import ipaddress
 import json
 import math
 import os
@@ -45,7 +46,7 @@ from ipc.tensors import DTYPES
 __all__ = [
     "PROTOCOL_DTYPES", "RING_SLOT_BYTES", "REQUIRED", "Derived", "ConfigError", "Setting", "Section",
     "SETTINGS", "SECTIONS", "TensorShape", "ServerConfig", "LoggingConfig",
-    "ModelConfig", "RolloutConfig", "ArmConfig", "ExperimentConfig", "ShadowConfig", "GuardrailConfig", "MetricsConfig", "RequestLogConfig", "AuthConfig", "RateLimitConfig", "Config", "with_overrides", "load_config", "parse_config", "render_reference",
+    "ModelConfig", "RolloutConfig", "ArmConfig", "ExperimentConfig", "ShadowConfig", "GuardrailConfig", "MetricsConfig", "RequestLogConfig", "AuthConfig", "RateLimitConfig", "FeedbackConfig", "Config", "with_overrides", "load_config", "parse_config", "render_reference",
 ]
 
 # The tensor dtypes of the wire protocol (protocol.md, "Tensors"), with their
@@ -113,6 +114,15 @@ class ServerConfig:
     restart_backoff_max_s: float
     state_file: str | None        # None: beside the config file, <stem>.state.json
     decision_log: str | None      # None: beside the config file, <stem>.decisions.jsonl
+    max_connections_per_client: int
+    max_inflight_per_connection: int
+    idle_timeout_s: float
+    header_timeout_s: float
+    min_frame_bytes_per_s: int
+    frame_buffer_budget_bytes: int
+    proxy_protocol: bool
+    trusted_proxies: tuple[str, ...]
+    node_id: int                  # this node's number in request ids (docs/protocol.md)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +153,7 @@ class RequestLogConfig:
 class AuthConfig:
     tokens_file: str | None       # None: authentication is off
     exempt_ops: tuple[str, ...]
+    timeout_s: float              # a connection must authenticate within this
     # (client name, token) read from tokens_file at every load, so a SIGHUP
     # rotates tokens; kept out of repr so no log or traceback prints them.
     tokens: tuple[tuple[str, str], ...] = dataclasses.field(default=(), repr=False)
@@ -156,6 +167,12 @@ class AuthConfig:
 class RateLimitConfig:
     requests_per_s: float         # 0: off
     burst: int
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackConfig:
+    window_s: float               # an answer can be joined this long after it was sent
+    max_entries: int              # answers remembered at most (oldest dropped first)
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +279,7 @@ class Config:
     request_log: RequestLogConfig
     auth: AuthConfig
     rate_limit: RateLimitConfig
+    feedback: FeedbackConfig
     models: tuple[ModelConfig, ...]
     rollouts: tuple[RolloutConfig, ...]
     experiments: tuple[ExperimentConfig, ...]
@@ -589,6 +607,19 @@ def _check_tensors(v, ctx) -> tuple[tuple[str, TensorShape], ...]:
 
 
 @_rule("true or false")
+@_rule("IP addresses or CIDR networks")
+def _check_networks(v, ctx) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise _Invalid(f"must be an array of addresses or CIDR networks, got {_show(v)}")
+    for x in v:
+        try:
+            ipaddress.ip_network(x, strict=False)
+        except ValueError:
+            raise _Invalid(f"{json.dumps(x)} is not an IP address or CIDR network "
+                           "(e.g. \"10.0.0.0/8\", \"::1\")") from None
+    return tuple(v)
+
+
 def _check_bool(v, ctx) -> bool:
     if not isinstance(v, bool):
         raise _Invalid(f"must be true or false, got {_show(v)}")
@@ -928,6 +959,11 @@ SECTIONS: tuple[Section, ...] = (
             "its connections. A request over the limit is answered RESOURCE_EXHAUSTED at once. "
             "`health` (load balancers poll it) and `auth` are never limited.",
             lambda values, ctx: RateLimitConfig(**values)),
+    Section("feedback", False,
+            "The online join of `feedback` outcomes to earlier answers (KPI guardrails, A/B "
+            "reports): every OK answer is remembered for `window_s`, at most `max_entries` "
+            "of them, about 210 bytes each (measured; 1,000,000 entries hold about 210 MB).",
+            lambda values, ctx: FeedbackConfig(**values)),
     Section("models", True,
             "One `[[models]]` table per served model version; at least one. Each entry of "
             "`devices` gets its own worker process. `max_batch` x the bytes of one sample's "
@@ -986,6 +1022,42 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server", "decision_log", "path", None,
             "JSON Lines log of every reload, guardrail check, stage change and rollback; "
             "unset: beside the config file, `<config stem>.decisions.jsonl`.", _check_new_file),
+    Setting("server", "max_connections_per_client", "integer", 256,
+            "Most connections open at once from one client address (the PROXY protocol's "
+            "address behind a trusted proxy); further ones are answered RESOURCE_EXHAUSTED "
+            "and closed. Behind a proxy without `proxy_protocol` every client shares one "
+            "address: raise it to `max_connections` there.", _int_in(1, 1_000_000)),
+    Setting("server", "max_inflight_per_connection", "integer", 1024,
+            "Most unanswered infer requests one connection may have; one more is answered "
+            "RESOURCE_EXHAUSTED at once (pipeline less deeply, or open another connection).",
+            _int_in(1, 1_000_000)),
+    Setting("server", "idle_timeout_s", "float", 300.0,
+            "A connection with nothing read and nothing in flight for this long is sent "
+            "RESOURCE_EXHAUSTED (id 0, \"idle timeout\") and closed; the clients reconnect.",
+            _float_in(0, lo_open=True)),
+    Setting("server", "header_timeout_s", "float", 10.0,
+            "Once a frame's first byte has arrived, its 4-byte header must follow within "
+            "this; it is also the grace before `min_frame_bytes_per_s` applies to its body.",
+            _float_in(0, lo_open=True)),
+    Setting("server", "min_frame_bytes_per_s", "integer", 65536,
+            "Slowest average rate a started frame may arrive at (after `header_timeout_s` of "
+            "grace); a slower one is answered RESOURCE_EXHAUSTED and its connection closed. "
+            "An 8 MiB frame may take 128 s + the grace.", _int_in(1, 10**12)),
+    Setting("server", "frame_buffer_budget_bytes", "integer", 128 * _MIB,
+            "Bytes held for unfinished frames across all connections; the connection whose "
+            "frame would exceed it is answered RESOURCE_EXHAUSTED and closed.",
+            _int_in(1024, 64 * _GIB)),
+    Setting("server", "proxy_protocol", "boolean", False,
+            "Read a PROXY protocol header (v1 or v2, as HAProxy's `send-proxy-v2` sends) at "
+            "the start of connections from `trusted_proxies`, and use the client address it "
+            "carries for limits, rate buckets and logs.", _check_bool),
+    Setting("server", "trusted_proxies", "array of strings", ("127.0.0.1", "::1"),
+            "Addresses or networks (CIDR) whose connections must start with a PROXY header "
+            "when `proxy_protocol` is on; others are served as direct clients.",
+            _check_networks),
+    Setting("server", "node_id", "integer", 0,
+            "This daemon's number in a fleet (0-255): part of every request id (`rid`), so "
+            "rids of different nodes never collide (docs/protocol.md).", _int_in(0, 255)),
     # [logging]
     Setting("logging", "level", "string", "info",
             "Lowest level of the daemon's log records that are written.",
@@ -1028,6 +1100,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("auth", "exempt_ops", "array of strings", (),
             "Ops answered without a token, e.g. [\"health\"] for TCP health checks (the "
             "metrics port's /healthz needs none).", _check_ops),
+    Setting("auth", "timeout_s", "float", 10.0,
+            "With authentication on, a connection that has not presented a valid token "
+            "this long after it opened is answered UNAUTHENTICATED (id 0) and closed.",
+            _float_in(0, lo_open=True)),
     # [rate_limit]
     Setting("rate_limit", "requests_per_s", "float", 0.0,
             "Sustained requests per second allowed to one client; 0 turns the limit off.",
@@ -1036,6 +1112,13 @@ SETTINGS: tuple[Setting, ...] = (
             Derived("requests_per_s rounded up (at least 1)", _default_burst),
             "Requests a client may send at once above the sustained rate (the bucket's size).",
             _int_in(1, 10**9)),
+    # [feedback]
+    Setting("feedback", "window_s", "float", 3600.0,
+            "How long after an answer its `rid` (or routing key) can still be joined by a "
+            "`feedback` outcome.", _float_in(0, lo_open=True)),
+    Setting("feedback", "max_entries", "integer", 1_000_000,
+            "Most answers remembered for the join, oldest dropped first; about 210 bytes "
+            "each.", _int_in(1, 10**9)),
     # [[models]]
     Setting("models", "name", "string", REQUIRED,
             "Model name, as clients send it in `model`.", _check_name),

@@ -5,22 +5,61 @@ the app, which answers later through ``send``. Write backpressure follows
 aiohttp: when the transport's buffer passes its high-water mark (the peer is
 not reading its answers) reading is paused, so a client cannot make the
 daemon buffer answers without bound; reading resumes as the buffer drains.
+
+Fairness between connections: one read may carry thousands of pipelined
+frames, and handling them all in one callback would stall every other
+connection for as long as they take. At most ``FRAMES_PER_TURN`` frames are
+decoded and handled per event-loop turn; the rest of the read waits,
+undecoded, in the decoder (reading is paused meanwhile, so it is at most one
+read) and is taken up by a ``call_soon`` after the other ready callbacks.
+
+Time limits (``App.sweep`` checks them about four times per limit, so a
+limit may be passed by a quarter of itself):
+
+- a started frame: its header within ``header_timeout_s``, then an average
+  of at least ``min_frame_bytes_per_s`` (a slow link finishes a big frame; a
+  trickle does not hold a slot);
+- idle: nothing read and nothing in flight for ``idle_timeout_s`` (a request
+  waiting on a long deadline is not idle);
+- with ``[auth]``: a valid token within ``auth.timeout_s`` of the connect;
+- behind a trusted proxy: the PROXY header within ``header_timeout_s``.
+
+Every close the server starts sends one answer with id 0 first, saying why
+(``refuse``); protocol.md tells clients to treat what they had in flight as
+not received.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 from ipc.framing import FrameDecoder, encode_frame
+from ipc.proxy import ProxyHeaderParser
+from ipc.status import ProtocolError
+
+# Frames handled per connection per event-loop turn. Large enough that a
+# pipelining client's burst costs few extra turns (each ~1-2 us), small
+# enough that a turn of the costliest op (`stats`, a few hundred us with
+# many models) times this stays within a few milliseconds for the others.
+FRAMES_PER_TURN = 32
+
+# A closed connection whose peer does not read its last answers is aborted
+# this long after the close, so it cannot hold its buffers and descriptor.
+CLOSE_GRACE_S = 10.0
+
+_monotonic = time.monotonic
 
 
 class Connection(asyncio.Protocol):
     __slots__ = ("app", "decoder", "transport", "closed", "peer", "host", "client", "cred",
-                 "reauth", "close_after_answer")
+                 "reauth", "close_after_answer", "inflight", "opened", "last_active",
+                 "frame_started", "proxy", "counted", "read_paused", "write_paused",
+                 "turn_scheduled")
 
     def __init__(self, app):
         self.app = app
-        self.decoder = FrameDecoder(app.cfg.server.max_frame_bytes)
+        self.decoder = FrameDecoder(app.cfg.server.max_frame_bytes, app.frame_limits)
         self.transport = None
         self.closed = False
         self.peer = None
@@ -29,17 +68,70 @@ class Connection(asyncio.Protocol):
         self.cred = None     # that token, so a reload that revokes it can tell
         self.reauth = False  # a reload changed [auth] under it (daemon/access.py)
         self.close_after_answer = False
+        self.inflight = 0    # infer requests accepted and not yet answered
+        self.opened = self.last_active = _monotonic()
+        self.frame_started = 0.0  # when the unfinished frame's first byte came
+        self.proxy: ProxyHeaderParser | None = None  # waiting for a PROXY header
+        self.counted = False  # in the app's per-address connection counts
+        self.read_paused = False   # for our own backlog
+        self.write_paused = False  # the peer does not read its answers
+        self.turn_scheduled = False
+
+    @property
+    def ident(self) -> tuple[str, str]:
+        """Who this client is, for limits and fair shares: its token's name,
+        or its address (a client may not be named like an address)."""
+        return ("client", self.client) if self.client is not None else ("ip", self.host)
 
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.peer = transport.get_extra_info("peername")
         if self.peer:
             self.host = str(self.peer[0])
-        self.app.connection_opened(self)
+        if self.app.expects_proxy_header(self.host):
+            self.proxy = ProxyHeaderParser()
+            self.app.connection_pending(self)
+        else:
+            self.app.connection_opened(self)
 
     def data_received(self, data: bytes) -> None:
+        self.last_active = now = _monotonic()
+        if self.proxy is not None:
+            data = self._proxy_header(data)
+            if not data:
+                return
+        dec = self.decoder
+        before = dec.buffered
+        partial_before = dec.partial
+        items = dec.feed(data, FRAMES_PER_TURN)
+        if dec.partial and (not partial_before or items):
+            self.frame_started = now  # a new unfinished frame began in this read
+        if self.app.frame_bytes_changed(self, dec.buffered - before):
+            return  # over the budget: refused and closed
+        self._handle(items)
+        if dec.backlog and not self.closed:
+            self._later()
+
+    def _proxy_header(self, data: bytes) -> bytes:
+        """Feed the PROXY header parser; the bytes after the header, if any."""
+        try:
+            res = self.proxy.feed(data)
+        except ProtocolError as e:
+            self.proxy = None
+            self.app.connection_opened(self, proxy_failed=True)
+            self.refuse(e, "proxy_header")
+            return b""
+        if res is None:
+            return b""
+        self.proxy = None
+        if res.source is not None:
+            self.host = res.source[0]
+        self.app.connection_opened(self)
+        return b"" if self.closed else res.rest
+
+    def _handle(self, items: list) -> None:
         handle = self.app.handle
-        for item in self.decoder.feed(data):
+        for item in items:
             if self.closed:  # refused and closed by an earlier frame: the rest is not served
                 return
             if type(item) is dict:
@@ -51,21 +143,70 @@ class Connection(asyncio.Protocol):
                     self.close()
                     return
 
+    def _later(self) -> None:
+        """Leave the rest of this read to a later turn, and read no more
+        until it is handled."""
+        if not self.read_paused:
+            self.read_paused = True
+            if not self.write_paused:
+                self.transport.pause_reading()
+        if not self.turn_scheduled:
+            self.turn_scheduled = True
+            self.app.loop.call_soon(self._turn)
+
+    def _turn(self) -> None:
+        self.turn_scheduled = False
+        if self.closed:
+            return
+        dec = self.decoder
+        before = dec.buffered
+        items = dec.feed(b"", FRAMES_PER_TURN)
+        if dec.partial and items:
+            self.frame_started = _monotonic()
+        if self.app.frame_bytes_changed(self, dec.buffered - before):
+            return
+        self._handle(items)
+        if self.closed:
+            return
+        if dec.backlog:
+            self._later()
+        else:
+            self.read_paused = False
+            if not self.write_paused:
+                self.transport.resume_reading()
+
     def send(self, msg: dict) -> None:
         if not self.closed:
             self.transport.write(encode_frame(msg))
 
+    def refuse(self, err: ProtocolError, reason: str) -> None:
+        """Close on the server's initiative: one id-0 answer saying why, then
+        close (after it is flushed), counted by ``reason``."""
+        if self.closed:
+            return
+        err.req_id = 0
+        self.app.count_closed(reason)
+        self.send(err.answer())
+        self.close()
+
     def close(self) -> None:
-        """Close after what is already written has been flushed."""
+        """Close after what is already written has been flushed, but not
+        wait for a peer that never reads it: abort after CLOSE_GRACE_S."""
         if not self.closed:
             self.closed = True
-            self.transport.close()
+            t = self.transport
+            t.close()
+            if t.get_write_buffer_size():
+                self.app.loop.call_later(CLOSE_GRACE_S, t.abort)
 
     def pause_writing(self) -> None:
-        self.transport.pause_reading()
+        self.write_paused = True
+        if not self.read_paused:
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if not self.closed:
+        self.write_paused = False
+        if not self.closed and not self.read_paused:
             self.transport.resume_reading()
 
     def connection_lost(self, exc) -> None:

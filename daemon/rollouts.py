@@ -77,6 +77,17 @@ def load_state(path: str) -> dict:
         return {}
 
 
+def load_rid_block(path: str) -> int:
+    """The first request-id block no earlier start used (daemon/rids.py); 0
+    when the file has none."""
+    try:
+        with open(path) as f:
+            n = json.load(f).get("rids", {}).get("next_block", 0)
+        return n if type(n) is int and n >= 0 else 0
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
 def _identity(r) -> dict:
     return {"stable": r.stable, "candidate": r.candidate, "salt": r.salt, "retry": r.retry}
 
@@ -153,6 +164,7 @@ class Rollouts:
         self.guards: dict[str, Guardrail] = {}
         self.next_check: dict[str, float] = {}
         self.path = None
+        self.next_rid_block = None  # persisted with the rollouts (daemon/rids.py)
         self.verdicts: collections.Counter = collections.Counter()  # (model, verdict)
         self.log: DecisionLog | None = None
         self._task = None
@@ -167,6 +179,8 @@ class Rollouts:
             if self.log is not None:
                 self.log.close()
             self.log = DecisionLog(cfg.decision_log_path)
+        if event == "start":
+            self.next_rid_block = load_rid_block(cfg.state_path)
         saved = load_state(cfg.state_path) if event == "start" else self.states
         self.path = cfg.state_path
         states = {r.model: resolve(r, saved.get(r.model), now) for r in cfg.rollouts}
@@ -205,9 +219,22 @@ class Rollouts:
         g.restart_base = self._candidate_restarts(r.model, r.candidate)
         return g
 
+    def rid_block(self) -> int:
+        return self.next_rid_block or 0
+
+    def save_rid_block(self, next_block: int) -> None:
+        """Before a block of request ids is used: the state file says the next
+        start must take a later one. A failure is logged, not fatal (the
+        daemon still serves; rids may repeat those of before a restart)."""
+        self.next_rid_block = next_block
+        self.persist()
+
     def persist(self) -> None:
+        state = {"format": STATE_FORMAT, "rollouts": self.states}
+        if self.next_rid_block is not None:
+            state["rids"] = {"next_block": self.next_rid_block}
         try:
-            atomic_write_json(self.path, {"format": STATE_FORMAT, "rollouts": self.states})
+            atomic_write_json(self.path, state)
         except OSError as e:
             log.error("cannot save the rollout state; a restart may not remember a rollback",
                       extra={"path": self.path, "error": str(e)})

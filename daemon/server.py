@@ -21,14 +21,14 @@ import gc
 import logging
 import math
 import os
-import random
 import signal
 import sys
 import time
 
 from ipc import shm
+from ipc.proxy import parse_trusted
 from ipc.status import (InvalidArgument, NotFound, ProtocolError, ResourceExhausted, Status,
-                        Unavailable)
+                        Unauthenticated, Unavailable, brief)
 from ipc.tensors import DEFERRABLE, TensorSpec, decode_inputs, input_where
 
 from .access import Access
@@ -37,9 +37,11 @@ from .batcher import Deadlines, ModelQueue, Pending
 from .cache import ResponseCache
 from .drift import DriftTracker
 from .feedback import FeedbackJoin
+from .limits import frame_limits, raise_nofile
 from .metrics import MetricsServer
 from .reqlog import RequestLog, features_hash
 from .protocol import Connection
+from .rids import RidAllocator
 from .rollouts import Rollouts, weight_of
 from .router import CANARY, STABLE, RoutingTable, UnknownExperiment
 from .shadow import Shadow
@@ -50,6 +52,7 @@ log = logging.getLogger("ringserve.server")
 PROTOCOL_VERSIONS = (1,)
 OPS = ("infer", "health", "stats", "models", "feedback", "auth")
 MAX_DEADLINE_MS = 3_600_000
+_SHED = {"busy": "queue_full", "share": "fair_share", "unavailable": "no_worker"}
 _monotonic_ns = time.monotonic_ns
 
 
@@ -85,7 +88,7 @@ class App:
         self.shadows: dict[str, Shadow] = {}
         self.metrics = MetricsServer(self)
         self.reqlog = None
-        self.joins = FeedbackJoin()
+        self.joins = FeedbackJoin(cfg.feedback.window_s, cfg.feedback.max_entries)
         self.access = Access.from_config(cfg)  # None: no auth, no rate limit
         self.conns: set[Connection] = set()
         self.server = None
@@ -97,9 +100,16 @@ class App:
         self.retiring: list[ModelQueue] = []  # retired by a reload, still draining
         self.reloads: collections.Counter = collections.Counter({"ok": 0, "failed": 0})
         self.default_deadline_ns = cfg.server.deadline_ms * 1_000_000
-        # rid = 23 random bits of this boot, then a counter: unique across
-        # restarts without coordination, and an unsigned int on the wire.
-        self._rid = (random.getrandbits(23) << 40)
+        self.rids = RidAllocator(cfg.server.node_id, 0, self.rollouts.rid_block(),
+                                 self.rollouts.save_rid_block)
+        # The connection limits (daemon/protocol.py, docs/operations.md "Limits and abuse").
+        self.frame_limits = frame_limits(cfg.models)
+        self.frame_bytes = 0  # held for unfinished frames, all connections together
+        self.per_host: collections.Counter = collections.Counter()
+        self.closed_by: collections.Counter = collections.Counter()  # reason -> connections
+        self.max_conns = cfg.server.max_connections  # lowered by the descriptor limit
+        self._trusted = parse_trusted(cfg.server.trusted_proxies)
+        self._sweeper: asyncio.TimerHandle | None = None
         self._signals: asyncio.Queue = asyncio.Queue()
         self._ready_event = asyncio.Event()
 
@@ -111,6 +121,9 @@ class App:
         if removed:
             log.warning("removed shared memory left by a front that died",
                         extra={"segments": removed})
+        self.max_conns, warning = raise_nofile(self.cfg)
+        if warning:
+            log.warning(warning, extra={"max_connections": self.max_conns})
         threads = default_threads(self.cfg)
         for m in self.cfg.models:
             self.queues[(m.name, m.version)] = self._make_queue(m, threads)
@@ -127,6 +140,7 @@ class App:
         self.port = self.server.sockets[0].getsockname()[1]
         if self.cfg.metrics.enabled:
             await self.metrics.start(self.cfg.metrics.host, self.cfg.metrics.port)
+        self._sweep_soon()
         if self.port_file:
             tmp = self.port_file + ".tmp"
             with open(tmp, "w") as f:
@@ -224,22 +238,120 @@ class App:
             w.state == "ready" for q in self.queues.values() for w in q.workers)
 
     # -- connections -------------------------------------------------------------
-    def connection_opened(self, conn: Connection) -> None:
+    def expects_proxy_header(self, host: str) -> bool:
+        return self.cfg.server.proxy_protocol and self._trusted(host)
+
+    def connection_pending(self, conn: Connection) -> None:
+        """Accepted from a trusted proxy: waiting for its PROXY header, which
+        names the client that the per-client limits are for."""
         self.conns.add(conn)
-        if len(self.conns) > self.cfg.server.max_connections:
-            self.count_rejected(int(Status.RESOURCE_EXHAUSTED))
-            conn.send(ResourceExhausted(
-                f"too many connections (server.max_connections = "
-                f"{self.cfg.server.max_connections}); reuse a connection (requests pipeline) "
-                "or retry later").answer())
-            conn.close()
-        elif self.draining:
-            conn.send(Unavailable("server is draining (shutting down); connect to another "
-                                  "instance").answer())
-            conn.close()
+        if len(self.conns) > self.max_conns:
+            self._too_many(conn)
+
+    def connection_opened(self, conn: Connection, proxy_failed: bool = False) -> None:
+        self.conns.add(conn)
+        if proxy_failed:
+            return
+        s = self.cfg.server
+        if len(self.conns) > self.max_conns:
+            self._too_many(conn)
+            return
+        if self.per_host[conn.host] >= s.max_connections_per_client:
+            conn.refuse(ResourceExhausted(
+                f"too many connections from {brief(conn.host)} (server.max_connections_per_"
+                f"client = {s.max_connections_per_client}); reuse a connection (requests "
+                "pipeline) or close some"), "per_client")
+            return
+        self.per_host[conn.host] += 1
+        conn.counted = True
+        if self.draining:
+            conn.refuse(Unavailable("server is draining (shutting down); connect to another "
+                                    "instance"), "draining")
+
+    def _too_many(self, conn: Connection) -> None:
+        conn.refuse(ResourceExhausted(
+            f"too many connections (server.max_connections = {self.max_conns}); reuse a "
+            "connection (requests pipeline) or retry later"), "max_connections")
 
     def connection_closed(self, conn: Connection) -> None:
         self.conns.discard(conn)
+        self.frame_bytes -= conn.decoder.buffered
+        conn.decoder.drop()
+        if conn.counted:
+            conn.counted = False
+            n = self.per_host[conn.host] - 1
+            if n > 0:
+                self.per_host[conn.host] = n
+            else:
+                del self.per_host[conn.host]
+
+    def frame_bytes_changed(self, conn: Connection, delta: int) -> bool:
+        """Account ``conn``'s change in buffered bytes; True when that put the
+        unfinished-frame budget over and ``conn`` was refused for it."""
+        self.frame_bytes += delta
+        if delta > 0 and self.frame_bytes > self.cfg.server.frame_buffer_budget_bytes \
+                and conn.decoder.partial:
+            self.frame_bytes -= conn.decoder.drop()
+            conn.refuse(ResourceExhausted(
+                "the server's memory for unfinished frames is used up (server.frame_buffer_"
+                f"budget_bytes = {self.cfg.server.frame_buffer_budget_bytes}); retry later, "
+                "or send smaller requests"), "frame_budget")
+            return True
+        return False
+
+    def count_closed(self, reason: str) -> None:
+        self.closed_by[reason] += 1
+
+    def _sweep_soon(self) -> None:
+        s = self.cfg.server
+        shortest = min(s.idle_timeout_s, s.header_timeout_s, self.cfg.auth.timeout_s)
+        every = min(1.0, max(0.02, shortest / 4))
+        self._sweeper = self.loop.call_later(every, self.sweep)
+
+    def sweep(self) -> None:
+        """The connections' time limits (daemon/protocol.py): a few times per
+        limit, over every connection; O(connections) a second at most."""
+        now = time.monotonic()
+        s = self.cfg.server
+        header_s, rate = s.header_timeout_s, s.min_frame_bytes_per_s
+        idle_s = s.idle_timeout_s
+        auth_s = self.cfg.auth.timeout_s if self.access is not None and self.access.auth else 0
+        for c in list(self.conns):
+            if c.closed:
+                continue
+            if c.proxy is not None:
+                if now - c.opened > header_s:
+                    c.refuse(ResourceExhausted(
+                        f"no PROXY protocol header within {header_s:g} s (server.header_"
+                        "timeout_s); this port expects one from trusted proxies"), "proxy_header")
+                continue
+            partial = c.decoder.partial
+            if partial:
+                took = now - c.frame_started
+                if partial < 4 and took > header_s:
+                    c.refuse(ResourceExhausted(
+                        f"frame header not completed within {header_s:g} s of its first byte "
+                        "(server.header_timeout_s); send whole frames"), "header_timeout")
+                    continue
+                if took > header_s and partial < rate * (took - header_s):
+                    c.refuse(ResourceExhausted(
+                        f"frame arriving too slowly: {partial} bytes in {took:.1f} s, below "
+                        f"server.min_frame_bytes_per_s = {rate} after {header_s:g} s of grace; "
+                        "check the link, or send smaller frames"), "slow_frame")
+                    continue
+            elif c.inflight or c.decoder.backlog:
+                c.last_active = now  # waiting for answers is not idle
+            elif now - c.last_active > idle_s:
+                c.refuse(ResourceExhausted(
+                    f"idle timeout: nothing received and nothing in flight for {idle_s:g} s "
+                    "(server.idle_timeout_s); reconnect when there is work"), "idle")
+                continue
+            if auth_s and c.client is None and now - c.opened > auth_s:
+                c.refuse(Unauthenticated(
+                    f"no valid token within {auth_s:g} s of connecting (auth.timeout_s); open "
+                    "each connection with op 'auth' and your token"), "auth_timeout")
+        if not self.stopping:
+            self._sweep_soon()
 
     def count_rejected(self, status: int) -> None:
         self.rejected[status] += 1
@@ -252,9 +364,10 @@ class App:
                 req_id = 0
                 raise InvalidArgument("'id' must be an unsigned integer")
             v = msg.get("v", 1)
-            if v not in PROTOCOL_VERSIONS:
-                raise InvalidArgument(f"protocol version {v!r} is not supported; this server "
-                                      f"speaks {list(PROTOCOL_VERSIONS)} (send v=1 or omit it)")
+            if type(v) is not int or v not in PROTOCOL_VERSIONS:
+                raise InvalidArgument(f"protocol version {brief(v)} is not supported; this "
+                                      f"server speaks {list(PROTOCOL_VERSIONS)} (send v=1 or "
+                                      "omit it)")
             op = msg.get("op", "infer")
             if self.access is not None:
                 self.access.check(conn, msg, op)
@@ -272,7 +385,7 @@ class App:
                 conn.send({"id": req_id, "status": 0, "client": conn.client,
                            "auth": self.access is not None and self.access.auth})
             else:
-                raise InvalidArgument(f"unknown op {op!r}; ops are: {', '.join(OPS)}")
+                raise InvalidArgument(f"unknown op {brief(op)}; ops are: {', '.join(OPS)}")
         except ProtocolError as e:
             self.count_rejected(int(e.status))
             e.req_id = req_id
@@ -300,7 +413,7 @@ class App:
                                       f"{', '.join(sorted(self.router.default_version))}")
             raise InvalidArgument(f"'model' must be a string, got {type(name).__name__}")
         if name not in self.router.default_version:
-            raise NotFound(f"model {name!r} is not served here; models: "
+            raise NotFound(f"model {brief(name)} is not served here; models: "
                            f"{', '.join(sorted(self.router.default_version))}")
         for field, value in (("version", version), ("key", key), ("exp", exp)):
             if value is not None and type(value) is not str:
@@ -309,12 +422,12 @@ class App:
             version, lane, arm = self.router.route(name, key, exp, version)
         except UnknownExperiment:
             exps = sorted(e.id for e in self.router.experiments.values() if e.model == name)
-            raise NotFound(f"experiment {exp!r} is not configured for model {name!r}; "
+            raise NotFound(f"experiment {brief(exp)} is not configured for model {name!r}; "
                            f"experiments: {', '.join(exps) or 'none'}") from None
         q = self.queues.get((name, version))
         if q is None:
             versions = sorted(v for (n, v) in self.queues if n == name)
-            raise NotFound(f"model {name!r} has no version {version!r}; versions: "
+            raise NotFound(f"model {name!r} has no version {brief(version)}; versions: "
                            f"{', '.join(versions)}")
         return q, lane, arm, key
 
@@ -337,31 +450,42 @@ class App:
             dl_ns = dl * 1_000_000
         else:
             raise InvalidArgument(f"'deadline_ms' must be an integer from 1 to {MAX_DEADLINE_MS}, "
-                                  f"got {dl!r}")
+                                  f"got {brief(dl)}")
+        if conn.inflight >= self.cfg.server.max_inflight_per_connection:
+            raise ResourceExhausted(
+                f"this connection has {conn.inflight} requests in flight (server.max_inflight_"
+                f"per_connection = {self.cfg.server.max_inflight_per_connection}); wait for "
+                "answers before sending more, or use another connection")
         now = _monotonic_ns()
-        self._rid += 1
-        req = Pending(req_id, conn, data, now, now + dl_ns, q, self._rid, lane, arm, key)
+        req = Pending(req_id, conn, data, now, now + dl_ns, q, self.rids.next(), lane, arm, key)
+        conn.inflight += 1  # until q.finished answers it, whichever way
         if self.reqlog is not None and self.reqlog.sampled():
             req.log = (features_hash(data), msg.get("exp"))
         if q.cache is not None and self._cached(q, req):
             return
         if sh is not None and q.version != sh.candidate and sh.sampled(key):
             req.shadow, req.sdata = sh, data
-        refused = q.submit(req)
+        refused = q.submit(req, conn.ident)
         if refused is not None:
             if refused == "busy":
                 status = int(Status.RESOURCE_EXHAUSTED)
                 err = (f"model {q.name!r} version {q.version!r} is busy: its queue is full "
                        f"(queue_limit = {q.limit}); retry with backoff")
+            elif refused == "share":
+                status = int(Status.RESOURCE_EXHAUSTED)
+                err = (f"model {q.name!r} version {q.version!r} is busy: its queue is more than "
+                       f"half full and this client already holds its share of it ("
+                       f"{q.held.get(conn.ident, 0)} of queue_limit = {q.limit}, shared by "
+                       f"{len(q.held)} clients); retry with backoff")
             else:
                 status = int(Status.UNAVAILABLE)
                 states = ", ".join(sorted({w.state for w in q.workers}))
                 err = (f"model {q.name!r} version {q.version!r} has no ready worker "
                        f"(workers: {states}); retry shortly")
             req.done = True
-            q.stats.shed["queue_full" if refused == "busy" else "no_worker"] += 1
+            q.stats.shed[_SHED[refused]] += 1
             q.finished(req, status, {"id": req_id, "status": status, "error": err, "rid": req.rid},
-                       observe=refused == "busy")
+                       observe=refused != "unavailable")
 
     def _cached(self, q: ModelQueue, req: Pending) -> bool:
         """Answer ``req`` from the response cache if it can be (a hit)."""
@@ -389,7 +513,7 @@ class App:
                                   "(unsigned int) or the routing key it was sent with (string)")
         if type(outcome) not in (int, float) or not math.isfinite(outcome):
             raise InvalidArgument(f"feedback needs 'outcome', a finite number (label, click "
-                                  f"0/1, reward), got {outcome!r}")
+                                  f"0/1, reward), got {brief(outcome)}")
         group = self.joins.record(ref, float(outcome))
         if self.reqlog is not None:
             self.reqlog.feedback(self.joins.last_rid, float(outcome), group)
@@ -446,6 +570,9 @@ class App:
             out.append(d)
         return {"id": req_id, "status": 0, "uptime_s": round(time.monotonic() - self.started, 3),
                 "connections": len(self.conns), "draining": self.draining,
+                "limits": {"max_connections": self.max_conns,
+                           "frame_buffer_bytes": self.frame_bytes,
+                           "closed": dict(self.closed_by)},
                 "rejected": {str(k): v for k, v in sorted(self.rejected.items())},
                 "models": out, "kpis": self.joins.snapshot(name), "reloads": dict(self.reloads),
                 "feedback": {"joined": self.joins.joined, "unjoined": self.joins.unjoined},
@@ -505,11 +632,13 @@ class App:
             self.rollouts.log.write({"event": "reload", "ok": False, "error": str(e),
                                      "key": e.key})
             return False
-        if (new.server.host, new.server.port) != (old.server.host, old.server.port):
-            log.warning("server.host/port changes need a restart; still listening on the old "
-                        "address", extra={"event": "reload"})
+        fixed = ("host", "port", "node_id")
+        if any(getattr(new.server, k) != getattr(old.server, k) for k in fixed):
+            log.warning("server.host, port and node_id changes need a restart; still "
+                        "listening on the old address, with the old node_id",
+                        extra={"event": "reload"})
             new = dataclasses.replace(new, server=dataclasses.replace(
-                new.server, host=old.server.host, port=old.server.port))
+                new.server, **{k: getattr(old.server, k) for k in fixed}))
         for section in ("metrics", "request_log"):
             if getattr(new, section) != getattr(old, section):
                 log.warning(f"[{section}] changes need a restart; it stays as it is",
@@ -544,6 +673,7 @@ class App:
         self.cfg = new
         self.queues = {**keep, **started}
         self.default_deadline_ns = new.server.deadline_ms * 1_000_000
+        self._set_limits(new)
         self.rollouts.apply(new, "reload")
         self.reroute()
         self._set_shadows()
@@ -555,6 +685,19 @@ class App:
         self.rollouts.log.write({"event": "reload", "ok": True, **record})
         await self._retire(retired, new.server.drain_timeout_s)
         return True
+
+    def _set_limits(self, cfg) -> None:
+        """A reload's connection limits: the frame bounds follow the models,
+        for open connections too; counts and buffers carry over."""
+        self.frame_limits = frame_limits(cfg.models)
+        for c in self.conns:
+            c.decoder.limits = self.frame_limits
+        self._trusted = parse_trusted(cfg.server.trusted_proxies)
+        self.max_conns, warning = raise_nofile(cfg)
+        if warning:
+            log.warning(warning, extra={"max_connections": self.max_conns})
+        self.joins.window_s = cfg.feedback.window_s
+        self.joins.max_entries = cfg.feedback.max_entries
 
     def _set_access(self, access: Access | None) -> None:
         """A reload's auth and limits: rate buckets and refusal counts carry
@@ -604,6 +747,8 @@ class App:
 
     async def shutdown(self) -> None:
         self.draining = True  # /readyz answers 503 from now: load balancers move away
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         await self.rollouts.stop()
         if self.server is not None:
             self.server.close()

@@ -64,7 +64,9 @@ def test_default_toml_loads():
     c = load_config(DEFAULT_TOML)
     assert isinstance(c, Config)
     assert c.source == str(DEFAULT_TOML)
-    assert c.server == ServerConfig("127.0.0.1", 7070, 8388608, 1000, 1024, 30.0, 300.0, 30.0, None, None)
+    assert c.server == ServerConfig("127.0.0.1", 7070, 8388608, 1000, 1024, 30.0, 300.0, 30.0,
+                                    None, None, 256, 1024, 300.0, 10.0, 65536, 128 * 1024 * 1024,
+                                    False, ("127.0.0.1", "::1"), 0)
     assert c.logging == LoggingConfig("info")
     (m,) = c.models
     assert (m.name, m.version, m.factory, m.artifact, m.checkpoint) == \
@@ -97,7 +99,12 @@ def test_every_default():
         "host": "127.0.0.1", "port": 7070, "max_frame_bytes": 8 * 1024 * 1024,
         "deadline_ms": 1000, "max_connections": 1024, "drain_timeout_s": 30.0,
         "start_timeout_s": 300.0, "restart_backoff_max_s": 30.0, "state_file": None,
-        "decision_log": None}
+        "decision_log": None, "max_connections_per_client": 256,
+        "max_inflight_per_connection": 1024, "idle_timeout_s": 300.0, "header_timeout_s": 10.0,
+        "min_frame_bytes_per_s": 65536, "frame_buffer_budget_bytes": 128 * 1024 * 1024,
+        "proxy_protocol": False, "trusted_proxies": ("127.0.0.1", "::1"), "node_id": 0}
+    assert dataclasses.asdict(c.feedback) == {"window_s": 3600.0, "max_entries": 1_000_000}
+    assert c.auth.timeout_s == 10.0
     assert c.logging.level == "info"
     m = c.models[0]
     assert m.version == "1"
