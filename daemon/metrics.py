@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -33,7 +34,14 @@ from .stats import DURATION_BOUNDS_S
 log = logging.getLogger("ringserve.metrics")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_REQUEST_HEAD = 8192
+# A client has this long to send its request head once connected (one that
+# connects and sends nothing, or trickles bytes, is closed), and this long to
+# take its answer (one that stops reading is cut off, not waited on).
 READ_TIMEOUT_S = 5.0
+WRITE_TIMEOUT_S = 10.0
+REFUSAL_LOG_INTERVAL_S = 60.0
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            503: "Service Unavailable"}
 
 
 def _status(code: int) -> str:
@@ -144,7 +152,17 @@ class Collector:
         if app.access is not None:
             for reason, n in app.access.refused.items():
                 refused.add_metric([reason], n)
-        yield from (rejected, reloads, conns, up, refused)
+        closed = CounterMetricFamily(
+            "ringserve_connections_closed", "Connections the server closed on its own, by "
+            "reason (idle, header_timeout, slow_frame, frame_budget, auth_timeout, per_client, "
+            "max_connections, proxy_header, draining).", labels=["reason"])
+        for reason, n in app.closed_by.items():
+            closed.add_metric([reason], n)
+        frame_bytes = GaugeMetricFamily(
+            "ringserve_frame_buffer_bytes", "Bytes held for unfinished frames, all connections "
+            "(bounded by server.frame_buffer_budget_bytes).")
+        frame_bytes.add_metric([], app.frame_bytes)
+        yield from (rejected, reloads, conns, up, refused, closed, frame_bytes)
 
         weight = GaugeMetricFamily("ringserve_rollout_weight", "Canary share of keyed traffic.",
                                    labels=["model", "stable", "candidate"])
@@ -186,18 +204,22 @@ class Collector:
                 diff_max.add_metric(k, sh.diff_max)
         yield from (mirrored, agreement, diff_mean, diff_max)
 
+        records = CounterMetricFamily(
+            "ringserve_request_log_records", "Request-log records by result (written, "
+            "dropped when the writer fell behind); no samples while the log is off.",
+            labels=["result"])
         if app.reqlog is not None:
-            records = CounterMetricFamily(
-                "ringserve_request_log_records", "Request-log records by result (written, "
-                "dropped when the writer fell behind).", labels=["result"])
             records.add_metric(["written"], app.reqlog.written)
             records.add_metric(["dropped"], app.reqlog.dropped)
-            yield records
+        yield records
 
 
 class MetricsServer:
     """A minimal HTTP/1.1 server on the front's event loop: one request per
-    connection, GET only, bounded header size and read time."""
+    connection, GET only, bounded header size, read and write time, and at
+    most ``[metrics] max_connections`` connections at once (a further one is
+    answered 503 and closed at once: a scraper flood or a pile of idle
+    sockets cannot grow the front's memory or file descriptors)."""
 
     def __init__(self, app):
         self.app = app
@@ -205,12 +227,19 @@ class MetricsServer:
         self.registry.register(Collector(app))
         self.server = None
         self.port = None
+        self.max_connections = 0
+        self.open = 0      # connections being served now
+        self.refused = 0   # over the cap, since start
+        self._refusal_logged = -REFUSAL_LOG_INTERVAL_S
 
     async def start(self, host: str, port: int) -> None:
+        # [metrics] changes need a restart, so the cap is read once, here.
+        self.max_connections = self.app.cfg.metrics.max_connections
         self.server = await asyncio.start_server(self._handle, host, port,
                                                  limit=MAX_REQUEST_HEAD, reuse_address=True)
         self.port = self.server.sockets[0].getsockname()[1]
-        log.info("metrics endpoint listening", extra={"host": host, "port": self.port})
+        log.info("metrics endpoint listening", extra={"host": host, "port": self.port,
+                                                      "max_connections": self.max_connections})
 
     def close(self) -> None:
         if self.server is not None:
@@ -227,7 +256,28 @@ class MetricsServer:
             return 503, "text/plain", (b"draining\n" if self.app.draining else b"not ready\n")
         return 404, "text/plain", b"not found; paths: /metrics /healthz /readyz\n"
 
+    @staticmethod
+    def _response(code: int, ctype: str, body: bytes) -> bytes:
+        return (f"HTTP/1.1 {code} {_REASONS[code]}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+
+    def _refuse(self, writer: asyncio.StreamWriter) -> None:
+        """Over the cap: a short 503 into the socket buffer, then close; no
+        read, no wait, nothing kept."""
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._refusal_logged >= REFUSAL_LOG_INTERVAL_S:
+            self._refusal_logged = now
+            log.warning("metrics endpoint at its connection cap; refusing connections",
+                        extra={"max_connections": self.max_connections, "refused": self.refused})
+        writer.write(self._response(503, "text/plain", b"too many connections\n"))
+        writer.close()
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.open >= self.max_connections:
+            self._refuse(writer)
+            return
+        self.open += 1
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
             parts = head.split(b"\r\n", 1)[0].split()
@@ -239,16 +289,14 @@ class MetricsServer:
                 code, ctype, body = self.render(parts[1].split(b"?", 1)[0].decode("latin-1"))
                 if parts[0] == b"HEAD":
                     body = b""
-            reason = {200: "OK", 400: "Bad Request", 404: "Not Found",
-                      405: "Method Not Allowed", 503: "Service Unavailable"}[code]
-            writer.write(f"HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\n"
-                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                         + body)
-            await writer.drain()
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                ConnectionError):
+            writer.write(self._response(code, ctype, body))
+            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            writer.transport.abort()  # close() would wait to flush to a client that never reads
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             pass
         except Exception:  # a bug of ours: log it, never take the daemon down
             log.exception("metrics request failed")
         finally:
+            self.open -= 1
             writer.close()
