@@ -135,6 +135,7 @@ class MetricsConfig:
     enabled: bool
     host: str
     port: int
+    max_connections: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -1071,6 +1072,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("metrics", "port", "integer", 7071,
             "Port of the metrics endpoint; 0 picks a free one (shown by `health`).",
             _int_in(0, 65535)),
+    Setting("metrics", "max_connections", "integer", 64,
+            "Most HTTP connections to the metrics endpoint open at once; a further one is "
+            "answered 503 and closed (a scrape or probe takes one for a moment).",
+            _int_in(1, 100_000)),
     # [request_log]
     Setting("request_log", "enabled", "boolean", False,
             "Write one record per answer (sampled) and per feedback.", _check_bool),

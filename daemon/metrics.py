@@ -133,8 +133,9 @@ class Collector:
                     cache, busy, restarts, ready, drift)
 
         rejected = CounterMetricFamily(
-            "ringserve_rejected", "Requests refused before reaching a model (bad input, "
-            "unknown model, draining, too many connections), by status.", labels=["status"])
+            "ringserve_rejected", "Requests refused before reaching a model queue (bad input "
+            "or frame, unknown model or version, draining, too many connections, auth, rate "
+            "limit, an internal error), by status.", labels=["status"])
         for status, n in app.rejected.items():
             rejected.add_metric([_status(status)], n)
         reloads = CounterMetricFamily("ringserve_reloads", "Config reloads by result.",

@@ -4,6 +4,8 @@ parsed with prometheus_client's own parser."""
 from __future__ import annotations
 
 import http.client
+import socket
+import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -95,3 +97,155 @@ def test_overload_is_counted_as_shed(daemon_factory):
     assert sample(m, "ringserve_shed_total", model="demo", reason="queue_full") == busy
     assert sample(m, "ringserve_requests_total", model="demo", status="RESOURCE_EXHAUSTED") == busy
     assert sample(m, "ringserve_requests_total", model="demo", status="OK") == 200 - busy
+
+
+EVERY_FAMILY = """
+[server]
+host = "127.0.0.1"
+max_connections_per_client = 4
+
+[request_log]
+enabled = true
+
+[auth]
+tokens_file = "{tokens}"
+exempt_ops = ["health", "stats"]
+
+[[models]]
+name = "m"
+version = "1"
+factory = "tests.models:two_x"
+input = {{ dtype = "float32", shape = [3] }}
+threads = 1
+max_batch = 4
+queue_limit = 8
+cache = true
+drift = true
+drift_freeze_after = 50
+drift_sample_rate = 1.0
+
+[[models]]
+name = "m"
+version = "2"
+factory = "tests.models:raises_on_magic"
+input = {{ dtype = "float32", shape = [3] }}
+threads = 1
+
+[[rollouts]]
+model = "m"
+stable = "1"
+candidate = "2"
+salt = "ro"
+stages = [0.5, 1.0]
+stage = 0
+
+[[guardrails]]
+model = "m"
+interval_s = 0.2
+min_samples = 100000
+
+[[shadows]]
+model = "m"
+candidate = "2"
+sample_rate = 1.0
+"""
+TOKEN = "metrics-test-token-0123456789"
+
+
+def test_every_documented_family_is_scraped_with_its_documented_labels(daemon_factory, tmp_path):
+    """One daemon that exercises everything docs/operations.md's metrics table
+    lists (a rollout with guardrails, a shadow, the cache, drift, the request
+    log, auth, overload, a per-address connection cap), scraped: every family
+    has samples, and their label names are the documented ones."""
+    from tests.unit.test_metrics_docs import documented
+    (tmp_path / "tokens").write_text(f"tester:{TOKEN}\n")
+    (tmp_path / "tokens").chmod(0o600)
+    d = daemon_factory(EVERY_FAMILY.format(tokens=tmp_path / "tokens"), token=TOKEN)
+    port = d.health()["metrics_port"]
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((400, 3), dtype=np.float32)
+    with d.client() as c:
+        assert c.call({"model": "m", "inputs": tensor(x[0])})["status"] == 16  # no token yet
+        assert c.call({"op": "auth", "token": TOKEN})["status"] == 0
+        for chunk in range(0, 300, 4):  # keyed: both lanes, mirrored to the shadow, drift rows
+            for i in range(chunk, chunk + 4):
+                c.send({"model": "m", "inputs": tensor(x[i]), "key": f"u{i}"})
+            assert all(a["status"] == 0 for a in c.recv_n(4))
+        for _ in range(2):  # the same bytes twice: a cache miss, then a hit
+            assert c.call({"model": "m", "version": "1", "inputs": tensor(x[0])})["status"] == 0
+        for i in range(300, 400):  # pipelined past queue_limit: shed as queue_full
+            c.send({"model": "m", "version": "1", "inputs": tensor(x[i])})
+        assert any(a["status"] == 8 for a in c.recv_n(100))
+    held = [d.client() for _ in range(4)]  # a fifth from this address: closed by the server
+    try:
+        assert all(h.call({"op": "health"})["status"] == 0 for h in held)
+        with d.client() as extra:
+            bye = extra.recv()
+        assert (bye["id"], bye["status"]) == (0, 8), bye
+    finally:
+        for h in held:
+            h.close()
+
+    def families() -> dict[str, list]:
+        status, text = get(port, "/metrics")
+        assert status == 200
+        out: dict[str, list] = {}
+        for fam in text_string_to_metric_families(text):
+            name = fam.name + ("_total" if fam.type == "counter" else "")
+            out[name] = fam.samples
+        return out
+
+    docs = documented()
+    deadline = time.monotonic() + 30  # guardrail checks, shadow answers, drift: all after the fact
+    while True:
+        fams = families()
+        empty = sorted(n for n in docs if not fams.get(n))
+        if not empty or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert not empty, f"documented families without samples: {empty}\n{d.log()}"
+    for name, (_, labels) in docs.items():
+        seen = {frozenset(k for k in s.labels if k != "le") for s in fams[name]}
+        assert seen == {frozenset(labels)}, (name, seen, labels)
+
+
+def test_metrics_connections_are_capped_and_idle_ones_time_out(daemon_factory):
+    """Real sockets: with [metrics] max_connections = 4, four connections
+    that send nothing hold the endpoint; a fifth is answered 503 and closed;
+    once two go, a scrape works again; the server closes the two left after
+    its read timeout (daemon/metrics.py READ_TIMEOUT_S)."""
+    from daemon.metrics import READ_TIMEOUT_S
+    d = daemon_factory(demo_config() + "\n[metrics]\nmax_connections = 4\n")
+    port = d.health()["metrics_port"]
+    assert get(port, "/healthz") == (200, "ok\n")
+
+    def connect() -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", port), timeout=READ_TIMEOUT_S + 5)
+        return s
+
+    def read_all(s: socket.socket) -> bytes:
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+
+    t0 = time.monotonic()
+    idle = [connect() for _ in range(4)]
+    time.sleep(0.3)  # let the front accept them all
+    with connect() as fifth:  # over the cap: 503 at once, then closed by the server
+        fifth.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = read_all(fifth)
+    assert answer.startswith(b"HTTP/1.1 503 ") and answer.endswith(b"too many connections\n")
+    assert time.monotonic() - t0 < READ_TIMEOUT_S - 1, "the refusal waited for a timeout"
+    for s in idle[:2]:
+        s.close()
+    t_end = time.monotonic() + 5  # the front sees them go on its next loop turn
+    while (got := get(port, "/metrics"))[0] != 200 and time.monotonic() < t_end:
+        time.sleep(0.05)
+    assert got[0] == 200 and "ringserve_ready 1.0" in got[1]
+    for s in idle[2:]:  # sent nothing: closed by the server at its read timeout
+        assert read_all(s) == b""
+        s.close()
+    waited = time.monotonic() - t0
+    assert READ_TIMEOUT_S - 0.5 <= waited <= READ_TIMEOUT_S + 3, waited
+    assert get(port, "/healthz") == (200, "ok\n")
