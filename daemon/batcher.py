@@ -422,15 +422,7 @@ class ModelQueue:
         if req.lane is SHADOW:  # to its Shadow, not to a caller; counted there
             conn.send(answer)
             return
-        conn.inflight -= 1
-        client = req.client
-        if client is not None:
-            held = self.held
-            n = held[client] - 1
-            if n:
-                held[client] = n
-            else:
-                del held[client]
+        self._release(req)
         latency_us = (_monotonic_ns() - req.arrival) // 1000
         self.stats.answered(status, latency_us, req.lane, req.arm)
         if observe and self.observer is not None:
@@ -439,6 +431,31 @@ class ModelQueue:
             self.reqlog.answer(req, status, answer, latency_us, self.name, self.version,
                                self.reqlog.cfg.score_output)
         conn.send(answer)
+
+    def _release(self, req: Pending) -> None:
+        """The request no longer counts against its connection's in-flight
+        cap or its client's share of this queue."""
+        req.conn.inflight -= 1
+        client = req.client
+        if client is not None:
+            held = self.held
+            n = held[client] - 1
+            if n:
+                held[client] = n
+            else:
+                del held[client]
+
+    def refuse(self, req: Pending, err) -> None:
+        """Answer an accepted request with a ProtocolError found after it was
+        queued (a NaN in its row): counted as rejected input by the caller,
+        not as the model's answer."""
+        if req.done:
+            return
+        req.done = True
+        if req.lane is not SHADOW:
+            self._release(req)
+        req.conn.send({"id": req.id, "status": int(err.status), "error": err.message,
+                       "rid": req.rid})
 
     def expire(self, req: Pending) -> None:
         """Deadline passed: answer now, wherever the request is."""

@@ -242,10 +242,9 @@ class WorkerHandle:
                 views[k][row * nb:(row + 1) * nb] = bytes(nb)
                 r = batch[row]
                 if not r.done:
-                    r.done = True
                     e = not_finite_error(index, value, where)
                     self.app.count_rejected(int(e.status))
-                    r.conn.send({"id": r.id, "status": int(e.status), "error": e.message})
+                    self.queue.refuse(r, e)
 
     def _on_done(self) -> None:
         try:

@@ -310,6 +310,16 @@ def test_requests_in_flight_per_connection_are_capped(daemon_factory):
         by.setdefault(a["status"], []).append(a)
     assert len(by[OK]) >= 8 and len(by[EXHAUSTED]) >= 1, {k: len(v) for k, v in by.items()}
     assert all("max_inflight_per_connection" in a["error"] for a in by[EXHAUSTED])
+    # Every way a request is answered gives its place back: NaN rows refused
+    # when their batch leaves, then a full window of good ones.
+    nan = tensor(np.array([np.nan, 1, 2, 3], np.float32))
+    with d.client() as c:
+        for i in range(8):
+            c.send({"id": 100 + i, "model": "slow", "inputs": nan})
+        assert all(a["status"] == INVALID for a in c.recv_n(8))
+        for i in range(8):
+            c.send({"id": 200 + i, "model": "slow", "inputs": x})
+        assert sorted(a["status"] for a in c.recv_n(8)) == [OK] * 8
 
 
 def test_a_flooding_client_leaves_room_for_another(daemon_factory):
