@@ -724,6 +724,11 @@ class App:
         t_end = time.monotonic() + timeout_s
         while any(w.state not in ("ready", "failed") for w in workers) and time.monotonic() < t_end:
             await asyncio.sleep(0.02)
+        for w in (w for w in workers if w.state in ("loading", "warming")):
+            # Their own start timer runs on the old file's start_timeout_s; a
+            # worker still loading now is timed out (and killed) by the new
+            # one, or stopping it would wait out its grace on a hung load.
+            w._start_timed_out(timeout_s)
         return [f"{w.label}: {w.error or w.state}" for w in workers if w.state != "ready"]
 
     async def _retire(self, queues, grace_s: float) -> None:

@@ -196,11 +196,16 @@ class WorkerHandle:
         self.queue.worker_changed()
         self.app.worker_ready(self)
 
-    def _start_timed_out(self) -> None:
-        self._start_timer = None
+    def _start_timed_out(self, timeout_s: float | None = None) -> None:
+        """Not ready in time: failed, and killed (a hung load would not obey
+        a stop). ``timeout_s``: a reload's, whose file is not app.cfg yet."""
+        if self._start_timer is not None:
+            self._start_timer.cancel()  # a no-op when it is the one firing
+            self._start_timer = None
         if self.state in ("loading", "warming"):
             self.state = "failed"
-            self.error = (f"did not become ready within {self.app.cfg.server.start_timeout_s} s "
+            self.error = (f"did not become ready within "
+                          f"{timeout_s or self.app.cfg.server.start_timeout_s} s "
                           "(server.start_timeout_s); a slow compile or load? raise it")
             log.error("worker start timed out", extra={"worker": self.label, "pid": self.pid})
             self._kill()

@@ -64,3 +64,35 @@ class TwoX(nn.Module):
 
 def two_x() -> nn.Module:
     return TwoX()
+
+
+def slow_load() -> nn.Module:
+    """Takes RINGSERVE_TEST_LOAD_S seconds (default 3600: it hangs) to build,
+    for start_timeout_s and reloads that wait for a new version."""
+    time.sleep(float(os.environ.get("RINGSERVE_TEST_LOAD_S", "3600")))
+    return TwoX()
+
+
+def crash_on_load() -> nn.Module:
+    """The worker process dies while loading, as a segfault would: not a load
+    error (exit 3, not restarted) but a crash (restarted with backoff)."""
+    os._exit(1)
+
+
+class LinearMagic(nn.Module):
+    """score = Linear(4, 1)(x), with weights (a checkpoint can change them);
+    fails the whole batch when any sample's first feature is 777."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+
+    def forward(self, x):
+        if bool((x[:, 0] == 777).any()):
+            raise ValueError("magic value 777 in the batch")
+        return self.lin(x)
+
+
+def linear_magic() -> nn.Module:
+    torch.manual_seed(0)
+    return LinearMagic()
