@@ -304,13 +304,19 @@ class Rollouts:
 
     def _warm(self, model: str) -> bool:
         """Both versions have a ready worker, or the candidate failed to load
-        (which the hard floor must see)."""
+        or crashed max_restarts times (which the hard floor must see)."""
         r = self._rollout(model)
         for v in (r.stable, r.candidate):
             q = self.app.queues.get((model, v))
             if q is None:
                 return False
             if v == r.candidate and any(w.state == "failed" for w in q.workers):
+                return True
+            # A candidate that crashes while loading is never ready: waiting
+            # for it to warm up would keep its canary lane unanswered forever.
+            g = self.guards.get(model)
+            if (v == r.candidate and g is not None and
+                    sum(w.restarts for w in q.workers) - g.restart_base >= g.cfg.max_restarts):
                 return True
             if not any(w.state == "ready" for w in q.workers):
                 return False
