@@ -132,3 +132,21 @@ def test_model_stats_rotates_at_each_batch_and_keeps_the_stats_fields():
     s.batch(1, 1, 300)
     s.answered(0, 9000)
     assert s.snapshot()["latency_us"] == {f"p{p}": bucket_value(bucket_of(9000)) for p in PS}
+
+
+def test_model_stats_records_exactly_as_the_window_does():
+    """ModelStats.answered inlines LatencyWindow.add: the same buckets, the
+    same clock reads."""
+    rng = random.Random(7)
+    values = ([0, 1, 63, 64, 65, 127, 128, MAX_US, MAX_US + 1, 10 ** 13, -3]
+              + [rng.randint(0, 1 << rng.randint(1, 40)) for _ in range(3000)])
+    clock = FakeClock()
+    w = LatencyWindow(clock=clock)
+    s = ModelStats()
+    s.latency = LatencyWindow(clock=clock)
+    for i, v in enumerate(values):
+        clock.t += 0.004  # crosses epochs on the way, so the clock reads must match too
+        w.add(v)
+        s.answered(0, v)
+    assert s.latency.cur == w.cur and s.latency.prev == w.prev
+    assert s.latency.countdown == w.countdown and s.latency.epoch == w.epoch
