@@ -193,6 +193,7 @@ class Job:
     def __init__(self, cfg: Config, model: ModelConfig, opts: JobOptions, progress: Progress):
         self.cfg, self.model, self.opts, self.progress = cfg, model, opts, progress
         self.interrupted = False
+        self.hasher: DataHasher | None = None
         # where the driver's time goes: reading into slots, waiting for the
         # workers, collecting and writing the results (in the summary)
         self.clock = {"read": 0.0, "wait": 0.0, "write": 0.0}
@@ -247,13 +248,19 @@ class Job:
         identity = {**static, "batch_size": o.batch_size, "header": list(plan.header),
                     "columns": [list(i.columns) for i in plan.inputs], "id_column": plan.id_index,
                     "score": o.score, "sample_size": o.sample_size,
-                    "delimiter": getattr(reader, "delim", None)}
+                    "delimiter": getattr(reader, "delim", None),
+                    # A finished checkpoint is published without starting the
+                    # model, so without its weights hash: the weight files'
+                    # size and mtime make it another job once they change.
+                    "weights_files": [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns]
+                                      for p in (m.checkpoint, m.artifact) if p]}
         workdir = os.path.join(o.output, f".ringserve-batch-{job_key(static)}")
         ck, note = Checkpoint.open(workdir, identity, o.restart)
         hasher = None
         if o.data_tag is None:
             hasher = DataHasher(o.input)
             hasher.start()
+        self.hasher = hasher
         if ck.complete:
             # Every row is scored (an earlier run stopped at the guardrails or
             # before its rename): publish without starting the model.
@@ -401,6 +408,7 @@ class Job:
                     if (o.checkpoint_rows and since_commit >= o.checkpoint_rows) or \
                             now - last_commit >= o.checkpoint_s:
                         part.close()
+                        self._check_input(ck)
                         ck.commit(part.path, part.rows, end[0].position_after(end[1]))
                         part = part_cls(ck.next_part(out_fmt), cols, m.version)
                         last_commit, since_commit = now, 0
@@ -414,6 +422,7 @@ class Job:
             # it, and a rerun resumes after the last row written.
             if part.rows:
                 part.close()
+                self._check_input(ck)
                 ck.commit(part.path, part.rows, _pos(position))
             raise
         finally:
@@ -422,11 +431,29 @@ class Job:
                 signal.signal(sig, old)
         part.close()
         final_pos = _pos(position)
+        self._check_input(ck)
         ck.commit(part.path if part.rows else None, part.rows, final_pos, complete=True)
         if not part.rows and os.path.exists(part.path):
             os.unlink(part.path)
         self.progress.update(emitted, 1.0, force=True)
         self.progress.finish()
+
+    def _check_input(self, ck: Checkpoint) -> None:
+        """Before a commit: record the input's content hash in the checkpoint
+        once it is known, and stop (exit 1) if the input is not the one the
+        committed rows were read from. Size and mtime (the identity) miss a
+        rewrite that keeps both; without this a resume would publish rows of
+        two different files as one output."""
+        h = self.hasher
+        if h is None or h.is_alive():
+            return
+        digest = h.result()
+        if ck.data_hash is None:
+            ck.data_hash = digest  # saved by the commit that follows
+        elif digest != ck.data_hash:
+            raise JobError(f"{self.opts.input} changed since the checkpoint was written "
+                           f"(content hash {ck.data_hash[:16]} then, {digest[:16]} now); rerun "
+                           "with --restart", EXIT_FAILED)
 
     def _on_signal(self, signum, frame) -> None:
         self.interrupted = True
