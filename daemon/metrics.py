@@ -155,8 +155,9 @@ class Collector:
                 refused.add_metric([reason], n)
         closed = CounterMetricFamily(
             "ringserve_connections_closed", "Connections the server closed on its own, by "
-            "reason (idle, header_timeout, slow_frame, frame_budget, auth_timeout, per_client, "
-            "max_connections, proxy_header, draining).", labels=["reason"])
+            "reason (idle, header_timeout, slow_frame, frame_budget, frame_too_large, "
+            "auth_timeout, auth, per_client, max_connections, proxy_header, draining).",
+            labels=["reason"])
         for reason, n in app.closed_by.items():
             closed.add_metric([reason], n)
         frame_bytes = GaugeMetricFamily(

@@ -138,10 +138,10 @@ class Connection(asyncio.Protocol):
                 handle(self, item)
             else:  # a ProtocolError from the codec
                 self.app.count_rejected(int(item.status))
-                self.send(item.answer())
-                if item.fatal:
-                    self.close()
+                if item.fatal:  # its answer (id 0) is the closing one
+                    self.refuse(item, "frame_too_large")
                     return
+                self.send(item.answer())
 
     def _later(self) -> None:
         """Leave the rest of this read to a later turn, and read no more

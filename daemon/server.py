@@ -390,7 +390,8 @@ class App:
             self.count_rejected(int(e.status))
             e.req_id = req_id
             conn.send(e.answer())
-            if conn.close_after_answer:
+            if conn.close_after_answer:  # that answer says why (docs/protocol.md)
+                self.count_closed("auth")
                 conn.close()
         except Exception as e:  # a bug of ours: answer it, log it, keep serving everyone
             log.exception("internal error while handling a request", extra={"op": msg.get("op")})
