@@ -10,6 +10,15 @@ IEEE float32 (sign, 8 exponent bits, 7 mantissa bits). A request may instead
 send a plain (nested) msgpack array of numbers, cast here to the dtype the
 model declares.
 
+Types are exact, as msgpack gives them: a request's tensor map has exactly
+the three keys (another key is refused by name, never ignored), ``dtype`` a
+str, ``shape`` a list of ints (``128.0`` and ``True`` compare equal to ints
+and are refused all the same), ``data`` bytes. The plain form holds ints
+and floats; bools only for a bool input (which also takes 0 and 1), so that
+``[1.0, True]`` is refused instead of read as ``[1.0, 1.0]``. Messages quote
+what they name through ``ipc.status.brief``: a short prefix, however large
+the value.
+
 ``decode_tensor``/``decode_inputs`` check one sample of a request against a
 model's ``TensorSpec`` and return its raw bytes, ready to be copied into the
 ring once; every complaint is an ``InvalidArgument`` whose message says what
@@ -23,14 +32,14 @@ for, so bfloat16 is converted with numpy integer arithmetic here.
 
 from __future__ import annotations
 
+import itertools
 import math
-import reprlib
 import sys
 from dataclasses import dataclass
 
 import numpy as np
 
-from ipc.status import InvalidArgument
+from ipc.status import InvalidArgument, brief
 
 __all__ = [
     "DType", "DTYPES", "TensorSpec", "decode_tensor", "decode_inputs",
@@ -69,6 +78,7 @@ _NP: dict[str, np.dtype] = {
     name: np.dtype(d.numpy_name or "uint16").newbyteorder("<") for name, d in DTYPES.items()}
 _F32 = np.dtype("<f4")
 _F64 = np.dtype("<f8")
+_I64 = np.dtype("<i8")
 _U8 = np.dtype("u1")
 _U16 = np.dtype("<u2")
 _U32 = np.dtype("<u4")
@@ -88,11 +98,11 @@ class TensorSpec:
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; supported: {_SUPPORTED}")
+            raise ValueError(f"unknown dtype {brief(self.dtype)}; supported: {_SUPPORTED}")
         shape = tuple(self.shape)
         for d in shape:
             if type(d) is not int or d < 1:
-                raise ValueError(f"shape {list(shape)}: dimensions must be positive ints")
+                raise ValueError(f"shape {brief(list(shape))}: dimensions must be positive ints")
         object.__setattr__(self, "shape", shape)
         # Derived once: decode_tensor reads them on every request.
         numel = math.prod(shape)
@@ -127,8 +137,10 @@ _TENSOR_FORM = ('a tensor is {"dtype": str, "shape": [int...], "data": bin} '
 def decode_tensor(obj, spec: TensorSpec, where: str, defer_finite: bool = False):
     """Check one sample against ``spec``; return its raw bytes (spec.nbytes long).
 
-    The binary form returns its ``data`` object itself (no copy); the list
-    form returns new ``bytes``. Raises InvalidArgument, naming ``where``.
+    The binary form must be a map of exactly ``dtype`` (str), ``shape`` (an
+    array of ints) and ``data`` (bin, i.e. ``bytes``: what msgpack gives for
+    bin); it returns its ``data`` object itself (no copy). The list form
+    returns new ``bytes``. Raises InvalidArgument, naming ``where``.
     ``defer_finite``: skip the NaN/Inf check of binary float16/32/64 data; the
     caller checks a whole batch at once with ``non_finite_rows`` (one numpy
     pass per batch instead of three numpy calls per request).
@@ -137,24 +149,25 @@ def decode_tensor(obj, spec: TensorSpec, where: str, defer_finite: bool = False)
         spec = _as_spec(spec)
     if type(obj) is not dict:
         return _decode_list(obj, spec, where)
+    if len(obj) != 3:   # a missing or an unknown key
+        raise _bad_keys(obj, where)
     try:
         dtype = obj["dtype"]
         shape = obj["shape"]
         data = obj["data"]
-    except KeyError:
-        raise _missing_keys(obj, where) from None
-    if dtype != spec.dtype:
+    except KeyError:     # three keys, but not these three
+        raise _bad_keys(obj, where) from None
+    if dtype != spec.dtype:   # a str never equals a non-str
         raise _bad_dtype(dtype, spec, where)
     if shape != spec._shape_list and not (type(shape) is tuple and shape == spec.shape):
         raise _bad_shape(shape, spec, where)
-    t = type(data)
-    if t is bytes or t is bytearray:
-        n = len(data)
-    elif t is memoryview:
-        n = data.nbytes
-    else:
+    for d in shape:   # equal values, but 128.0 and True equal 128 and 1 too
+        if type(d) is not int:
+            raise _bad_shape(shape, spec, where)
+    if type(data) is not bytes:
         raise InvalidArgument(f"{where}: data must be bin (raw bytes), got {_kind(data)}; "
                               "msgpack writers pack bytes as bin with use_bin_type=True")
+    n = len(data)
     if n != spec._nbytes:
         d = DTYPES[spec.dtype]
         raise InvalidArgument(
@@ -229,9 +242,21 @@ def _not_finite(i: int, value: float, where: str) -> InvalidArgument:
                            "NaN and infinity are not accepted, send finite numbers")
 
 
-def _missing_keys(obj: dict, where: str) -> InvalidArgument:
-    missing = [k for k in ("dtype", "shape", "data") if k not in obj]
-    return InvalidArgument(f"{where}: tensor map is missing {_join(missing)}; {_TENSOR_FORM}")
+_KEYS = ("dtype", "shape", "data")
+
+
+def _bad_keys(obj: dict, where: str) -> InvalidArgument:
+    """A tensor map without exactly the keys dtype, shape and data."""
+    missing = [k for k in _KEYS if k not in obj]
+    unknown = [k for k in itertools.islice(obj, len(_KEYS) + _MOST) if k not in _KEYS]
+    parts = []
+    if missing:
+        parts.append(f"is missing {_join(missing)}")
+    if unknown:
+        more = len(obj) - (len(_KEYS) - len(missing)) - len(unknown)
+        parts.append(f"has unknown key{'s' if len(unknown) > 1 or more else ''} "
+                     f"{_join(unknown, more=more)}")
+    return InvalidArgument(f"{where}: tensor map {' and '.join(parts)}; {_TENSOR_FORM}")
 
 
 def _bad_dtype(dtype, spec: TensorSpec, where: str) -> InvalidArgument:
@@ -239,7 +264,7 @@ def _bad_dtype(dtype, spec: TensorSpec, where: str) -> InvalidArgument:
         return InvalidArgument(f"{where}: dtype must be a string, got {_kind(dtype)}; "
                                f"the model's input is {spec.describe()}")
     if dtype not in DTYPES:
-        return InvalidArgument(f"{where}: unknown dtype {_show(dtype)}; supported dtypes are "
+        return InvalidArgument(f"{where}: unknown dtype {brief(dtype)}; supported dtypes are "
                                f"{_SUPPORTED}, and the model's input is {spec.describe()}")
     return InvalidArgument(
         f"{where}: dtype {dtype} does not match the model's input {spec.describe()}; "
@@ -247,15 +272,20 @@ def _bad_dtype(dtype, spec: TensorSpec, where: str) -> InvalidArgument:
 
 
 def _bad_shape(shape, spec: TensorSpec, where: str) -> InvalidArgument:
-    if type(shape) not in (list, tuple) or any(type(d) is not int or d < 0 for d in shape):
+    if type(shape) is not list and type(shape) is not tuple:
         return InvalidArgument(f"{where}: shape must be an array of non-negative integers, "
-                               f"got {_show(shape)}")
+                               f"got {_kind(shape)}; the model's input is {spec.describe()}")
+    for i, d in enumerate(shape):
+        if type(d) is not int or d < 0:   # not a float like 128.0, nor a bool
+            return InvalidArgument(
+                f"{where}: shape must be an array of non-negative integers, but its element "
+                f"{i} is {_kind(d)}; the model's input is {spec.describe()}")
     if len(shape) == len(spec.shape) + 1 and tuple(shape[1:]) == spec.shape:
         hint = ": drop the leading batch dimension"
     else:
         hint = " (no batch dimension)"
     return InvalidArgument(
-        f"{where}: shape {_show(shape)} does not match the model's input {spec.describe()}; "
+        f"{where}: shape {brief(shape)} does not match the model's input {spec.describe()}; "
         f"send one sample of shape {list(spec.shape)}{hint}")
 
 
@@ -272,75 +302,133 @@ def _decode_list(obj, spec: TensorSpec, where: str) -> bytes:
     t = type(obj)
     if t is not list and t is not tuple and not (spec.shape == () and t in (int, float, bool)):
         raise InvalidArgument(f"{where}: expected a tensor, got {_kind(obj)}; {_TENSOR_FORM}")
-    try:
-        a = np.array(obj)
-    except (ValueError, TypeError, OverflowError) as e:
-        raise InvalidArgument(f"{where}: the list is not a regular array of numbers ({e}); "
-                              f"send nested lists of shape {list(spec.shape)}") from None
-    if a.shape != spec.shape:
+    # The nesting and the leaves' types are checked here, before numpy sees
+    # a value: numpy would read [1, True] as int64 [1, 1], "1.5" as a number
+    # when told the dtype, and a string anywhere as a string array as wide
+    # as the longest one times the number of leaves (a 200 KB frame of one
+    # 2,000-character string and 100,000 short ones is 800 MB of memory).
+    leaves, kinds, shape = _scan(obj, len(spec.shape) + 1)
+    if leaves is None:
+        raise InvalidArgument(f"{where}: the list is not a regular array of numbers (a level "
+                              f"mixes lists with other values, or it nests deeper than "
+                              f"{len(spec.shape) + 1}); send nested lists of shape "
+                              f"{list(spec.shape)}")
+    numbers = _BOOL_OK if spec.dtype == "bool" else _NUMBERS
+    if not kinds <= numbers:
+        _check_leaves(leaves, spec, where, numbers)   # raises, naming the first
+    if shape != spec.shape:
+        if shape is None:
+            raise InvalidArgument(f"{where}: the list is not a regular array of numbers (its "
+                                  f"rows differ in length); send nested lists of shape "
+                                  f"{list(spec.shape)}")
         raise InvalidArgument(
-            f"{where}: list of shape {list(a.shape)} does not match the model's input "
+            f"{where}: list of shape {list(shape)} does not match the model's input "
             f"{spec.describe()}; send one sample (no batch dimension)")
-    is_float = DTYPES[spec.dtype].is_float
-    kind = a.dtype.kind
-    if kind not in "biuf":
-        # numpy made objects (ints beyond 64 bits; None; maps) or strings
-        # (a string anywhere turns every number into one, too).
-        values = list(_flat(obj))
-        for i, v in enumerate(values):
-            if type(v) not in (int, float, bool):
-                raise InvalidArgument(f"{where}: the element at flat index {i} is {_kind(v)}, "
-                                      f"not a number; the model's input is {spec.describe()}")
-        if not is_float:
-            return _exact_ints(values, spec, where)
-        try:
-            a = np.array(values, dtype=_F64).reshape(spec.shape)
-        except OverflowError:
-            i = next(i for i, v in enumerate(values) if abs(v) > sys.float_info.max)
-            raise _out_of_range(i, values[i], spec, where) from None
-        kind = "f"
 
-    if kind == "f":
-        finite = np.isfinite(a)
-        if not finite.all():
-            i = int(np.flatnonzero(~finite)[0])
-            raise _not_finite(i, float(a.flat[i]), where)
-    if is_float:
-        if kind == "b":
-            raise InvalidArgument(f"{where}: got booleans for the model's input "
-                                  f"{spec.describe()}; send numbers")
+    if DTYPES[spec.dtype].is_float:   # ints and floats (no bools: refused above)
+        try:
+            a = _fromiter(leaves, _F64, len(leaves))
+        except OverflowError:   # an int beyond float64
+            i = next(i for i, v in enumerate(leaves) if abs(v) > sys.float_info.max)
+            raise _out_of_range(i, leaves[i], spec, where) from None
         return _cast_float(a, spec, where)
-    if kind == "b":
-        if spec.dtype != "bool":
-            raise InvalidArgument(f"{where}: got booleans for the model's input "
-                                  f"{spec.describe()}; send integers")
+
+    a = None
+    if kinds == _INTS:   # the common case, without numpy's type discovery
+        try:
+            a = _fromiter(leaves, _I64, len(leaves))
+        except OverflowError:   # beyond int64: numpy picks uint64 or objects
+            pass
+    if a is None:
+        a = np.array(leaves)   # int64, uint64, float64, bool, or objects beyond 64 bits
+    kind = a.dtype.kind
+    if kind == "b":   # all booleans, for a bool input
         return a.tobytes()
-    if kind == "f" and _max(np.abs(a)) >= _EXACT_IN_F64:
-        return _exact_ints(list(_flat(obj)), spec, where)
+    if kind not in "iuf":
+        return _exact_ints(leaves, spec, where)
+    if kind == "f":
+        finite = _np_isfinite(a)
+        if not _all_true(finite):
+            i = int(np.flatnonzero(~finite)[0])
+            raise _not_finite(i, float(a[i]), where)
+        if _max(np.abs(a)) >= _EXACT_IN_F64:   # ints numpy turned into floats lost digits
+            return _exact_ints(leaves, spec, where)
     return _cast_int(a, spec, where, kind)
 
 
-def _flat(obj):
-    """The leaves of a nested list in C order (np.array already checked it is regular)."""
-    if type(obj) is list or type(obj) is tuple:
-        for x in obj:
-            yield from _flat(x)
-    else:
-        yield obj
+_NUMBERS = frozenset((int, float))          # what a list may hold for a numeric input
+_BOOL_OK = frozenset((int, float, bool))    # ... for a bool input (0/1, whole floats)
+_SEQS = frozenset((list, tuple))            # msgpack arrays
+_INTS = {int}
+_fromiter = np.fromiter
+
+
+def _scan(obj, limit: int):
+    """(leaves in C order, the set of their types, shape) of a nested list.
+
+    Goes down through levels of nothing but lists, one C-level pass a level
+    (``set(map(type, ...))``, ``chain``; no recursion, no per-leaf Python
+    code). ``shape`` is None when rows of one level differ in length; all
+    three are None when a level mixes lists with other values or the list
+    nests deeper than ``limit``.
+    """
+    if type(obj) is not list and type(obj) is not tuple:
+        return [obj], {type(obj)}, ()   # a scalar sample
+    items, shape = obj, [len(obj)]
+    for _ in range(limit):
+        kinds = set(map(type, items))
+        if kinds.isdisjoint(_SEQS):
+            if type(items) is not list:
+                items = list(items)
+            return items, kinds, (tuple(shape) if shape is not None else None)
+        if not kinds <= _SEQS:
+            break
+        if shape is not None:
+            lens = set(map(len, items))
+            shape = shape + [lens.pop()] if len(lens) == 1 else None
+        items = list(_chain(items))
+    return None, None, None
+
+
+def _check_leaves(leaves: list, spec: TensorSpec, where: str, numbers: frozenset) -> None:
+    """InvalidArgument for the first leaf whose type is not one of ``numbers``."""
+    for i, v in enumerate(leaves):
+        if type(v) not in numbers:
+            if type(v) is bool:
+                raise InvalidArgument(
+                    f"{where}: the element at flat index {i} is the boolean {v}; the model's "
+                    f"input is {spec.describe()}: send numbers (only a bool input takes "
+                    "booleans)")
+            raise InvalidArgument(f"{where}: the element at flat index {i} is {_kind(v)}, "
+                                  f"not a number; the model's input is {spec.describe()}")
+
+
+_chain = itertools.chain.from_iterable
 
 
 def _cast_float(a: np.ndarray, spec: TensorSpec, where: str) -> bytes:
+    """float64 values -> the float dtype's bytes; NaN/Inf and values beyond
+    the dtype's range are refused (one finiteness pass, over the result)."""
+    bf16 = spec.dtype == "bfloat16"
+    if bf16:   # NaN must not reach the bit rounding, which can make it finite
+        finite = _np_isfinite(a)
+        if not _all_true(finite):
+            i = int(np.flatnonzero(~finite)[0])
+            raise _not_finite(i, float(a[i]), where)
     with np.errstate(over="ignore"):
-        if spec.dtype == "bfloat16":
+        if bf16:
             # Through float32 first, as torch does for Python floats.
             out = _f32_to_bf16(a.astype(_F32))
             finite = (out & 0x7F80) != 0x7F80
         else:
             out = a.astype(_NP[spec.dtype])
-            finite = np.isfinite(out)
-    if not finite.all():
+            finite = _np_isfinite(out)
+    if not _all_true(finite):
         i = int(np.flatnonzero(~finite)[0])
-        raise _out_of_range(i, a.flat[i].item(), spec, where)
+        v = float(a[i])
+        if not math.isfinite(v):
+            raise _not_finite(i, v, where)
+        raise _out_of_range(i, v, spec, where)
     return out.tobytes()
 
 
@@ -388,7 +476,7 @@ def _out_of_range(i: int, value, spec: TensorSpec, where: str) -> InvalidArgumen
         bounds = f"{d} holds {lo}..{hi}"
     else:
         bounds = f"{d} cannot represent it"
-    return InvalidArgument(f"{where}: the element at flat index {i} is {_show(value)}, out of "
+    return InvalidArgument(f"{where}: the element at flat index {i} is {brief(value)}, out of "
                            f"range for the model's input {spec.describe()} ({bounds})")
 
 
@@ -440,7 +528,7 @@ def decode_inputs(obj, specs: tuple[tuple[str, TensorSpec], ...], single: bool,
             if not any(k in obj for k in ("dtype", "shape", "data")):
                 raise InvalidArgument(
                     f"inputs: the model takes one input {spec.describe()}, sent as a tensor "
-                    f"(or as {{{name!r}: tensor}}); got a map of {_join(list(obj))}")
+                    f"(or as {{{name!r}: tensor}}); got a map of {_keys(obj)}")
         return [decode_tensor(obj, spec, "inputs", defer_finite)]
 
     if type(obj) is not dict or ("data" in obj and "dtype" in obj):
@@ -460,19 +548,28 @@ def decode_inputs(obj, specs: tuple[tuple[str, TensorSpec], ...], single: bool,
 _MISSING = object()
 
 
-def _expected(specs) -> str:
-    return ", ".join(f"{name!r} {_as_spec(spec).describe()}" for name, spec in specs)
+def _expected(specs, most: int = 6) -> str:
+    shown = ", ".join(f"{name!r} {_as_spec(spec).describe()}" for name, spec in specs[:most])
+    if len(specs) > most:
+        shown += f" and {len(specs) - most} more (see the models op)"
+    return shown
+
+
+def _keys(obj: dict) -> str:
+    """A peer's map's keys, for a message: the first few, and how many more."""
+    return _join(list(itertools.islice(obj, _MOST)), more=max(0, len(obj) - _MOST))
 
 
 def _names_error(obj: dict, specs) -> InvalidArgument:
     declared = [name for name, _ in specs]
     missing = [n for n in declared if n not in obj]
-    unknown = [k for k in obj if k not in declared]
+    unknown = list(itertools.islice((k for k in obj if k not in declared), _MOST))
+    more = len(obj) - (len(declared) - len(missing)) - len(unknown)
     parts = []
     if missing:
         parts.append(f"missing {_join(missing)}")
     if unknown:
-        parts.append(f"unknown {_join(unknown)}")
+        parts.append(f"unknown {_join(unknown, more=more)}")
     return InvalidArgument(f"inputs: {'; '.join(parts)}; the model takes {_expected(specs)}")
 
 
@@ -483,12 +580,13 @@ def encode_tensor(dtype: str, shape, data) -> dict:
     e.g. a slice of shared memory) is kept as-is; msgpack packs it as bin."""
     d = DTYPES.get(dtype)
     if d is None:
-        raise ValueError(f"unknown dtype {dtype!r}; supported: {_SUPPORTED}")
+        raise ValueError(f"unknown dtype {brief(dtype)}; supported: {_SUPPORTED}")
     shape = list(shape)
     n = data.nbytes if type(data) is memoryview else len(data)
-    if n != math.prod(shape) * d.itemsize:
-        raise ValueError(f"{n} bytes of data do not make a {dtype}{shape} tensor "
-                         f"({math.prod(shape) * d.itemsize} bytes)")
+    want = _numel(shape) * d.itemsize
+    if n != want:
+        raise ValueError(f"{n} bytes of data do not make a {dtype}{brief(shape)} tensor "
+                         f"({_count(want)} bytes)")
     return {"dtype": dtype, "shape": shape, "data": data}
 
 
@@ -552,20 +650,24 @@ def _parts(obj) -> tuple[str, list, object]:
     try:
         dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
     except KeyError:
-        raise _missing_keys(obj, "tensor") from None
+        raise _bad_keys(obj, "tensor") from None
     d = DTYPES.get(dtype) if type(dtype) is str else None
     if d is None:
-        raise InvalidArgument(f"tensor: unknown dtype {_show(dtype)}; supported: {_SUPPORTED}")
+        raise InvalidArgument(f"tensor: unknown dtype {brief(dtype)}; supported: {_SUPPORTED}")
     if type(shape) not in (list, tuple) or any(type(s) is not int or s < 0 for s in shape):
         raise InvalidArgument(f"tensor: shape must be an array of non-negative integers, "
-                              f"got {_show(shape)}")
+                              f"got {brief(shape)}")
+    if len(shape) > _MAX_DIMS or _numel([s for s in shape if s]) > _HUGE:
+        # numpy and torch cannot make such an array, even an empty one
+        raise InvalidArgument(f"tensor: shape {brief(list(shape))} has more than {_MAX_DIMS} "
+                              f"dimensions or more than {_HUGE} elements in its non-zero ones")
     if type(data) not in (bytes, bytearray, memoryview):
         raise InvalidArgument(f"tensor: data must be bin (raw bytes), got {_kind(data)}")
     n = data.nbytes if type(data) is memoryview else len(data)
-    want = math.prod(shape) * d.itemsize
+    want = _numel(shape) * d.itemsize
     if n != want:
-        raise InvalidArgument(f"tensor: data holds {n} bytes, but {dtype}{list(shape)} "
-                              f"needs {want}")
+        raise InvalidArgument(f"tensor: data holds {n} bytes, but {dtype}{brief(list(shape))} "
+                              f"needs {_count(want)}")
     return dtype, shape, data
 
 
@@ -591,25 +693,47 @@ def to_torch(obj):
 
     dtype, shape, data = _parts(obj)
     tdtype = getattr(torch, dtype)
-    if math.prod(shape) == 0:   # frombuffer refuses an empty buffer
+    if _numel(shape) == 0:   # frombuffer refuses an empty buffer
         return torch.empty(tuple(shape), dtype=tdtype)
     return torch.frombuffer(bytearray(data), dtype=tdtype).reshape(tuple(shape))
 
 
 # --- message helpers -------------------------------------------------------------
 
-def _join(names, most: int = 10) -> str:
-    shown = ", ".join(_show(n) for n in names[:most])
-    return shown if len(names) <= most else f"{shown} and {len(names) - most} more"
+# Error messages quote what they name through ``ipc.status.brief``: a short
+# prefix, never the whole of a peer's 7 MiB string or 100k-element shape,
+# and lists of names stop after _MOST of them.
+_MOST = 3
 
 
-# reprlib bounds the work as well as the text: a peer's 8 MB string or a
-# deep list must not be rendered whole just to be cut.
-_repr = reprlib.Repr()
-_repr.maxstring = _repr.maxother = 60
-_repr.maxlong = 40
-_repr.maxlevel = 2
-_show = _repr.repr
+def _join(names, most: int = _MOST, more: int = 0) -> str:
+    """Up to ``most`` of ``names``, each brief; ``more``: how many others
+    were not even collected (beyond ``names``)."""
+    shown = ", ".join(brief(n, 40) for n in names[:most])
+    more += max(0, len(names) - most)
+    return f"{shown} and {more} more" if more else shown
+
+
+_HUGE = 1 << 62   # elements; past it no tensor is real and the exact count does not matter
+_MAX_DIMS = 32     # numpy 1.x's limit (2.x has 64); no model's output comes near it
+
+
+def _numel(shape) -> int:
+    """prod(shape) of a list of non-negative ints, or _HUGE + 1 once it passes
+    _HUGE: a peer's 100k-element shape must not cost seconds of bignum maths
+    (nor make an int too long to print)."""
+    if 0 in shape:
+        return 0
+    n = 1
+    for d in shape:
+        n *= d
+        if n > _HUGE:
+            return _HUGE + 1
+    return n
+
+
+def _count(n: int) -> str:
+    return str(n) if n <= _HUGE else f"more than {_HUGE}"
 
 
 def _kind(v) -> str:
@@ -618,7 +742,7 @@ def _kind(v) -> str:
     if v is None:
         return "nil"
     if t is str or t is bool or t is int or t is float:
-        return f"the {_TYPE_WORDS[t]} {_show(v)}"
+        return f"the {_TYPE_WORDS[t]} {brief(v)}"
     return _TYPE_WORDS.get(t) or f"a value of type {t.__name__}"
 
 

@@ -311,8 +311,42 @@ GOOD = {"dtype": "float32", "shape": [128], "data": bytes(512)}
 def test_binary_ok_forms():
     assert decode_tensor(GOOD, SPEC, "inputs") is GOOD["data"]
     assert decode_tensor({**GOOD, "shape": (128,)}, SPEC, "inputs") is GOOD["data"]
-    ba = bytearray(512)
-    assert decode_tensor({**GOOD, "data": ba}, SPEC, "inputs") is ba
+    assert decode_tensor(wire(GOOD), SPEC, "inputs") == GOOD["data"]
+
+
+def test_binary_fields_have_their_exact_msgpack_types():
+    """dtype a str, shape an array of ints (no 128.0, no True), data bin:
+    values that merely compare equal are refused, naming the field."""
+    for shape, word in [([128.0], "float 128.0"), ([True], "boolean True"),
+                        ((128.0,), "float 128.0"), ("128", "string '128'"),
+                        ({"0": 128}, "map"), ([[128]], "array")]:
+        msg = reject({**GOOD, "shape": shape}, SPEC)
+        assert "shape must be an array of non-negative integers" in msg and word in msg
+    one = TensorSpec("float32", (1, 4))
+    msg = reject({"dtype": "float32", "shape": [True, 4], "data": bytes(16)}, one)
+    assert "element 0 is the boolean True" in msg
+    # only bin: msgpack gives bytes for bin; str, arrays, bytearray, memoryview are refused
+    for data in (bytearray(512), memoryview(bytes(512)), "\x00" * 512, [0] * 512, 512):
+        msg = reject({**GOOD, "data": data}, SPEC)
+        assert "data must be bin" in msg
+    for dtype in (b"float32", ["float32"], 1, None, True):
+        msg = reject({**GOOD, "dtype": dtype}, SPEC)
+        assert "dtype must be a string" in msg
+
+
+def test_binary_unknown_keys_are_refused_by_name():
+    msg = reject({**GOOD, "order": "F"}, SPEC)
+    assert "has unknown key 'order'" in msg and "missing" not in msg
+    msg = reject({"dtype": "float32", "shape": [128], "dat": bytes(512)}, SPEC)
+    assert "missing 'data'" in msg and "unknown key 'dat'" in msg
+    many = {**GOOD, **{f"k{i}": i for i in range(100)}}
+    msg = reject(many, SPEC)
+    assert "unknown keys 'k0', 'k1', 'k2' and 97 more" in msg
+    # through decode_inputs too, for a single input sent bare
+    msg = reject_inputs({**F4, "byteorder": "<"}, ONE, True)
+    assert msg.startswith("inputs:") and "'byteorder'" in msg
+    msg = reject_inputs({"ids": {**I2, "x": 1}, "dense": F4}, TWO, False)
+    assert msg.startswith("inputs['ids']:") and "'x'" in msg
 
 
 def test_wrong_dtype():
@@ -362,7 +396,7 @@ def test_missing_keys_named(drop):
 def test_binary_rejects_non_finite(dtype, n):
     spec = TensorSpec(dtype, (n,))
     ok = torch.linspace(-100, 100, n).to(TORCH[dtype])
-    assert decode_tensor(from_array(ok), spec, "inputs")
+    assert decode_tensor(wire(from_array(ok)), spec, "inputs")
     for pos in sorted({0, n // 2, n - 1}):
         for bad in (float("nan"), float("inf"), float("-inf")):
             t = ok.clone()
@@ -376,14 +410,14 @@ def test_binary_non_finite_reports_the_first():
     t = torch.zeros(2, 4)
     t[1, 3] = float("nan")
     t[1, 1] = float("inf")
-    assert "flat index 5 " in reject(from_array(t), TensorSpec("float32", (2, 4)))
+    assert "flat index 5 " in reject(wire(from_array(t)), TensorSpec("float32", (2, 4)))
 
 
 def test_binary_large_finite_values_pass():
     # Finite values whose sum would overflow are still fine.
     for dtype in FLOATS:
         t = torch.full((64,), torch.finfo(TORCH[dtype]).max, dtype=TORCH[dtype])
-        assert decode_tensor(from_array(t), TensorSpec(dtype, (64,)), "inputs")
+        assert decode_tensor(wire(from_array(t)), TensorSpec(dtype, (64,)), "inputs")
 
 
 def test_binary_bool_bytes_must_be_0_or_1():
@@ -462,4 +496,138 @@ def test_specs_must_be_tensor_specs():
 
 def test_module_does_not_import_torch():
     code = "import sys, ipc.tensors, ipc.framing; sys.exit('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+# --- booleans in the list form ---------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", FLOATS + INTS)
+@pytest.mark.parametrize("n", [3, 300])   # below and above the numpy pre-check
+def test_list_booleans_among_numbers_are_refused_for_numeric_inputs(dtype, n):
+    spec = TensorSpec(dtype, (n,))
+    values = [2] * n
+    assert decode_tensor(values, spec, "inputs")
+    for pos, b in [(0, True), (n - 1, False), (n // 2, True)]:
+        bad = list(values)
+        bad[pos] = b
+        msg = reject(bad, spec)   # numpy alone would read it as 1 or 0
+        assert f"flat index {pos} is the boolean {b}" in msg and "only a bool input" in msg
+    floats = [2.5 if DTYPES[dtype].is_float else 2.0] * (n - 1) + [True]
+    assert f"flat index {n - 1} is the boolean True" in reject(floats, spec)
+
+
+def test_list_booleans_nested_and_beyond_64_bits():
+    spec = TensorSpec("int64", (2, 2))
+    assert "flat index 3 is the boolean False" in reject([[1, 2], [3, False]], spec)
+    # numpy makes objects of a big int: the slow path refuses the bool too
+    msg = reject([2**70, True], TensorSpec("int64", (2,)))
+    assert "flat index 1 is the boolean True" in msg
+    msg = reject([2**70, True], TensorSpec("float64", (2,)))
+    assert "flat index 1 is the boolean True" in msg
+    big = TensorSpec("float32", (2, 200))   # 400 leaves, nested: the pre-check, then the scan
+    rows = [[0.5] * 200, [0.5] * 199 + [True]]
+    assert "flat index 399 is the boolean True" in reject(rows, big)
+    rows = [[1.0] * 200, [0.0] * 200]       # 0s and 1s that are numbers pass the scan
+    assert decode_tensor(rows, big, "inputs")
+
+
+def test_list_bool_input_takes_booleans_and_0_1():
+    spec = TensorSpec("bool", (3,))
+    assert decode_tensor([True, 1, 0], spec, "inputs") == b"\x01\x01\x00"
+    assert decode_tensor([True, False, True], spec, "inputs") == b"\x01\x00\x01"
+    assert decode_tensor([1.0, 0.0, 1], spec, "inputs") == b"\x01\x00\x01"
+    assert "index 1" in reject([True, 0.5, 0], spec)
+
+
+# --- messages stay short, however large what they quote -----------------------------------
+
+HUGE_STR = "x" * (7 << 20)         # 7 MiB
+HUGE_SHAPE = list(range(100_000))
+
+
+def short(e: InvalidArgument) -> str:
+    frame = encode_frame(e.answer())
+    assert len(frame) < 512, (len(frame), e.message[:600])
+    return e.message
+
+
+def refusal(fn, *args) -> str:
+    with pytest.raises(InvalidArgument) as ei:
+        fn(*args)
+    return short(ei.value)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("dtype", HUGE_STR), ("dtype", [HUGE_STR] * 1000), ("dtype", {HUGE_STR: HUGE_STR}),
+    ("shape", HUGE_SHAPE), ("shape", HUGE_SHAPE[1:] + [0.5]), ("shape", HUGE_STR),
+    ("shape", [[[[[[[1]]]]]]] * 1000), ("shape", [HUGE_STR]),
+    ("data", HUGE_STR), ("data", bytes(7 << 20)), ("data", [HUGE_STR] * 100),
+    (HUGE_STR, 1),
+])
+def test_binary_errors_are_short_for_huge_fields(field, value):
+    obj = {**GOOD, field: value}
+    msg = refusal(decode_tensor, obj, SPEC, "inputs")
+    assert msg.startswith("inputs: ")
+
+
+def test_missing_and_unknown_keys_errors_are_short():
+    many = {f"{HUGE_STR[:1000]}{i}": 0 for i in range(1000)}
+    refusal(decode_tensor, {**GOOD, **many}, SPEC, "inputs")
+    refusal(decode_tensor, many, SPEC, "inputs")
+    refusal(decode_inputs, many, ONE, True)
+    refusal(decode_inputs, {**many, "ids": I2, "dense": F4}, TWO, False)
+    refusal(decode_inputs, {HUGE_STR: F4, "ids": I2}, TWO, False)
+    refusal(decode_inputs, {"input": {**F4, HUGE_STR: 1}}, ONE, True)
+
+
+@pytest.mark.parametrize("value", [
+    [HUGE_STR] * 4, [1.0, 2.0, 3.0, HUGE_STR], [1.0] * 100_000, [[1.0] * 4] * 10_000,
+    [1.0, 2.0, 3.0, {HUGE_STR: HUGE_STR}], [1.0, 2.0, 3.0, [HUGE_STR] * 3], HUGE_STR,
+    [1.0, 2.0, 3.0, 10**300], [1.0, 2.0, 3.0, -(2**64 - 1)], [[1.0] * 1000, [1.0]] * 100,
+])
+def test_list_errors_are_short_for_huge_inputs(value):
+    refusal(decode_tensor, value, TensorSpec("float16", (4,)), "inputs")
+    refusal(decode_tensor, value, TensorSpec("int8", (4,)), "inputs")
+
+
+def test_reading_a_huge_malformed_answer_tensor_is_short():
+    for obj in ({"dtype": HUGE_STR, "shape": [1], "data": b"x"},
+                {"dtype": "uint8", "shape": HUGE_SHAPE[1:], "data": b"x"},
+                {"dtype": "uint8", "shape": [HUGE_STR], "data": b"x"},
+                {"dtype": "uint8", "shape": [1], "data": HUGE_STR},
+                {HUGE_STR: 1}, [HUGE_STR]):
+        refusal(to_numpy, obj)
+
+
+@pytest.mark.parametrize("shape", [[2**64, 0], [2**63 - 1, 0], [2**62, 2**62, 0], [1] * 70])
+def test_reading_a_shape_no_array_can_have_is_refused(shape):
+    """An answer's shape with zero elements (so the byte count matches) that
+    numpy or torch still cannot make: refused, not their own exception."""
+    obj = {"dtype": "uint8", "shape": shape, "data": b"" if 0 in shape else b"\x00"}
+    for read in (to_numpy, to_torch):
+        assert "dimensions or more than" in refusal(read, obj)
+
+
+def test_list_nested_whole_floats_for_an_int_input():
+    """A 2-D list of floats for an integer input: the range check on the
+    values reduced one axis only and raised numpy's ValueError (INTERNAL)."""
+    spec = TensorSpec("int32", (2, 2))
+    assert decode_tensor([[2.0, 3.0], [4.0, -5.0]], spec, "inputs") == \
+        np.array([2, 3, 4, -5], "<i4").tobytes()
+    assert "index 3" in reject([[2.0, 3.0], [4.0, 2.0**60]], spec)
+    assert "not an integer" in reject([[2.0, 3.0], [4.5, 1.0]], spec)
+
+
+def test_list_of_strings_is_refused_before_numpy_sizes_a_string_array():
+    """numpy would make one 2,000-wide string cell per leaf: 800 MB for this
+    200 KB of msgpack. The leaves' types are checked first."""
+    import tracemalloc
+    obj = ["x" * 2000] + ["a"] * 100_000
+    tracemalloc.start()
+    try:
+        msg = reject(obj, TensorSpec("float32", (100_001,)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "flat index 0 is the string 'xxx" in msg
+    assert peak < 20 << 20, peak
