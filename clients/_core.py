@@ -30,14 +30,15 @@ from dataclasses import dataclass, field
 import msgpack
 
 from ipc.framing import HEADER, encode_body
-from ipc.status import ProtocolError, Status
+from ipc.status import ProtocolError, Status, brief
 from ipc.tensors import from_array, to_numpy, to_torch
 
 from .errors import ClientError, ClientTimeout, ConnectionLost, RingserveError, error_class
 
 __all__ = [
-    "DEFAULT_RETRY", "MAX_ANSWER_BYTES", "MAX_DEADLINE_MS", "RETRYABLE", "Call", "InFlight",
-    "ClientOptions", "InferResult", "Packed", "Retry", "RetryPolicy", "check_options", "decode_outputs",
+    "CLOSING", "DEFAULT_RETRY", "MAX_ANSWER_BYTES", "MAX_DEADLINE_MS", "RETRYABLE", "Call",
+    "InFlight", "ClientOptions", "InferResult", "Packed", "Retry", "RetryPolicy", "check_options",
+    "decode_outputs",
     "encode_inputs", "error_from_answer", "feedback_request", "infer_request", "infer_result",
     "op_request", "plain_answer",
 ]
@@ -59,6 +60,13 @@ _JOIN_BELOW = 64 * 1024
 # was full, or no worker could take it. Everything else is final (a bad
 # request stays bad; a missed deadline or a model error must not run twice).
 RETRYABLE = frozenset({Status.RESOURCE_EXHAUSTED, Status.UNAVAILABLE})
+
+# The statuses of the id-0 answer a server sends just before it closes a
+# connection on its own (protocol.md "Frames"): a limit or a timeout,
+# draining, a refused token. The requests in flight on it were not received;
+# all but UNAUTHENTICATED ones may be retried on a new connection (a token
+# the server refused stays refused).
+CLOSING = frozenset({Status.RESOURCE_EXHAUSTED, Status.UNAVAILABLE, Status.UNAUTHENTICATED})
 
 # A retry is only worth sending if it leaves the attempt this much of the
 # caller's budget: less than that and it would be refused for its deadline.
@@ -155,7 +163,7 @@ def infer_request(model, inputs, key=None, exp=None, version=None, deadline_ms=N
 def op_request(op: str, model=None) -> dict:
     """``health``, ``models`` or ``stats``, optionally for one model."""
     if op not in _OPS:
-        raise ValueError(f"unknown op {op!r}; ops: {', '.join(_OPS)} (and infer, feedback)")
+        raise ValueError(f"unknown op {brief(op)}; ops: {', '.join(_OPS)} (and infer, feedback)")
     msg = {"op": op}
     if _opt_str("model", model) is not None:
         msg["model"] = model
@@ -167,12 +175,12 @@ def feedback_request(ref, outcome, model=None) -> dict:
     if type(ref) is int or type(ref) is str:
         if ref == "" or type(ref) is int and ref < 0:
             raise ValueError(f"ref must be a non-negative int (a rid) or a non-empty str "
-                             f"(a routing key), got {ref!r}")
+                             f"(a routing key), got {brief(ref)}")
     else:
         raise TypeError(f"ref must be an int (an answer's rid) or a str (a routing key), "
                         f"got {type(ref).__name__}")
     if type(outcome) not in (int, float) or not math.isfinite(outcome):
-        raise TypeError(f"outcome must be a finite int or float, got {outcome!r}")
+        raise TypeError(f"outcome must be a finite int or float, got {brief(outcome)}")
     msg = {"op": "feedback", "ref": ref, "outcome": outcome}
     if _opt_str("model", model) is not None:
         msg["model"] = model
@@ -258,16 +266,21 @@ class InFlight:
     """The requests of one connection that await their answers.
 
     Ids are allocated here, from 1 up: 0 is what the server puts on answers
-    it cannot tie to a request (an unreadable frame, or a connection-level
-    refusal such as too many connections or draining). Such an answer is kept
-    as ``refusal``: when the server then closes the connection, every waiter
-    fails with that error (a ResourceExhausted or Unavailable, which a retry
-    policy may retry) rather than with a bare ConnectionLost.
+    it cannot tie to a request (an unreadable frame, a refused auth token),
+    and on the one answer it sends before it closes a connection on its own
+    initiative ("closing is an answer", protocol.md "Frames"): a limit or a
+    timeout (RESOURCE_EXHAUSTED), draining (UNAVAILABLE), a bad token or the
+    auth time limit (UNAUTHENTICATED). A non-OK id-0 answer is kept as
+    ``refusal``; one with a CLOSING status also sets ``closing``: the server
+    has said its last word, so the transport drops the connection at once
+    (new calls open another instead of racing the server's close), and every
+    waiter fails with that error, its request not received by the server
+    (``Call.failed(..., received=False)`` decides whether to retry it).
 
     Not thread-safe: the blocking client holds a lock around it.
     """
 
-    __slots__ = ("_waiting", "_next", "refusal")
+    __slots__ = ("_waiting", "_next", "refusal", "closing")
 
     _WRAP = 2**64   # ids are msgpack uints
 
@@ -275,6 +288,7 @@ class InFlight:
         self._waiting: dict[int, object] = {}
         self._next = 1
         self.refusal: dict | None = None
+        self.closing = False
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -293,13 +307,17 @@ class InFlight:
         or an id-0 answer, which is kept as the connection's ``refusal``."""
         rid = answer.get("id")
         if rid == 0 or rid is None:
-            if answer.get("status"):
+            status = answer.get("status")
+            if status:
                 self.refusal = answer
+                if type(status) is int and status in CLOSING:
+                    self.closing = True
             return None
-        # A refusal is the server's last word before it closes; an answer
-        # after it means it was not (an old server that does not know the
-        # auth op, say), so a later drop is a plain ConnectionLost.
-        self.refusal = None
+        # Any other non-OK id-0 answer is no close (an old server that does
+        # not know the auth op, say): an answer after it means the connection
+        # goes on, so a later drop is a plain ConnectionLost.
+        if not self.closing:
+            self.refusal = None
         return self._waiting.pop(rid, None)
 
     def drop(self, rid: int) -> None:
@@ -313,10 +331,18 @@ class InFlight:
         return waiters
 
     def lost_error(self, reason: str) -> Exception:
-        """What a waiter gets when the connection is gone: a new exception each time."""
+        """What a waiter gets when the connection is gone: a new exception each
+        time; the refusal's ``RingserveError`` when the server sent one (its
+        request was not received), else ``ConnectionLost`` (it may have run)."""
         if self.refusal is not None:
             return error_from_answer(self.refusal)
         return ConnectionLost(reason)
+
+    def closing_reason(self) -> str:
+        """Why a connection with ``closing`` set was dropped, for logs and errors."""
+        r = self.refusal or {}
+        return (f"the server closed the connection ({_status_name(r.get('status'))}: "
+                f"{brief(r.get('error'), 200)})")
 
 
 # --- reading answers -------------------------------------------------------------------
@@ -342,9 +368,9 @@ class InferResult:
     attempts: int = 1                             # tries it took (retries + 1)
 
     def __repr__(self) -> str:
-        return (f"InferResult(model={self.model!r}, version={self.version!r}, "
-                f"lane={self.lane!r}, arm={self.arm!r}, rid={self.rid!r}, "
-                f"outputs={_describe(self.outputs)}, timing={self.timing!r})")
+        return (f"InferResult(model={brief(self.model)}, version={brief(self.version)}, "
+                f"lane={brief(self.lane)}, arm={brief(self.arm)}, rid={brief(self.rid)}, "
+                f"outputs={_describe(self.outputs)}, timing={brief(self.timing, 200)})")
 
 
 def _describe(outputs) -> str:
@@ -374,10 +400,18 @@ def error_from_answer(answer: dict) -> RingserveError:
     return error_class(status)(status, message, answer)
 
 
+def _status_name(status) -> str:
+    try:
+        return Status(status).name
+    except (ValueError, TypeError):
+        return f"status {brief(status)}"
+
+
 def _check_status(answer: dict) -> None:
     status = answer.get("status")
     if type(status) is not int:
-        raise ClientError(f"the server's answer has no integer 'status': {sorted(answer)}")
+        raise ClientError(f"the server's answer has no integer 'status'; its keys: "
+                          f"{brief(list(answer))}")
     if status != 0:
         raise error_from_answer(answer)
 
@@ -428,16 +462,16 @@ class RetryPolicy:
 
     def __post_init__(self):
         if type(self.attempts) is not int or self.attempts < 1:
-            raise ValueError(f"attempts must be an int >= 1, got {self.attempts!r}")
+            raise ValueError(f"attempts must be an int >= 1, got {brief(self.attempts)}")
         if not (self.base_delay > 0 and math.isfinite(self.base_delay)):
-            raise ValueError(f"base_delay must be > 0 seconds, got {self.base_delay!r}")
+            raise ValueError(f"base_delay must be > 0 seconds, got {brief(self.base_delay)}")
         if not (self.max_delay >= self.base_delay and math.isfinite(self.max_delay)):
             raise ValueError(f"max_delay must be >= base_delay ({self.base_delay}), "
-                             f"got {self.max_delay!r}")
+                             f"got {brief(self.max_delay)}")
         if not (self.multiplier >= 1 and math.isfinite(self.multiplier)):
-            raise ValueError(f"multiplier must be >= 1, got {self.multiplier!r}")
+            raise ValueError(f"multiplier must be >= 1, got {brief(self.multiplier)}")
         if not 0 <= self.jitter <= 1:
-            raise ValueError(f"jitter must be from 0 to 1, got {self.jitter!r}")
+            raise ValueError(f"jitter must be from 0 to 1, got {brief(self.jitter)}")
 
     def cap(self, retry: int) -> float:
         """The longest delay before retry number ``retry`` (1-based)."""
@@ -466,11 +500,11 @@ def check_options(connect_timeout, timeout, retry, connections, token=None) -> N
         raise TypeError("token must be a non-empty str (the server's [auth] token) or None")
     for name, value in (("connect_timeout", connect_timeout), ("timeout", timeout)):
         if type(value) not in (int, float) or not value > 0 or not math.isfinite(value):
-            raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
+            raise ValueError(f"{name} must be a number of seconds > 0, got {brief(value)}")
     if retry is not None and not isinstance(retry, RetryPolicy):
         raise TypeError(f"retry must be a RetryPolicy or None, got {type(retry).__name__}")
     if type(connections) is not int or connections < 1:
-        raise ValueError(f"connections must be an int >= 1, got {connections!r}")
+        raise ValueError(f"connections must be an int >= 1, got {brief(connections)}")
 
 
 class ClientOptions:
@@ -562,13 +596,23 @@ class Call:
         except RingserveError as e:
             return self.failed(e, now)
 
-    def failed(self, error: RingserveError, now: float) -> Retry:
+    def failed(self, error: RingserveError, now: float, received: bool = True) -> Retry:
         """The attempt failed with ``error``: ``Retry`` if the policy and the
-        budget allow, else raises it (with ``error.attempts`` set)."""
+        budget allow, else raises it (with ``error.attempts`` set).
+
+        ``received=False``: ``error`` is the id-0 answer the server sent
+        before it closed the connection the attempt was on (``InFlight``),
+        so the request was not received, and any status but UNAUTHENTICATED
+        may be retried; otherwise only RETRYABLE ones are.
+        """
         error.attempts = self.attempts
         self.last_error = error
         p = self.policy
-        if p is not None and error.status in RETRYABLE and self.attempts < p.attempts:
+        if received:
+            retryable = error.status in RETRYABLE
+        else:
+            retryable = error.status != Status.UNAUTHENTICATED
+        if p is not None and retryable and self.attempts < p.attempts:
             delay = p.delay(self.attempts, self.rng)
             if now + delay + _MIN_ATTEMPT_S <= self.budget_at:
                 return Retry(delay)

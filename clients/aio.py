@@ -54,15 +54,20 @@ class _Link(asyncio.Protocol):
                 pass
 
     def data_received(self, data: bytes) -> None:
-        match = self.inflight.match
+        inflight = self.inflight
         for item in self.decoder.feed(data):
             if type(item) is not dict:
                 self._fail(f"the server sent a malformed frame ({item}); connection dropped")
                 self.transport.abort()
                 return
-            fut = match(item)
-            if fut is not None and not fut.done():
-                fut.set_result(item)
+            fut = inflight.match(item)
+            if fut is not None:
+                if not fut.done():
+                    fut.set_result(item)
+            elif inflight.closing:   # the server's last word: drop the connection now
+                self._fail(inflight.closing_reason())
+                self.transport.abort()
+                return
 
     def eof_received(self) -> bool:
         return False   # close our side too
@@ -90,12 +95,14 @@ class _Link(asyncio.Protocol):
                 fut.set_exception(self.inflight.lost_error(reason))
         self._writable.set()   # wake writers so that they see the connection is gone
 
-    async def send(self, call: Call) -> tuple[int, asyncio.Future]:
-        """Write ``call``'s next frame under a fresh id; return the id and the answer's future."""
+    async def send(self, call: Call) -> tuple[int, asyncio.Future] | None:
+        """Write ``call``'s next frame under a fresh id; return the id and the
+        answer's future. None, with nothing written, if the connection is
+        gone (the caller takes another)."""
         if not self._writable.is_set():
             await self._writable.wait()
-        if not self.alive:   # the refusal that closed it, if the server sent one
-            raise self.inflight.lost_error("the connection to the server is closed")
+        if not self.alive:
+            return None
         fut = self._loop.create_future()
         rid = self.inflight.add(fut)
         chunks = call.frame(rid)
@@ -204,12 +211,19 @@ class AsyncClient(_core.ClientOptions):
                 # The timeout covers the write too: it waits while the server
                 # does not read.
                 async with asyncio.timeout(call.time_left(_monotonic())):
-                    rid, fut = await link.send(call)
+                    sent = await link.send(call)
+                    if sent is None:   # it died since _link() took it: once more
+                        link = await self._link()
+                        sent = await link.send(call)
+                        if sent is None:   # nothing written: closed at once too
+                            raise link.inflight.lost_error("the connection to the server "
+                                                           "is closed")
+                    rid, fut = sent
                     answer = await fut
             except TimeoutError:   # only asyncio.timeout's: futures never hold one
                 raise call.timed_out() from None
-            except RingserveError as e:   # a refusal that closed the connection
-                step = call.failed(e, _monotonic())
+            except RingserveError as e:   # the id-0 answer of a server's close: the
+                step = call.failed(e, _monotonic(), received=False)   # request was not received
             else:
                 step = call.answer(answer, _monotonic())
             finally:

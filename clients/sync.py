@@ -91,18 +91,27 @@ class _Link:
                                         name=f"ringserve-client-reader {host}:{port}")
         self._reader.start()
 
-    def send(self, call: Call, waiter) -> int:
-        """Write ``call``'s next frame under a fresh id; ``waiter(answer, exc)`` gets the outcome."""
+    def send(self, call: Call, waiter) -> int | None:
+        """Write ``call``'s next frame under a fresh id; ``waiter(answer, exc)``
+        gets the outcome. None, with nothing written, if the connection is
+        already gone (the caller takes another)."""
         with self._lock:
-            if not self.alive:   # the refusal that closed it, if the server sent one
-                raise self.inflight.lost_error("the connection to the server is closed")
+            if not self.alive:
+                return None
             rid = self.inflight.add(waiter)
         chunks = call.frame(rid)
         try:
             with self._send_lock:
                 for chunk in chunks:
                     self.sock.sendall(chunk)
-        except OSError as e:
+        except (BrokenPipeError, ConnectionResetError):
+            # The server has closed the connection: its reader is about to
+            # see that too, after what the server sent before (the id-0
+            # answer that says why, when it closed on its own), and fails
+            # the waiters, this one included, with that.
+            with self._lock:
+                self.alive = False
+        except OSError as e:   # the send timeout: the server stopped reading
             self._lost(f"writing to the server failed: {e}")
         return rid
 
@@ -127,8 +136,14 @@ class _Link:
                         return
                     with self._lock:
                         waiter = self.inflight.match(item)
+                        closing = self.inflight.closing
+                        if closing:   # the server's last word: no new request goes here
+                            self.alive = False
                     if waiter is not None:
                         waiter(item, None)
+                    elif closing:     # drop the connection now, not at the server's FIN
+                        reason = self.inflight.closing_reason()
+                        return
         except OSError as e:
             if not self._closing:
                 reason = f"the connection to the server failed: {e}"
@@ -357,11 +372,16 @@ class Client(_core.ClientOptions):
             _settle(fut, exc=e)
             return
         try:
-            link = self._link()
-            call.sent = (link, None)
-            rid = link.send(call, partial(self._answered, call, fut))
-            call.sent = (link, rid)
-        except RingserveError as e:   # refused by a connection that closed: maybe retry
+            for _ in range(2):   # a connection that died since _link() took it: once more
+                link = self._link()
+                call.sent = (link, None)
+                rid = link.send(call, partial(self._answered, call, fut))
+                if rid is not None:
+                    call.sent = (link, rid)
+                    return
+            # Nothing written: the new connection was closed at once too.
+            raise link.inflight.lost_error("the connection to the server is closed")
+        except RingserveError as e:   # closed with an id-0 answer: not received, maybe retry
             self._answered(call, fut, None, e)
         except BaseException as e:    # cannot connect, connection lost, closed
             _settle(fut, exc=e)
@@ -372,8 +392,8 @@ class Client(_core.ClientOptions):
         try:
             if exc is None:
                 step = call.answer(answer, now)
-            elif isinstance(exc, RingserveError):   # a refusal that closed the connection
-                step = call.failed(exc, now)
+            elif isinstance(exc, RingserveError):   # the id-0 answer of a server's close:
+                step = call.failed(exc, now, received=False)   # the request was not received
             else:
                 raise exc
         except BaseException as e:

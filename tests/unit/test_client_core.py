@@ -222,6 +222,76 @@ def test_inflight_ids_matching_and_refusal():
     assert isinstance(f.lost_error("gone"), errors.ConnectionLost)
 
 
+def test_inflight_closing_answers_end_the_connection():
+    """An id-0 answer with a CLOSING status is the server's last word before
+    it closes ("closing is an answer"): it sets ``closing`` for good (answers
+    racing it do not undo it), and every waiter gets its error."""
+    assert _core.CLOSING == {Status.RESOURCE_EXHAUSTED, Status.UNAVAILABLE,
+                             Status.UNAUTHENTICATED}
+    for status in _core.CLOSING:
+        f = InFlight()
+        a, b = object(), object()
+        f.add(a), f.add(b)
+        assert f.match({"id": 0, "status": int(status), "error": "idle timeout"}) is None
+        assert f.closing
+        assert f.match({"id": 2, "status": 0}) is b   # delivered, but the close stands
+        assert f.closing and f.refusal["error"] == "idle timeout"
+        assert f.clear() == [a]
+        e = f.lost_error("gone")
+        assert type(e) is ALL_ERRORS[int(status)] and e.message == "idle timeout"
+        assert Status(status).name in f.closing_reason() and "idle timeout" in f.closing_reason()
+    for answer in ({"id": 0, "status": 0}, {"id": 0, "status": 3, "error": "bad frame"},
+                   {"id": 0, "status": 13, "error": "?"}):
+        f = InFlight()
+        f.match(answer)
+        assert not f.closing
+    f = InFlight()
+    f.match({"id": 0, "status": 8, "error": "x" * 10_000})
+    assert len(f.closing_reason()) < 300   # a server's huge message, quoted briefly
+
+
+def test_a_request_the_server_did_not_receive_is_retried_unless_unauthenticated():
+    """``failed(received=False)``: the error is the id-0 answer of a close, so
+    any status but UNAUTHENTICATED may be retried, within the policy and the
+    budget; a received answer keeps the RETRYABLE rule."""
+    policy = RetryPolicy(attempts=2, base_delay=0.01, max_delay=0.01)
+    for status, cls in ALL_ERRORS.items():
+        call = Call({"model": "m", "inputs": [1]}, infer_result, policy=policy, timeout=10.0,
+                    now=0.0)
+        call.begin_attempt(0.0)
+        err = error_from_answer({"id": 0, "status": status, "error": "closing"})
+        if status == 16:
+            with pytest.raises(cls):
+                call.failed(err, 0.0, received=False)
+            continue
+        assert isinstance(call.failed(err, 0.0, received=False), Retry)
+        call.begin_attempt(0.02)
+        with pytest.raises(cls) as ei:   # attempts spent
+            call.failed(error_from_answer({"id": 0, "status": status}), 0.02, received=False)
+        assert ei.value.attempts == 2
+    bare = Call({"op": "health"}, plain_answer, policy=None, timeout=10.0, now=0.0)
+    bare.begin_attempt(0.0)
+    with pytest.raises(errors.ResourceExhausted):
+        bare.failed(error_from_answer({"id": 0, "status": 8}), 0.0, received=False)
+    tight = Call({"model": "m", "inputs": [1], "deadline_ms": 5}, infer_result, policy=policy,
+                 timeout=10.0, now=0.0)
+    tight.begin_attempt(0.0)
+    with pytest.raises(errors.ResourceExhausted):   # the backoff does not fit the deadline
+        tight.failed(error_from_answer({"id": 0, "status": 8}), 0.0, received=False)
+
+
+def test_messages_quoting_the_server_are_short():
+    with pytest.raises(errors.ClientError) as ei:
+        plain_answer({f"k{i}" * 1000: i for i in range(1000)})
+    assert len(str(ei.value)) < 300
+    with pytest.raises(errors.ClientError) as ei:
+        infer_result({"id": 1, "status": 0,
+                      "outputs": {"dtype": "x" * 100_000, "shape": [1], "data": b""}})
+    assert len(str(ei.value)) < 400
+    r = InferResult(None, "m" * 100_000, "v" * 100_000, None, None, 1, {"k" * 10**5: 1})
+    assert len(repr(r)) < 600
+
+
 def test_inflight_ids_wrap_and_skip_waiting_ones():
     f = InFlight()
     f.add("one")                        # id 1 stays in flight
