@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -129,12 +128,3 @@ def call_until(c, msg: dict, req_id: int, seen: dict) -> dict:
         assert a["id"] not in seen, f"answered twice: {a} and {seen[a['id']]}"
         seen[a["id"]] = a
 
-
-def connect_refused(port: int) -> bool:
-    """True when a new TCP connect to ``port`` is refused (nothing listens)."""
-    try:
-        s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    except ConnectionRefusedError:
-        return True
-    s.close()
-    return False
