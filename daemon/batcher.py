@@ -152,6 +152,10 @@ class ModelQueue:
         self.cfg = model_cfg
         self.name = model_cfg.name
         self.version = model_cfg.version
+        # The training data version from the model's metadata (None without
+        # a metadata file): a constant of the queue, put in every OK answer.
+        meta = model_cfg.metadata
+        self.data_version = meta.data_version if meta is not None else None
         self.lane = lane
         self.loop = loop
         self.deadlines = deadlines
@@ -375,7 +379,7 @@ class ModelQueue:
         compute_us = compute_ns // 1000
         meta = self._out_meta
         single = self.single_output
-        name, version = self.name, self.version
+        name, version, data_version = self.name, self.version, self.data_version
         finished = self.finished
         joins = self.joins
         joined = joins.answered if joins is not None else None
@@ -401,7 +405,8 @@ class ModelQueue:
                                       "data": out_mvs[k][i * nb:(i + 1) * nb]}
             finished(r, OK, {
                 "id": r.id, "status": OK, "outputs": outputs, "model": name,
-                "version": version, "lane": r.lane, "arm": r.arm, "rid": r.rid,
+                "version": version, "data_version": data_version, "lane": r.lane, "arm": r.arm,
+                "rid": r.rid,
                 "timing": {"queue_us": queue_us, "compute_us": compute_us,
                            "batch": n, "bucket": bucket}})
             if r.lane is shadow_lane:

@@ -43,6 +43,8 @@ from typing import Any, Callable
 
 from ipc.tensors import DTYPES
 
+from .metadata import MetadataError, ModelMetadata, default_path, read_metadata, schema_mismatch
+
 __all__ = [
     "PROTOCOL_DTYPES", "RING_SLOT_BYTES", "REQUIRED", "Derived", "ConfigError", "Setting", "Section",
     "SETTINGS", "SECTIONS", "TensorShape", "ServerConfig", "LoggingConfig",
@@ -183,6 +185,8 @@ class ModelConfig:
     factory: str | None           # "module:function"; exactly one of factory/artifact
     artifact: str | None          # absolute path of a torch.export .pt2 file
     checkpoint: str | None        # absolute path of a state_dict file (factory only)
+    metadata: ModelMetadata | None   # what the model was trained on (daemon/metadata.py); None: no file
+    require_metadata: bool
     inputs: tuple[tuple[str, TensorShape], ...]
     single_input: bool            # True: one unnamed input, named "input"
     outputs: tuple[tuple[str, TensorShape], ...]   # () when not declared
@@ -769,8 +773,38 @@ def _build_model(values: dict[str, Any], ctx: _Context) -> ModelConfig:
                        "input; turn drift off or track the features upstream", ".drift")
     fields = {k: v for k, v in values.items() if k not in ("input", "output")}
     fields.update(inputs=inputs, single_input=single_input,
-                  outputs=outputs, single_output=single_output)
+                  outputs=outputs, single_output=single_output,
+                  metadata=_model_metadata(values, inputs))
     return ModelConfig(**fields)
+
+
+def _model_metadata(values: dict[str, Any], inputs) -> ModelMetadata | None:
+    """The entry's metadata (daemon/metadata.py), read now, at validation,
+    so that a feature schema that does not match the declared inputs makes
+    the file invalid (a reload that brings one is refused), and so that the
+    front knows the data version without asking a worker."""
+    path = values["metadata"]
+    weights = values["checkpoint"] or values["artifact"]
+    if path is None:
+        guess = default_path(weights)
+        if guess is not None and os.path.isfile(guess):
+            path = guess
+    if path is None:
+        if values["require_metadata"]:
+            where = (f"there is no {default_path(weights)}" if weights else
+                     "a factory without a checkpoint has no file to look beside")
+            raise _Invalid(f"require_metadata is true but the model has no metadata file "
+                           f"({where}); write one (docs/models.md) or set metadata = "
+                           "\"FILE\"", ".metadata")
+        return None
+    try:
+        meta = read_metadata(path)
+    except MetadataError as e:
+        raise _Invalid(str(e), ".metadata") from None
+    problem = schema_mismatch(meta, [(n, s.dtype, s.shape) for n, s in inputs])
+    if problem is not None:
+        raise _Invalid(problem, ".metadata")
+    return meta
 
 
 def _check_models(models: tuple[ModelConfig, ...], ctx: _Context) -> None:
@@ -1138,6 +1172,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("models", "checkpoint", "path", None,
             "state_dict file loaded into the factory's module (factory only); relative to "
             "the config file's directory, checked at load.", _check_file),
+    Setting("models", "metadata", "path", None,
+            "JSON file of what the model was trained on: data_version, feature_schema, "
+            "training (docs/models.md); the declared inputs must match its feature_schema. "
+            "Unset: the checkpoint's or artifact's file name + `.json`, when it exists.",
+            _check_file),
+    Setting("models", "require_metadata", "boolean", False,
+            "Refuse the entry when it has no metadata file (rather than serve it with no "
+            "data_version and an unchecked feature schema).", _check_bool),
     Setting("models", "input", "tensor", None,
             f"The one unnamed input of one sample (no batch dimension), like "
             f"`{_TENSOR_EXAMPLE}`; set exactly one of input and inputs.", _check_tensor),

@@ -47,6 +47,9 @@ FRAMES_PER_TURN = 32
 # A closed connection whose peer does not read its last answers is aborted
 # this long after the close, so it cannot hold its buffers and descriptor.
 CLOSE_GRACE_S = 10.0
+# How long a refused connection is read (and discarded) after its closing
+# answer, so that the answer is not lost to a reset (``refuse``).
+LINGER_S = 2.0
 
 _monotonic = time.monotonic
 
@@ -95,6 +98,8 @@ class Connection(asyncio.Protocol):
             self.app.connection_opened(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:  # refused, lingering: what the peer still sends is dropped
+            return
         self.last_active = now = _monotonic()
         if self.proxy is not None:
             data = self._proxy_header(data)
@@ -181,13 +186,38 @@ class Connection(asyncio.Protocol):
 
     def refuse(self, err: ProtocolError, reason: str) -> None:
         """Close on the server's initiative: one id-0 answer saying why, then
-        close (after it is flushed), counted by ``reason``."""
+        a lingering close, counted by ``reason``.
+
+        Lingering (nginx's lingering_close): closing a socket whose receive
+        queue still holds unread requests makes the kernel send a reset, and
+        a reset can make the peer drop the answer we just wrote. So we send
+        the answer, shut down our side (the peer reads it, then EOF), and
+        read and discard whatever the peer still sends until it closes or
+        LINGER_S has passed."""
         if self.closed:
             return
         err.req_id = 0
         self.app.count_closed(reason)
         self.send(err.answer())
-        self.close()
+        self.app.frame_bytes_changed(self, -self.decoder.drop())
+        t = self.transport
+        self.closed = True
+        if not t.can_write_eof():
+            t.close()
+            return
+        try:
+            t.write_eof()
+        except (OSError, RuntimeError):
+            t.close()
+            return
+        if self.read_paused or self.write_paused:
+            self.read_paused = self.write_paused = False
+            t.resume_reading()
+        self.app.loop.call_later(LINGER_S, self._linger_over)
+
+    def _linger_over(self) -> None:
+        self.transport.abort() if self.transport.get_write_buffer_size() else \
+            self.transport.close()
 
     def close(self) -> None:
         """Close after what is already written has been flushed, but not
@@ -200,6 +230,8 @@ class Connection(asyncio.Protocol):
                 self.app.loop.call_later(CLOSE_GRACE_S, t.abort)
 
     def pause_writing(self) -> None:
+        if self.closed:
+            return
         self.write_paused = True
         if not self.read_paused:
             self.transport.pause_reading()

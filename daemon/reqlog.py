@@ -3,7 +3,8 @@
 Records (the formats ``ringserve report`` reads, docs/operations.md)::
 
     {"ts", "type": "answer", "rid", "key", "exp", "arm", "lane", "model", "version",
-     "status", "latency_us", "queue_us", "compute_us", "batch", "cache", "score", "features"}
+     "data_version", "status", "latency_us", "queue_us", "compute_us", "batch", "cache", "score",
+     "features"}
     {"ts", "type": "feedback", "rid", "outcome", "joined", "model", "version", "lane", "arm"}
 
 ``key`` is a keyed hash (BLAKE2b with ``key_secret``) of the routing key:
@@ -102,7 +103,7 @@ class RequestLog:
             score = (bytes(out["data"][:8]), out["dtype"])
         data, exp = req.log
         self._put(("a", time.time(), req.rid, req.key, exp, req.arm, req.lane, model, version,
-                   status, latency_us, answer.get("timing"), score, data))
+                   req.queue.data_version, status, latency_us, answer.get("timing"), score, data))
 
     def feedback(self, rid, outcome: float, group) -> None:
         self._put(("f", time.time(), rid, outcome, group))
@@ -121,13 +122,13 @@ class RequestLog:
                    "joined": group is not None, "model": model, "version": version,
                    "lane": lane, "arm": arm}
         else:
-            (_, ts, rid, key, exp, arm, lane, model, version, status, latency_us, timing, score,
-             data) = item
+            (_, ts, rid, key, exp, arm, lane, model, version, data_version, status, latency_us,
+             timing, score, data) = item
             timing = timing or {}
             features = data
             rec = {"ts": ts, "type": "answer", "rid": rid, "key": self._key(key), "exp": exp,
                    "arm": arm, "lane": lane, "model": model, "version": version,
-                   "status": status, "latency_us": latency_us,
+                   "data_version": data_version, "status": status, "latency_us": latency_us,
                    "queue_us": timing.get("queue_us"), "compute_us": timing.get("compute_us"),
                    "batch": timing.get("batch"), "cache": bool(timing.get("cache")),
                    "score": _score(*score) if score is not None else None,

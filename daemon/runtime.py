@@ -105,6 +105,7 @@ class Runner:
             raise LoadError(f"unsupported device {spec.device!r}; use cpu or cuda:N")
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, spec.threads))
+        self._check_metadata()
         if spec.artifact:
             try:
                 model = torch.export.load(spec.artifact).module()
@@ -145,6 +146,29 @@ class Runner:
             self._dev_inputs = [torch.zeros((top, *t.shape), dtype=TORCH_DTYPES[t.dtype],
                                             device=self.device) for t in spec.inputs]
         self._discover_outputs()
+
+    def _check_metadata(self) -> None:
+        """The metadata file again, before the weights are read: the front
+        validated it, but it may have changed since (a restart after a crash,
+        a batch job started long after its config was read). Its feature
+        schema must still match the inputs, and it must be the very file the
+        front validated, whose data version the front puts in every answer."""
+        spec = self.spec
+        if not spec.metadata:
+            return
+        from .metadata import MetadataError, read_metadata, schema_mismatch
+        try:
+            meta = read_metadata(spec.metadata)
+        except MetadataError as e:
+            raise LoadError(f"model metadata: {e}") from None
+        problem = schema_mismatch(meta, [(t.name, t.dtype, t.shape) for t in spec.inputs])
+        if problem is not None:
+            raise LoadError(f"model metadata does not match the config: {problem}")
+        if meta.hash != spec.metadata_hash:
+            raise LoadError(f"the metadata file {spec.metadata} changed since the config was "
+                            f"validated ({spec.metadata_hash} then, {meta.hash} now, data_version "
+                            f"{meta.data_version!r}); reload the config (SIGHUP) to validate "
+                            "and serve it")
 
     def _call(self, xs: list[torch.Tensor]):
         if self.spec.single_input:

@@ -38,6 +38,7 @@ from .cache import ResponseCache
 from .drift import DriftTracker
 from .feedback import FeedbackJoin
 from .limits import frame_limits, raise_nofile
+from .metadata import default_path
 from .metrics import MetricsServer
 from .reqlog import RequestLog, features_hash
 from .protocol import Connection
@@ -58,6 +59,23 @@ _monotonic_ns = time.monotonic_ns
 
 def default_threads(cfg) -> int:
     return share_cores(sum(1 for m in cfg.models for d in m.devices if d == "cpu"))
+
+
+def _log_metadata(m) -> None:
+    """Say what a new model version was trained on, or that nothing says
+    (a missing metadata file is allowed unless require_metadata is set)."""
+    who = f"{m.name}@{m.version}"
+    if m.metadata is not None:
+        log.info("model metadata", extra={"model": who, "data_version": m.metadata.data_version,
+                                          "metadata": m.metadata.path,
+                                          "metadata_hash": m.metadata.hash})
+        return
+    weights = m.checkpoint or m.artifact
+    # A weights file without one is worth a warning; a bare factory rarely has one.
+    (log.warning if weights else log.info)(
+        "model has no metadata file: its answers carry no data_version and its inputs are "
+        "not checked against a feature schema (docs/models.md)",
+        extra={"model": who, "looked_for": default_path(weights)})
 
 
 def tune_gc() -> None:
@@ -152,6 +170,7 @@ class App:
 
     def _make_queue(self, m, threads: int) -> ModelQueue:
         q = ModelQueue(m, self.loop, self.deadlines)
+        _log_metadata(m)
         q.specs = tuple((n, TensorSpec(s.dtype, tuple(s.shape))) for n, s in m.inputs)
         q.joins = self.joins
         q.reqlog = self.reqlog
@@ -390,9 +409,14 @@ class App:
             self.count_rejected(int(e.status))
             e.req_id = req_id
             conn.send(e.answer())
-            if conn.close_after_answer:  # that answer says why (docs/protocol.md)
-                self.count_closed("auth")
-                conn.close()
+            if conn.close_after_answer:
+                # The request's own answer says why; the closing answer (id 0)
+                # tells a client with others in flight that they were not received.
+                if req_id:
+                    conn.refuse(type(e)(e.message), "auth")
+                else:
+                    self.count_closed("auth")
+                    conn.close()
         except Exception as e:  # a bug of ours: answer it, log it, keep serving everyone
             log.exception("internal error while handling a request", extra={"op": msg.get("op")})
             self.count_rejected(int(Status.INTERNAL))
@@ -500,7 +524,7 @@ class App:
         req.done = True
         q.finished(req, 0, {
             "id": req.id, "status": 0, "outputs": outputs, "model": q.name, "version": q.version,
-            "lane": req.lane, "arm": req.arm, "rid": req.rid,
+            "data_version": q.data_version, "lane": req.lane, "arm": req.arm, "rid": req.rid,
             "timing": {"queue_us": 0, "compute_us": 0, "batch": 0, "cache": True}}, observe=False)
         self.joins.answered(req.rid, q.name, q.version, req.lane, req.arm, req.key)
         return True
@@ -550,6 +574,8 @@ class App:
                 entry["output"] = next(iter(outs.values()))
             elif outs:
                 entry["outputs"] = outs
+            entry["data_version"] = q.data_version
+            entry["metadata"] = m.metadata.describe() if m.metadata is not None else None
             out.append(entry)
         return {"id": req_id, "status": 0, "models": out}
 

@@ -55,6 +55,10 @@ class ModelSpec:
     threads: int = 1
     buckets: list[int] = field(default_factory=lambda: [1])
     spin_us: float = 0.0
+    # The metadata file the front validated and its hash: the worker reads
+    # it again at load and refuses a file that changed since (daemon/metadata.py).
+    metadata: str | None = None
+    metadata_hash: str | None = None
 
     def to_json(self) -> dict:
         d = dict(self.__dict__)
@@ -80,7 +84,9 @@ def spec_for(model_cfg, device: str, threads: int) -> ModelSpec:
         outputs=[TensorDecl(n, s.dtype, tuple(s.shape)) for n, s in model_cfg.outputs],
         single_output=model_cfg.single_output,
         device=device, dtype=model_cfg.dtype, compile=model_cfg.compile, threads=threads,
-        buckets=list(model_cfg.buckets), spin_us=model_cfg.spin_us)
+        buckets=list(model_cfg.buckets), spin_us=model_cfg.spin_us,
+        metadata=model_cfg.metadata.path if model_cfg.metadata is not None else None,
+        metadata_hash=model_cfg.metadata.hash if model_cfg.metadata is not None else None)
 
 
 # -- starting a worker: shared by the daemon's supervisor and the batch job --

@@ -377,9 +377,14 @@ class WorkerHandle:
             await self._exited
 
     def health(self) -> dict:
+        # The metadata the front validated: the worker refuses to load unless
+        # the file still has this hash (daemon/runtime.py).
+        meta = self.queue.cfg.metadata
         d = {"name": self.queue.name, "version": self.queue.version, "lane": self.queue.lane,
              "hash": self.hash, "device": self.device, "ready": self.state == "ready",
-             "state": self.state, "pid": self.pid, "restarts": self.restarts}
+             "state": self.state, "pid": self.pid, "restarts": self.restarts,
+             "data_version": self.queue.data_version,
+             "metadata_hash": meta.hash if meta is not None else None}
         if self.error and self.state != "ready":
             d["error"] = self.error
         return d

@@ -94,7 +94,10 @@ for _name, _value in (("maxlevel", 3), ("maxdict", 4), ("maxlist", 6), ("maxtupl
 def brief(value, limit: int = BRIEF_LIMIT) -> str:
     """A short repr of ``value`` for an error message: at most about ``limit``
     characters, with the length of a cut string or bytes value."""
-    text = _repr.repr(value)
+    try:
+        text = _repr.repr(value)
+    except ValueError:  # an int past Python's 4300-digit str limit
+        return f"<int of {value.bit_length()} bits>" if type(value) is int else "<unprintable>"
     if type(value) in (str, bytes, bytearray) and len(value) > limit:
         unit = "characters" if type(value) is str else "bytes"
         return f"{text[:limit]}... ({len(value)} {unit})"

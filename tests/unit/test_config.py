@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import os
 import pickle
 import re
@@ -697,3 +699,160 @@ candidate = "2"
 """
     with pytest.raises(ConfigError, match=r"shadows\[0\].candidate: version \"2\" takes other inputs"):
         parse_config(tomllib.loads(text))
+
+
+# --------------------------------------------------------------------------
+# Model metadata (daemon/metadata.py, docs/models.md)
+
+META = {"data_version": "clicks-2026-11",
+        "feature_schema": {"input": {"dtype": "float32", "shape": [4],
+                                     "features": ["a", "b", "c", "d"]}},
+        "training": {"lr": 0.01, "epochs": 3}}
+
+
+def with_metadata(tmp_path, doc=META, raw: bytes | None = None, **keys):
+    """A model entry with a checkpoint w.pt and, unless doc is None, w.pt.json."""
+    (tmp_path / "w.pt").write_bytes(b"weights")
+    if doc is not None or raw is not None:
+        (tmp_path / "w.pt.json").write_bytes(raw if raw is not None else json.dumps(doc).encode())
+    entry = dict(MODEL, checkpoint="w.pt", **keys)
+    return {"models": [entry]}
+
+
+def metadata_error(tmp_path, doc=META, raw=None, **keys) -> str:
+    with pytest.raises(ConfigError) as e:
+        parse_config(with_metadata(tmp_path, doc, raw, **keys), SRC, base_dir=tmp_path)
+    assert e.value.key == 'models[0] ("m").metadata'
+    return str(e.value)
+
+
+def test_metadata_beside_the_checkpoint_is_read_at_validation(tmp_path):
+    m = parse_config(with_metadata(tmp_path), SRC, base_dir=tmp_path).models[0]
+    meta = m.metadata
+    raw = (tmp_path / "w.pt.json").read_bytes()
+    assert meta.path == str(tmp_path / "w.pt.json")
+    assert meta.hash == "sha256:" + hashlib.sha256(raw).hexdigest()
+    assert meta.data_version == "clicks-2026-11"
+    assert meta.features("input") == ("a", "b", "c", "d")
+    assert meta.describe() == {"data_version": "clicks-2026-11", "hash": meta.hash,
+                               "feature_schema": META["feature_schema"],
+                               "training": {"epochs": 3, "lr": 0.01}}
+    assert m.require_metadata is False
+    # an explicit metadata key (relative to the config file) wins over the default place
+    (tmp_path / "other.json").write_text(json.dumps(dict(META, data_version="v2")))
+    m2 = parse_config(with_metadata(tmp_path, metadata="other.json"), SRC,
+                      base_dir=tmp_path).models[0]
+    assert m2.metadata.data_version == "v2" and m2.metadata.path == str(tmp_path / "other.json")
+
+
+def test_metadata_beside_an_artifact_and_a_factory_without_weights(tmp_path):
+    (tmp_path / "m.pt2").write_bytes(b"x")
+    (tmp_path / "m.pt2.json").write_text(json.dumps(META))
+    entry = {"name": "m", "artifact": "m.pt2", "input": {"dtype": "float32", "shape": [4]}}
+    c = parse_config({"models": [entry]}, SRC, base_dir=tmp_path)
+    assert c.models[0].metadata.data_version == "clicks-2026-11"
+    assert model().metadata is None     # a bare factory: nothing to look beside, allowed
+
+
+def test_missing_metadata_is_allowed_unless_required(tmp_path):
+    m = parse_config(with_metadata(tmp_path, None), SRC, base_dir=tmp_path).models[0]
+    assert m.metadata is None
+    msg = metadata_error(tmp_path, None, require_metadata=True)
+    assert (f"require_metadata is true but the model has no metadata file (there is no "
+            f"{tmp_path / 'w.pt.json'}); write one (docs/models.md)") in msg
+    with pytest.raises(ConfigError, match="a factory without a checkpoint has no file to look beside"):
+        model(require_metadata=True)
+    assert "file not found" in metadata_error(tmp_path, metadata="nope.json")
+
+
+@pytest.mark.parametrize("inputs, schema, expect", [
+    ({"input": {"dtype": "float32", "shape": [4]}},
+     {"input": {"dtype": "float32", "shape": [8]}},
+     "input 'input' is float32[4] in the config but the model was trained on float32[8] "
+     "(config inputs: {input: float32[4]}; feature_schema of {path}, data_version "
+     "'clicks-2026-11': {input: float32[8]}); declare the inputs the model was trained on"),
+    ({"input": {"dtype": "float32", "shape": [4]}},
+     {"input": {"dtype": "float16", "shape": [4]}},
+     "input 'input' is float32[4] in the config but the model was trained on float16[4]"),
+    ({"inputs": {"ids": {"dtype": "int64", "shape": [2]}, "dense": {"dtype": "float32", "shape": [3]}}},
+     {"ids": {"dtype": "int64", "shape": [2]}},
+     "input 'dense' is not in the model's feature_schema (config inputs: {ids: int64[2], "
+     "dense: float32[3]}; feature_schema of {path}, data_version 'clicks-2026-11': "
+     "{ids: int64[2]})"),
+    ({"inputs": {"ids": {"dtype": "int64", "shape": [2]}}},
+     {"ids": {"dtype": "int64", "shape": [2]}, "dense": {"dtype": "float32", "shape": [3]}},
+     "the model was trained on input 'dense', which the config does not declare"),
+    ({"inputs": {"input": {"dtype": "float32", "shape": [4]}}},     # named "input" == unnamed
+     {"x": {"dtype": "float32", "shape": [4]}},
+     "input 'input' is not in the model's feature_schema"),
+])
+def test_a_feature_schema_that_does_not_match_the_inputs_is_refused(tmp_path, inputs, schema,
+                                                                    expect):
+    entry = {k: v for k, v in MODEL.items() if k != "input"}
+    (tmp_path / "w.pt").write_bytes(b"w")
+    (tmp_path / "w.pt.json").write_text(json.dumps({"data_version": "clicks-2026-11",
+                                                    "feature_schema": schema}))
+    with pytest.raises(ConfigError) as e:
+        parse_config({"models": [dict(entry, checkpoint="w.pt", **inputs)]}, SRC, base_dir=tmp_path)
+    assert str(e.value).startswith(f'{SRC}: models[0] ("m").metadata: ')
+    assert expect.replace("{path}", str(tmp_path / "w.pt.json")) in str(e.value), str(e.value)
+
+
+def test_a_schema_that_matches_named_inputs_in_another_order_passes(tmp_path):
+    inputs = {"ids": {"dtype": "int64", "shape": [2]}, "dense": {"dtype": "float32", "shape": [3]}}
+    (tmp_path / "w.pt").write_bytes(b"w")
+    (tmp_path / "w.pt.json").write_text(json.dumps({"data_version": "1", "feature_schema": {
+        "dense": inputs["dense"], "ids": inputs["ids"]}}))
+    entry = {"name": "m", "factory": "a:b", "checkpoint": "w.pt", "inputs": inputs}
+    assert parse_config({"models": [entry]}, SRC, base_dir=tmp_path).models[0].metadata
+
+
+@pytest.mark.parametrize("doc, raw, expect", [
+    (None, b"{not json", "is not valid JSON"),
+    (None, b"\xff\xfe", "is not UTF-8 text"),
+    (None, b'{"data_version": "a", "data_version": "b", "feature_schema": {}}',
+     "key 'data_version' appears twice in one object"),
+    ([1, 2], None, "must be a JSON object with data_version, feature_schema, training, got list"),
+    (dict(META, data_verison="x"), None, "unknown key 'data_verison'; did you mean 'data_version'?"),
+    (dict(META, epochs=3), None, 'unknown key \'epochs\'; put free training parameters under "training"'),
+    ({"feature_schema": META["feature_schema"]}, None, "missing data_version"),
+    (dict(META, data_version="2026/11"), None, 'data_version must be a string of 1 to 64 of '
+     'A-Z a-z 0-9 . _ -, starting with a letter or digit, got "2026/11"'),
+    (dict(META, data_version=7), None, "data_version must be a string"),
+    ({"data_version": "1"}, None, "missing feature_schema"),
+    (dict(META, feature_schema={}), None, "feature_schema must be a non-empty object"),
+    (dict(META, feature_schema={"input": {"dtype": "f32", "shape": [4]}}), None,
+     "feature_schema.input.dtype: must be one of float32,"),
+    (dict(META, feature_schema={"input": {"dtype": "float32", "shape": [0]}}), None,
+     "feature_schema.input.shape: must be a non-empty list of positive integers"),
+    (dict(META, feature_schema={"input": {"dtype": "float32", "shape": [4], "order": "C"}}), None,
+     "feature_schema.input: unknown key 'order' (keys: dtype, shape, features)"),
+    (dict(META, feature_schema={"input": {"dtype": "float32", "shape": [4], "features": ["a"]}}),
+     None, "feature_schema.input.features: lists 1 names, but shape [4] has 4 elements"),
+    (dict(META, feature_schema={"input": {"dtype": "float32", "shape": [2],
+                                          "features": ["a", "a"]}}),
+     None, "feature_schema.input.features: 'a' is listed twice"),
+    (dict(META, feature_schema={"in put": {"dtype": "float32", "shape": [4]}}), None,
+     "input names are Python identifiers"),
+    (dict(META, training=[1]), None, "training must be a JSON object of free parameters"),
+])
+def test_metadata_file_errors_name_the_file_and_the_key(tmp_path, doc, raw, expect):
+    msg = metadata_error(tmp_path, doc, raw)
+    assert f'models[0] ("m").metadata: {tmp_path / "w.pt.json"}: ' in msg
+    assert expect in msg, msg
+
+
+def test_metadata_keeps_the_config_frozen_hashable_and_comparable(tmp_path):
+    c = parse_config(with_metadata(tmp_path), SRC, base_dir=tmp_path)
+    meta = c.models[0].metadata
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        meta.data_version = "x"
+    assert type(meta.feature_schema) is tuple and type(meta.training) is str
+    hash(c)
+    assert pickle.loads(pickle.dumps(c)) == c
+    assert parse_config(with_metadata(tmp_path), SRC, base_dir=tmp_path) == c
+    # another file (the same schema, another data version) is another entry:
+    # a reload restarts that version rather than keep it
+    changed = parse_config(with_metadata(tmp_path, dict(META, data_version="clicks-2026-12")), SRC,
+                           base_dir=tmp_path)
+    assert changed.models[0] != c.models[0]
