@@ -5,8 +5,10 @@ A model input of shape ``[128]`` takes 128 columns, one per element; a shape
 ``NAME=SPEC`` (``--columns input=f0:f127``), where SPEC is a comma-separated
 list of items, each one column name or a range ``f0:f127`` (the same prefix
 on both ends, numeric suffixes, both ends included, zero padding kept:
-``x000:x127``). Without a mapping, a model with one input takes every column
-except the id column, in table order, when their number is right.
+``x000:x127``). Without a mapping, an input whose model metadata lists its
+``features`` (daemon/metadata.py) takes those columns, in that order; else a
+model with one input takes every column except the id column, in table
+order, when their number is right.
 
 ``plan_columns`` checks everything against the table's header and raises
 ``ColumnError`` with a message that says what to write instead. Pure Python,
@@ -105,7 +107,13 @@ def _unknown(name: str, header, source: str) -> ColumnError:
 
 
 def plan_columns(header, inputs: list[TensorDecl], mapping: dict[str, str],
-                 id_column: str | None, source: str = "the table") -> ColumnPlan:
+                 id_column: str | None, source: str = "the table", *,
+                 features: dict[str, tuple[str, ...]] | None = None,
+                 features_from: str = "the model's metadata") -> ColumnPlan:
+    """``features``: input name -> its column names from the model's
+    metadata (``features_from`` names the file in messages), the default of
+    an input that ``mapping`` does not name."""
+    features = features or {}
     header = tuple(header)
     index = {}
     for i, name in enumerate(header):
@@ -132,6 +140,14 @@ def plan_columns(header, inputs: list[TensorDecl], mapping: dict[str, str],
                 if c not in index:
                     raise _unknown(c, header, source)
             how = f"--columns {decl.name}={mapping[decl.name]}"
+        elif decl.name in features:
+            cols = list(features[decl.name])
+            for c in cols:
+                if c not in index:
+                    raise ColumnError(f"{_unknown(c, header, source)}; the features of input "
+                                      f"{decl.name!r} come from {features_from}: map the input "
+                                      f"with --columns {decl.name}=... to read other columns")
+            how = f"the features of {features_from}"
         elif len(inputs) == 1:
             cols = [c for c in header if c != id_column]
             how = "the table's columns" + (f" other than the id column {id_column!r}" if id_column else "")

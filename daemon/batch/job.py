@@ -107,8 +107,18 @@ def cpu_threads(model: ModelConfig) -> int:
     return model.threads or share_cores(model.devices.count("cpu"))
 
 
+def data_version(model: ModelConfig) -> str | None:
+    """The version of the data the model was trained on, from its metadata."""
+    return model.metadata.data_version if model.metadata is not None else None
+
+
 def output_name(model: ModelConfig, data_tag: str, fmt: str) -> str:
-    return f"{model.name}__{model.version}__{data_tag}.{fmt}"
+    """``<model>__<version>__<data tag>.<fmt>``, with the model's training
+    data version after its version when its metadata gives one:
+    ``<model>__<version>__<data_version>__<data tag>.<fmt>``."""
+    dv = data_version(model)
+    trained = f"__{dv}" if dv is not None else ""
+    return f"{model.name}__{model.version}{trained}__{data_tag}.{fmt}"
 
 
 class Prefetch(threading.Thread):
@@ -209,7 +219,12 @@ class Job:
                              ("\t" if o.input.lower().endswith(".tsv") else ","),
                              engine=o.csv_engine, threads=spare >= 2)
         decls = spec_for(m, m.devices[0], 1).inputs
-        plan = plan_columns(reader.header, decls, o.columns, o.id_column, reader.source)
+        meta = m.metadata
+        features = {} if meta is None else \
+            {n: s.features for n, s in meta.feature_schema if s.features is not None}
+        plan = plan_columns(reader.header, decls, o.columns, o.id_column, reader.source,
+                            features=features,
+                            features_from=f"the feature_schema of {meta.path}" if meta else "")
         out_fmt = o.output_format or reader.kind
         if o.data_tag is not None and (not o.data_tag or len(o.data_tag) > 64
                                        or not set(o.data_tag) <= _TAG_OK):
@@ -249,6 +264,10 @@ class Job:
                     "columns": [list(i.columns) for i in plan.inputs], "id_column": plan.id_index,
                     "score": o.score, "sample_size": o.sample_size,
                     "delimiter": getattr(reader, "delim", None),
+                    # The model's training data: its outputs are named after
+                    # it, so rows scored under another one are not resumed.
+                    "data_version": data_version(m),
+                    "metadata_hash": m.metadata.hash if m.metadata is not None else None,
                     # A finished checkpoint is published without starting the
                     # model, so without its weights hash: the weight files'
                     # size and mtime make it another job once they change.
@@ -267,7 +286,8 @@ class Job:
             self.progress.event("start", note, model=m.name, version=m.version, input=o.input)
             outputs = [TensorDecl.from_json(t) for t in ck.meta["outputs"]]
             summary = self._summary(ck, ck.rows, 0.0, ck.meta["weights"], outputs, plan)
-            self._publish(ck, hasher, OutputColumns(outputs, plan.id_name), out_fmt, workdir, summary)
+            self._publish(ck, hasher, OutputColumns(outputs, plan.id_name, data_version(m)),
+                          out_fmt, workdir, summary)
             summary["wall_s"] = round(time.monotonic() - t_start, 3)
             return summary
         removed = shm.sweep_stale()
@@ -283,7 +303,7 @@ class Job:
                 note = "the model's weights changed since the checkpoint; starting afresh"
             ck.meta = {"weights": pool.weights_hash, "outputs": [t.to_json() for t in pool.outputs]}
             try:
-                cols = OutputColumns(pool.outputs, plan.id_name)
+                cols = OutputColumns(pool.outputs, plan.id_name, data_version(m))
                 cols.index(o.score or cols.names[0])
             except ValueError as e:   # --score or --id-column against the model's outputs
                 raise JobError(str(e)) from None
@@ -308,7 +328,9 @@ class Job:
         o, m = self.opts, self.model
         cols = OutputColumns(outputs, plan.id_name)
         return {"rows": ck.rows, "rows_this_run": ck.rows - rows_before, "model": m.name,
-                "version": m.version, "weights": weights, "scoring_s": round(scoring_s, 3),
+                "version": m.version, "data_version": data_version(m),
+                "metadata_hash": m.metadata.hash if m.metadata is not None else None,
+                "weights": weights, "scoring_s": round(scoring_s, 3),
                 "rows_per_s": round((ck.rows - rows_before) / max(scoring_s, 1e-9), 1),
                 "driver_s": {k: round(v, 3) for k, v in self.clock.items()},
                 "score": o.score or cols.names[0], "guardrails": ck.stats_obj.summary(o.bounds)}
@@ -332,7 +354,9 @@ class Job:
             summary["failed"] = failures
             raise GuardrailFailure(failures, summary, workdir, final)
         publish(ck.part_paths(), out_fmt, cols, final, {
-            "model": m.name, "version": m.version, "weights": summary["weights"], "data_tag": tag,
+            "model": m.name, "version": m.version, "weights": summary["weights"],
+            "data_version": summary["data_version"], "metadata_hash": summary["metadata_hash"],
+            "data_tag": tag,
             "input": os.path.abspath(o.input), "rows": ck.rows, "score": summary["score"]})
         ck.remove()
 

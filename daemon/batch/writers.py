@@ -2,17 +2,20 @@
 
 Every output row is the input row's id, the model's outputs (one column per
 element: ``score`` for a one-element output, ``output_0``, ``output_1``, ...
-otherwise, in C order), the model version and the time its batch was scored::
+otherwise, in C order), the model version, the version of the data the model
+was trained on (``data_version``, from its metadata: only when it has one)
+and the time its batch was scored::
 
-    id,output_0,output_1,model_version,scored_at
-    17,0.731944442,0.268055588,1,2025-01-31T12:00:00.123Z
+    id,output_0,output_1,model_version,data_version,scored_at
+    17,0.731944442,0.268055588,1,clicks-2026-11-30,2025-01-31T12:00:00.123Z
 
 CSV floats are written with enough digits to read back to the same bits
 (float32 ``%.9g``, float16 ``%.5g``, float64 ``repr``); bfloat16 outputs are
 widened to float32, exactly. In Parquet the outputs keep their dtype
 (bfloat16 widened to float32), ``scored_at`` is a UTC timestamp in ms, and
 the file's key-value metadata ``ringserve`` holds the job's description
-(model, version, weights hash, data tag, input).
+(model, version, weights hash, data version and metadata hash, data tag,
+input).
 
 ``publish`` merges the parts into ``.NAME.tmp-PID`` beside the final name,
 fsyncs it, renames it to NAME and fsyncs the directory: a reader of NAME
@@ -39,21 +42,25 @@ from .readers import pyarrow_modules
 ROW_GROUP_ROWS = 1 << 17
 # Dictionary-encode only the version column: trying it on scores and ids
 # (the default) made writing 5x slower for nothing (measured, 1M rows).
-PARQUET_OPTIONS = {"use_dictionary": ["model_version"], "compression": "snappy"}
+PARQUET_OPTIONS = {"use_dictionary": ["model_version", "data_version"],
+                   "compression": "snappy"}
 _FMT = {"float32": "%.9g", "float16": "%.5g", "bfloat16": "%.9g"}
 
 
 class OutputColumns:
-    """Names and sources of the output columns, from the model's outputs."""
+    """Names and sources of the output columns, from the model's outputs;
+    ``data_version``: the model's (its metadata's), a column when not None."""
 
-    def __init__(self, outputs, id_name: str):
+    def __init__(self, outputs, id_name: str, data_version: str | None = None):
         self.outputs = list(outputs)
         self.id_name = id_name
+        self.data_version = data_version
         self.names: list[str] = []
         for d in self.outputs:
             n = math.prod(d.shape)
             self.names += [d.name] if n == 1 else [f"{d.name}_{i}" for i in range(n)]
-        self.header = [id_name, *self.names, "model_version", "scored_at"]
+        self.header = [id_name, *self.names, "model_version",
+                       *(("data_version",) if data_version is not None else ()), "scored_at"]
         seen = set()
         for h in self.header:
             if h in seen:
@@ -125,7 +132,9 @@ class CsvPart:
         if "," in joined or '"' in joined or "\n" in joined or "\r" in joined:
             ids = [_quote(x) for x in ids]
         texts = [_texts(c, fmt) for c, fmt in zip(columns, self._fmt)]
-        tail = f"{self.version},{iso_ms(scored_at)}"
+        dv = self.cols.data_version
+        tail = f"{self.version},{iso_ms(scored_at)}" if dv is None else \
+            f"{self.version},{dv},{iso_ms(scored_at)}"
         self.f.write("\n".join(map(",".join, zip(ids, *texts, repeat(tail)))))
         self.f.write("\n")
         self.rows += len(ids)
@@ -160,6 +169,8 @@ class ParquetPart:
         n = columns[0].shape[0]
         arrays = [self._ids(id_pieces), *(pa.array(c) for c in columns),
                   pa.array(repeat(self.version, n), pa.string()),
+                  *((pa.array(repeat(self.cols.data_version, n), pa.string()),)
+                    if self.cols.data_version is not None else ()),
                   pa.array(np.full(n, int(scored_at * 1000), "datetime64[ms]"),
                            pa.timestamp("ms", tz="UTC"))]
         batch = pa.RecordBatch.from_arrays(arrays, names=self.cols.header)
@@ -242,7 +253,10 @@ def _merge_parquet(parts: list[str], cols: OutputColumns, tmp: str, meta: dict) 
     else:   # no rows: an empty file that still has the columns
         schema = pa.schema([(cols.header[0], pa.string())] +
                            [(n, pa.float32()) for n in cols.names] +
-                           [("model_version", pa.string()), ("scored_at", pa.timestamp("ms", tz="UTC"))])
+                           [("model_version", pa.string())] +
+                           ([("data_version", pa.string())] if cols.data_version is not None
+                            else []) +
+                           [("scored_at", pa.timestamp("ms", tz="UTC"))])
     schema = schema.with_metadata({"ringserve": json.dumps(meta, sort_keys=True)})
     with pq.ParquetWriter(tmp, schema, **PARQUET_OPTIONS) as w:
         for f in files:

@@ -76,6 +76,26 @@ def test_mapping_errors_say_what_to_write():
         plan_columns(["a", "a"], [TensorDecl("x", "float32", (1,))], {}, None)
 
 
+def test_metadata_features_are_the_default_columns_of_their_input():
+    """The model metadata's features map an input that --columns does not
+    (in their order, whatever the table's); --columns still wins."""
+    header = ["id", "y", "x", "junk", "n"]
+    two = [TensorDecl("dense", "float32", (2,)), TensorDecl("ids", "int64", (1,))]
+    feats = {"dense": ("x", "y"), "ids": ("n",)}
+    plan = plan_columns(header, two, {}, "id", features=feats, features_from="the feature_schema of m.json")
+    assert [i.columns for i in plan.inputs] == [(2, 1), (4,)]
+    plan = plan_columns(header, two, {"dense": "y,junk"}, "id", features=feats)
+    assert [i.columns for i in plan.inputs] == [(1, 3), (4,)]
+    # one input: the features, not "every column but the id"
+    plan = plan_columns(header, two[:1], {}, "id", features={"dense": ("x", "y")})
+    assert plan.inputs[0].columns == (2, 1)
+    with pytest.raises(ColumnError, match=r"no column 'w'.*the features of input 'dense' come from "
+                                          r"the feature_schema of m\.json: map the input with "
+                                          r"--columns dense="):
+        plan_columns(header, two, {}, "id", features={"dense": ("x", "w"), "ids": ("n",)},
+                     features_from="the feature_schema of m.json")
+
+
 # -- guardrails -------------------------------------------------------------------
 
 def test_stats_exact_on_a_small_table():
@@ -167,6 +187,9 @@ def test_output_columns_flatten_outputs():
         cols.index("nope")
     with pytest.raises(ValueError, match="twice"):
         OutputColumns([TensorDecl("id", "float32", (1,))], "id")
+    # a model with a data version (its metadata's): a column of its own
+    cols = OutputColumns([TensorDecl("score", "float32", (1,))], "id", "clicks-2026-11")
+    assert cols.header == ["id", "score", "model_version", "data_version", "scored_at"]
 
 
 def test_flags_win_over_the_job_file(tmp_path):
