@@ -78,7 +78,7 @@ class Access:
         n = 0
         for c in conns:
             if (c.client, c.cred) not in valid and not c.reauth:
-                c.client = c.cred = None
+                c.set_client(None, None)
                 c.reauth = True
                 n += 1
         return n
@@ -94,7 +94,7 @@ class Access:
                     conn.close_after_answer = True
                     raise Unauthenticated("the token is not valid here; check the token "
                                           "your client sends (this connection is closed)")
-                conn.client, conn.cred = name, token.encode()
+                conn.set_client(name, token.encode())
                 conn.reauth = False
             elif conn.client is None and (type(op) is not str or op not in self.exempt):
                 if conn.reauth:
@@ -110,7 +110,7 @@ class Access:
         # Probes must never be limited into "down", and the auth op opens
         # every connection of a well-behaved client.
         if self.rate and op != "health" and op != "auth":
-            self.take(("client", conn.client) if conn.client is not None else ("ip", conn.host))
+            self.take(conn.ident)
 
     def take(self, ident: tuple[str, str], now: float | None = None) -> None:
         """One request of ``ident`` (("client", name) or ("ip", address): a

@@ -207,7 +207,8 @@ class ModelQueue:
         token's name or address) may hold at most ``queue_limit / n`` of the
         model's unanswered requests (queued or running), n being the clients
         that hold some or were refused in the last ``WAITING_S`` (itself
-        included), unless it is alone. So one pipelining client fills the
+        included), unless it is alone. Requests admitted while the queue is
+        under a quarter full are not counted (see below). So one pipelining client fills the
         queue only while nobody else wants it: a client refused because the
         queue was full counts from then on, the flooder's share shrinks to
         half, and the newcomer's retry finds room as the flooder's requests
@@ -219,7 +220,10 @@ class ModelQueue:
             return "busy"
         if not self.has_ready:
             return "unavailable"
-        if client is not None:
+        # Only counted from a quarter full: below it nobody is short of room,
+        # and the queue is FIFO, so the uncounted requests (admitted earlier)
+        # leave before the counted ones; an idle-ish queue pays one compare.
+        if client is not None and self.queued * 4 >= self.limit:
             mine = held.get(client, 0)
             if self.queued * 2 >= self.limit:
                 n = self._clients(client, mine, req.arrival)
@@ -427,7 +431,15 @@ class ModelQueue:
         if req.lane is SHADOW:  # to its Shadow, not to a caller; counted there
             conn.send(answer)
             return
-        self._release(req)
+        conn.inflight -= 1  # _release, inlined: once per answer
+        client = req.client
+        if client is not None:
+            held = self.held
+            n = held[client] - 1
+            if n:
+                held[client] = n
+            else:
+                del held[client]
         latency_us = (_monotonic_ns() - req.arrival) // 1000
         self.stats.answered(status, latency_us, req.lane, req.arm)
         if observe and self.observer is not None:

@@ -58,7 +58,7 @@ class Connection(asyncio.Protocol):
     __slots__ = ("app", "decoder", "transport", "closed", "peer", "host", "client", "cred",
                  "reauth", "close_after_answer", "inflight", "opened", "last_active",
                  "frame_started", "proxy", "counted", "read_paused", "write_paused",
-                 "turn_scheduled")
+                 "turn_scheduled", "ident")
 
     def __init__(self, app):
         self.app = app
@@ -79,18 +79,25 @@ class Connection(asyncio.Protocol):
         self.read_paused = False   # for our own backlog
         self.write_paused = False  # the peer does not read its answers
         self.turn_scheduled = False
+        # Who this client is, for limits and fair shares: its token's name,
+        # or its address (a client may not be named like an address). Kept
+        # up to date by set_client and set_host, read per request.
+        self.ident: tuple[str, str] = ("ip", "?")
 
-    @property
-    def ident(self) -> tuple[str, str]:
-        """Who this client is, for limits and fair shares: its token's name,
-        or its address (a client may not be named like an address)."""
-        return ("client", self.client) if self.client is not None else ("ip", self.host)
+    def set_host(self, host: str) -> None:
+        self.host = host
+        if self.client is None:
+            self.ident = ("ip", host)
+
+    def set_client(self, name: str | None, cred: bytes | None) -> None:
+        self.client, self.cred = name, cred
+        self.ident = ("client", name) if name is not None else ("ip", self.host)
 
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.peer = transport.get_extra_info("peername")
         if self.peer:
-            self.host = str(self.peer[0])
+            self.set_host(str(self.peer[0]))
         if self.app.expects_proxy_header(self.host):
             self.proxy = ProxyHeaderParser()
             self.app.connection_pending(self)
@@ -107,15 +114,19 @@ class Connection(asyncio.Protocol):
                 return
         dec = self.decoder
         before = dec.buffered
-        partial_before = dec.partial
+        partial_before = dec.partial if before else 0
         items = dec.feed(data, FRAMES_PER_TURN)
-        if dec.partial and (not partial_before or items):
-            self.frame_started = now  # a new unfinished frame began in this read
-        if self.app.frame_bytes_changed(self, dec.buffered - before):
-            return  # over the budget: refused and closed
-        self._handle(items)
-        if dec.backlog and not self.closed:
-            self._later()
+        after = dec.buffered
+        if after or before:  # (the common read holds whole frames: nothing to account)
+            if dec.partial and (not partial_before or items):
+                self.frame_started = now  # a new unfinished frame began in this read
+            if self.app.frame_bytes_changed(self, after - before):
+                return  # over the budget: refused and closed
+            self._handle(items)
+            if dec.backlog and not self.closed:
+                self._later()
+        else:
+            self._handle(items)
 
     def _proxy_header(self, data: bytes) -> bytes:
         """Feed the PROXY header parser; the bytes after the header, if any."""
@@ -130,7 +141,7 @@ class Connection(asyncio.Protocol):
             return b""
         self.proxy = None
         if res.source is not None:
-            self.host = res.source[0]
+            self.set_host(res.source[0])
         self.app.connection_opened(self)
         return b"" if self.closed else res.rest
 

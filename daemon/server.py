@@ -126,6 +126,7 @@ class App:
         self.per_host: collections.Counter = collections.Counter()
         self.closed_by: collections.Counter = collections.Counter()  # reason -> connections
         self.max_conns = cfg.server.max_connections  # lowered by the descriptor limit
+        self.max_inflight = cfg.server.max_inflight_per_connection
         self._trusted = parse_trusted(cfg.server.trusted_proxies)
         self._sweeper: asyncio.TimerHandle | None = None
         self._signals: asyncio.Queue = asyncio.Queue()
@@ -476,11 +477,11 @@ class App:
         else:
             raise InvalidArgument(f"'deadline_ms' must be an integer from 1 to {MAX_DEADLINE_MS}, "
                                   f"got {brief(dl)}")
-        if conn.inflight >= self.cfg.server.max_inflight_per_connection:
+        if conn.inflight >= self.max_inflight:
             raise ResourceExhausted(
                 f"this connection has {conn.inflight} requests in flight (server.max_inflight_"
-                f"per_connection = {self.cfg.server.max_inflight_per_connection}); wait for "
-                "answers before sending more, or use another connection")
+                f"per_connection = {self.max_inflight}); wait for answers before sending more, "
+                "or use another connection")
         now = _monotonic_ns()
         req = Pending(req_id, conn, data, now, now + dl_ns, q, self.rids.next(), lane, arm, key)
         conn.inflight += 1  # until q.finished answers it, whichever way
@@ -720,6 +721,7 @@ class App:
         for c in self.conns:
             c.decoder.limits = self.frame_limits
         self._trusted = parse_trusted(cfg.server.trusted_proxies)
+        self.max_inflight = cfg.server.max_inflight_per_connection
         self.max_conns, warning = raise_nofile(cfg)
         if warning:
             log.warning(warning, extra={"max_connections": self.max_conns})
@@ -741,7 +743,7 @@ class App:
                          "again", extra={"event": "reload", "connections": n})
         else:
             for c in self.conns:
-                c.client = c.cred = None
+                c.set_client(None, None)
                 c.reauth = False
 
     async def _wait_warm(self, queues, timeout_s: float) -> list[str]:

@@ -8,7 +8,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from ipc.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_body, encode_frame
+from ipc.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, FrameLimits, encode_body, encode_frame
 from ipc.status import InvalidArgument, ResourceExhausted, Status
 
 
@@ -307,3 +307,35 @@ def test_large_frame_in_chunks():
 def test_bad_max_frame_bytes():
     with pytest.raises(ValueError):
         FrameDecoder(max_frame_bytes=0)
+
+
+def test_buffered_counts_the_unfinished_frame_and_the_backlog():
+    """``buffered`` (what the front's memory budget adds up) follows every
+    way bytes are kept: a partial frame, a partial header, the undecoded rest
+    after max_items, and nothing once whole frames are taken or dropped."""
+    f1, f2 = encode_frame({"id": 1}), encode_frame({"id": 2})
+    d = FrameDecoder()
+    assert d.feed(f1) == [{"id": 1}] and d.buffered == 0
+    assert d.feed(f1[:2]) == [] and d.buffered == 2 and d.partial == 2
+    assert d.feed(f1[2:5]) == [] and d.buffered == 5
+    assert d.feed(f1[5:] + f2[:3]) == [{"id": 1}] and d.buffered == 3 and d.partial == 3
+    assert d.feed(f2[3:] + f1 + f2, max_items=1) == [{"id": 2}]
+    assert d.buffered == len(f1) + len(f2) and d.backlog and d.partial == 0
+    assert d.feed(b"", max_items=1) == [{"id": 1}] and d.buffered == len(f2)
+    assert d.feed(b"") == [{"id": 2}] and d.buffered == 0 and not d.backlog
+    d.feed(f1[:7])
+    assert d.drop() == 7 and d.buffered == 0 and d.feed(f1) == []
+
+
+def test_frame_limits_bound_what_one_body_may_hold():
+    lim = FrameLimits(max_str=8, max_array=4, max_map=4, max_elements=16, max_depth=3)
+    d = FrameDecoder(limits=lim)
+    ok, long_str, long_array, many = (
+        {"id": 1, "a": [1, 2]}, {"id": 2, "s": "x" * 9}, {"id": 3, "a": [0] * 5},
+        {"id": 4, "a": [[0, 0, 0, 0]] * 4, "pad": b"p" * 40})
+    deep = {"id": 5, "a": [[[[1]]]], "pad": b"p" * 40}
+    out = d.feed(b"".join(encode_frame(m) for m in (ok, long_str, long_array, many, deep)))
+    assert out[0] == ok
+    assert [type(e) for e in out[1:]] == [InvalidArgument] * 4
+    assert [e.req_id for e in out[1:]] == [2, 3, 4, 5]
+    assert "elements" in out[3].message and "nested deeper" in out[4].message
