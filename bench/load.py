@@ -542,7 +542,7 @@ def run_load(plan: Plan, mark=None) -> dict:
         for p in procs:
             if p.is_alive():
                 p.kill()
-                p.join()
+                p.join(30)
     lat, lag, at = (np.concatenate(b) for b in zip(*blobs))
     return _merge(plan, headers, lat, lag, at, t0, t1, marks)
 

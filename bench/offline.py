@@ -124,6 +124,11 @@ def ceiling(model, rows: int, batch: int) -> dict:
             "torch_threads": threads}
 
 
+# The most one scoring run may take: 1M rows run in about 15 s (docs/batch.md),
+# so an hour is a hung job, not a slow one.
+BATCH_TIMEOUT_S = 3600
+
+
 def batch_path(path: str, config: str, model: str, batch: int, engine: str) -> dict:
     out = tempfile.mkdtemp(prefix="ringserve-offline-")
     try:
@@ -132,7 +137,7 @@ def batch_path(path: str, config: str, model: str, batch: int, engine: str) -> d
             [sys.executable, "-m", "daemon", "batch", "--config", config, "--model", model,
              "--input", path, "--output", out, "--id-column", "id", "--batch-size", str(batch),
              "--csv-engine", engine, "--progress", "off", "--restart"],
-            cwd=REPO, capture_output=True, text=True)
+            cwd=REPO, capture_output=True, text=True, timeout=BATCH_TIMEOUT_S)
         wall = time.perf_counter() - t0
         if p.returncode != 0:
             raise RuntimeError(f"ringserve batch failed ({p.returncode}):\n{p.stderr[-3000:]}")

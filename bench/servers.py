@@ -100,7 +100,7 @@ class Server:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait()
+                self.proc.wait(30)
         if self.proc is not None:
             self._log.close()
         self.dir.cleanup()

@@ -167,7 +167,7 @@ def test_killed_job_resumes_with_every_row_exactly_once(tmp_path):
     t_end = time.monotonic() + 120
     committed = 0
     while committed < 400:
-        assert job.poll() is None and time.monotonic() < t_end, job.communicate()
+        assert job.poll() is None and time.monotonic() < t_end, _output(job)
         for ck in out.glob(".ringserve-batch-*/checkpoint.json"):
             try:
                 committed = json.loads(ck.read_text())["rows"]
@@ -176,7 +176,7 @@ def test_killed_job_resumes_with_every_row_exactly_once(tmp_path):
         time.sleep(0.01)
     workers = psutil.Process(job.pid).children(recursive=True)
     job.send_signal(signal.SIGKILL)
-    job.communicate()
+    job.communicate(timeout=60)
     assert not [p for p in out.iterdir() if not p.name.startswith(".")]   # nothing published
     psutil.wait_procs(workers, timeout=30)                                  # workers leave too
     t_end = time.monotonic() + 10
@@ -213,7 +213,9 @@ def test_final_name_only_ever_shows_a_whole_file(tmp_path):
                            env={**os.environ, "RINGSERVE_TEST_SLOW_MS": "10"},
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     seen, names = set(), set()
+    t_end = time.monotonic() + 120
     while job.poll() is None:
+        assert time.monotonic() < t_end, "the job did not finish in 120 s"
         names |= set(os.listdir(out))
         try:
             text = open(final).read()
@@ -223,7 +225,7 @@ def test_final_name_only_ever_shows_a_whole_file(tmp_path):
         assert text.count("\n") == n + 1, "a partial file was visible under the final name"
         seen.add(text == old)
         time.sleep(0.002)
-    assert job.returncode == 0, job.communicate()
+    assert job.returncode == 0, job.communicate(timeout=60)
     new = open(final).read()
     assert new != old and new.count("\n") == n + 1               # replaced, whole
     assert names - {os.path.basename(final)} <= {n for n in names if n.startswith(".")}
@@ -274,10 +276,17 @@ def test_bad_input_fails_with_line_and_column(tmp_path, demo_config):
     assert not [n for n in os.listdir(out) if not n.startswith(".")]
 
 
+def _output(job) -> tuple:
+    """What a job wrote, for a failure message; a job still running is killed first."""
+    if job.poll() is None:
+        job.kill()
+    return job.communicate(timeout=60)
+
+
 def _wait_committed(job, out, rows, timeout=120.0) -> None:
     t_end = time.monotonic() + timeout
     while True:
-        assert job.poll() is None and time.monotonic() < t_end, job.communicate()
+        assert job.poll() is None and time.monotonic() < t_end, _output(job)
         for ck in out.glob(".ringserve-batch-*/checkpoint.json"):
             try:
                 if json.loads(ck.read_text())["rows"] >= rows:

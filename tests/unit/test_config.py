@@ -86,7 +86,7 @@ def test_default_toml_loads():
 def test_cli_check_and_markdown():
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     run = lambda *a: subprocess.run([sys.executable, "-m", "daemon.config", *a],
-                                    cwd=ROOT, env=env, capture_output=True, text=True)
+                                    cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     ok = run("--check", str(DEFAULT_TOML))
     assert (ok.returncode, ok.stdout) == (0, "ok\n")
     bad = run("--check", "/nonexistent/x.toml")
@@ -605,7 +605,7 @@ def test_docs_full_example_parses(tmp_path):
 
 def test_module_is_torch_free():
     code = "import sys, daemon.config; assert 'torch' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60,
                    env=dict(os.environ, PYTHONPATH=str(ROOT)))
 
 

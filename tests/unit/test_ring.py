@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
 import textwrap
@@ -142,6 +143,9 @@ def test_two_processes_with_eventfd_wakeups(ring):
                 ring.submit(sent, n, n, 0)
                 os.write(wake, (1).to_bytes(8, "little"))
                 sent += 1
+            # bounded: a child that died never writes, and os.read would block for good
+            ready, _, _ = select.select([done], [], [], max(0.0, t_end - time.monotonic()))
+            assert ready, "the child did not answer in time"
             os.read(done, 8)
             while ring.consumed < ring.completed():
                 s = ring.consumed % ring.layout.depth
@@ -160,7 +164,7 @@ def test_two_processes_with_eventfd_wakeups(ring):
 
 def test_sweep_stale_removes_dead_fronts_only():
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
+    dead.wait(60)
     stale = shm.Segment.create(f"ringserve-{dead.pid}-x-{uuid.uuid4().hex[:6]}", 4096)
     mine = shm.Segment.create(_name(), 4096)
     stale.close()
