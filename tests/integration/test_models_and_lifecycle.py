@@ -135,16 +135,16 @@ max_batch = 8
 window_ms = 10.0
 """, env={"RINGSERVE_TEST_SLOW_MS": "1500"})
     x = tensor(np.ones(4, np.float32))
+    slow = {"model": "slow", "inputs": x, "deadline_ms": 60_000}   # (the default is 1 s)
     with d.client() as c, d.client() as probe:
-        c.send({"id": 0, "model": "slow", "inputs": x})  # worker idle: goes at once, alone
+        c.send(dict(slow, id=0))  # worker idle: goes at once, alone
         t_end = time.monotonic() + 60
         while dispatch_reasons(probe) != {"idle": 1}:   # it is in the worker now
             assert time.monotonic() < t_end, dispatch_reasons(probe)
             time.sleep(0.01)
         # worker busy: the three wait for the window, then go together. One
         # write, so the front reads them in one go: none can miss the window.
-        c.send_raw(b"".join(encode_frame({"id": i, "model": "slow", "inputs": x})
-                            for i in (1, 2, 3)))
+        c.send_raw(b"".join(encode_frame(dict(slow, id=i)) for i in (1, 2, 3)))
         answers = {a["id"]: a for a in c.recv_n(4)}
         reasons = dispatch_reasons(probe)
     assert answers[0]["timing"]["batch"] == 1

@@ -61,6 +61,20 @@ def decisions(d) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def wait_decisions(d, predicate, what: str, timeout: float = 60.0) -> list[dict]:
+    t_end = time.monotonic() + timeout
+    while not predicate(rs := decisions(d)):
+        assert time.monotonic() < t_end, f"{what} not logged in {timeout} s: {rs[-5:]}\n{d.log()}"
+        time.sleep(0.05)
+    return rs
+
+
+def checks_after_reload(records: list[dict]) -> int:
+    """Guardrail checks logged after the last reload record."""
+    last = max((i for i, r in enumerate(records) if r["event"] == "reload"), default=-1)
+    return sum(1 for r in records[last + 1:] if r["event"] == "check")
+
+
 def sighup(d, config: str) -> None:
     d.config_path.write_text(config)
     os.kill(d.proc.pid, signal.SIGHUP)
@@ -235,8 +249,9 @@ def test_shadow_traffic_is_compared_and_never_changes_answers(daemon_factory):
     # shadow answers are not counted as the candidate's own traffic
     v3 = next(m for m in s["models"] if m["version"] == "3")
     assert v3["requests"] == 0
-    time.sleep(0.5)
-    assert any(r["event"] == "shadow" and r["compared"] == 100 for r in decisions(d))
+    # the shadow report is logged every report_interval_s (0.2 s)
+    wait_decisions(d, lambda rs: any(r["event"] == "shadow" and r["compared"] == 100 for r in rs),
+                   "a shadow report of the 100 compared answers")
 
 
 def test_shadow_is_shed_first_under_load(daemon_factory):
@@ -284,7 +299,10 @@ def test_a_healthy_canary_advances_by_itself_and_an_edited_stage_list_keeps_its_
         s = wait_stats(d, lambda s: s["reloads"]["ok"] == 1, "reload")
         ro = s["rollouts"][0]
         assert (ro["weight"], ro["stage"], ro["status"]) == (0.5, 2, "active")
-        time.sleep(1.0)
+        # Five guardrail checks after the reload (1 s at interval_s = 0.2,
+        # twice min_dwell_s): with auto_advance still on, one of them would
+        # have moved the weight on.
+        wait_decisions(d, lambda rs: checks_after_reload(rs) >= 5, "5 checks after the reload")
         assert stats(d)["rollouts"][0]["weight"] == 0.5  # no auto-advance any more
     adv = [r for r in decisions(d) if r["event"] == "advance"]
     assert [r["weight"] for r in adv] == [0.5]

@@ -152,11 +152,30 @@ def test_encoder_is_deterministic_and_batch_independent():
     assert m.factory == "bench.models:encoder" and m.max_batch == 32
 
 
+class _RecordingLibc:
+    """bench.timer's libc, with every timerfd_settime call recorded."""
+
+    def __init__(self, libc):
+        self.libc = libc
+        self.settime: list[tuple[int, int]] = []   # (flags, absolute time in ns)
+
+    def timerfd_create(self, *args):
+        return self.libc.timerfd_create(*args)
+
+    def timerfd_settime(self, fd, flags, spec_ref, old):
+        v = spec_ref._obj.it_value
+        self.settime.append((flags, v.tv_sec * 1_000_000_000 + v.tv_nsec))
+        return self.libc.timerfd_settime(fd, flags, spec_ref, old)
+
+
 @pytest.mark.parametrize("precise", [True, False])
 def test_precise_timer_fires_once_at_its_time_and_can_be_moved(monkeypatch, precise):
-    """The open loop's arrival timer: never early, re-arming replaces the
-    earlier time, and (timerfd) much closer to its time than uvloop's
-    whole-millisecond timers."""
+    """The open loop's arrival timer: never early, once, and re-arming
+    replaces the earlier time. Its precision is a property of what it asks
+    the kernel for, checked without a clock: the timerfd is armed at the
+    arrival's own nanosecond (absolute), not a whole millisecond as
+    uvloop's timers are. How late it fires in practice is the benchmark's
+    business (bench/timer.py's docstring has the figures)."""
     import asyncio
     import time
 
@@ -165,25 +184,35 @@ def test_precise_timer_fires_once_at_its_time_and_can_be_moved(monkeypatch, prec
     from bench import timer as timer_mod
     if not precise:
         monkeypatch.setattr(timer_mod, "_LIBC", None)
+    elif timer_mod._LIBC is not None:
+        monkeypatch.setattr(timer_mod, "_LIBC", _RecordingLibc(timer_mod._LIBC))
 
     async def main():
         loop = asyncio.get_running_loop()
         fired = []
         t = timer_mod.PreciseTimer(loop, lambda: fired.append(time.perf_counter_ns()))
         assert t.precise is (precise and timer_mod._LIBC is not None)
-        lateness = []
-        for _ in range(20):
+        armed = []
+        for k in range(20):
             fired.clear()
-            due = time.perf_counter_ns() + 300_000
+            due = time.perf_counter_ns() + 300_000 + k * 1_001   # not on a millisecond
             t.at(due + 10_000_000)   # replaced before it is due
             t.at(due)
-            await asyncio.sleep(0.02)
+            armed.append(due)
+            t_end = time.monotonic() + 30
+            while not fired:   # until it fires: a poll, not a guess at how long that takes
+                assert time.monotonic() < t_end, "the timer never fired"
+                await asyncio.sleep(0.001)
+            # past the replaced time too: it must not fire a second time
+            while time.perf_counter_ns() < due + 10_000_000 + 2_000_000:
+                await asyncio.sleep(0.005)
             assert len(fired) == 1 and fired[0] >= due
-            lateness.append(fired[0] - due)
         t.close()
-        return sorted(lateness)[len(lateness) // 2]
+        return armed
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        median_late_ns = runner.run(main())
-    if precise:
-        assert median_late_ns < 400_000, median_late_ns
+        armed = runner.run(main())
+    if precise and isinstance(timer_mod._LIBC, _RecordingLibc):
+        calls = timer_mod._LIBC.settime
+        assert all(flags == timer_mod._TFD_TIMER_ABSTIME for flags, _ in calls)
+        assert [ns for _, ns in calls[1::2]] == armed   # every second call: the time that stayed
