@@ -428,16 +428,37 @@ class _Unknown(_Invalid):
 # Checks. Each takes (value, ctx) and returns the normalised value.
 
 
-def _show(v: Any, limit: int = 80) -> str:
-    """A value as TOML writes it, for messages."""
+def _show(v: Any, limit: int = 80, _depth: int = 0) -> str:
+    """A value as TOML writes it, for messages: at most ``limit`` characters,
+    built from no more of ``v`` than they show (a value nested deeper than
+    the recursion limit, or a million-element array, costs what its first
+    few elements do)."""
     if isinstance(v, bool):
         s = "true" if v else "false"
     elif isinstance(v, str):
-        s = json.dumps(v)
-    elif isinstance(v, (list, tuple)):
-        s = "[" + ", ".join(_show(x, limit) for x in v) + "]"
-    elif isinstance(v, dict):
-        s = "{" + ", ".join(f"{k} = {_show(x, limit)}" for k, x in v.items()) + "}"
+        s = json.dumps(v[:limit])   # its quoted prefix is the quoted value's prefix
+        if len(v) > limit:
+            s += "..."
+    elif isinstance(v, (list, tuple, dict)):
+        if _depth >= 8:
+            s = "[...]" if not isinstance(v, dict) else "{...}"
+        else:
+            items = v.items() if isinstance(v, dict) else v
+            parts, size = [], 0
+            for x in items:
+                if size > limit:
+                    parts.append("...")
+                    break
+                part = (f"{x[0]} = {_show(x[1], limit, _depth + 1)}" if isinstance(v, dict)
+                        else _show(x, limit, _depth + 1))
+                parts.append(part)
+                size += len(part) + 2
+            s = "[" + ", ".join(parts) + "]" if not isinstance(v, dict) else \
+                "{" + ", ".join(parts) + "}"
+    elif isinstance(v, int) and v.bit_length() > 256:
+        # (TOML's hex, octal and binary integers have no size limit, and
+        # Python refuses to write one of more than 4300 digits in decimal)
+        s = f"an integer of {v.bit_length()} bits"
     else:
         s = repr(v)
     return s if len(s) <= limit else s[:limit - 3] + "..."
@@ -471,7 +492,9 @@ def _float_in(lo: float, hi: float | None = None, *, lo_open: bool = False):
 
     @_rule(text)
     def check(v, ctx):
-        ok = (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+        # (an integer past the float range, which TOML allows, is out of range too)
+        ok = (_is_int(v) and abs(v) <= sys.float_info.max) or isinstance(v, float)
+        ok = ok and math.isfinite(v)
         if ok:
             ok = (v > lo if lo_open else v >= lo) and (hi is None or v <= hi)
         if not ok:
@@ -586,6 +609,16 @@ def _tensor(v, at: str = "") -> TensorShape:
             or not all(_is_int(d) and d > 0 for d in shape)):
         raise _Invalid("must be a non-empty list of positive integers (the shape of one "
                        f"sample, no batch dimension), got {_show(shape)}", at + ".shape")
+    # TOML lets a dimension be thousands of digits long: refuse a sample of
+    # 2**63 bytes or more here, before the ring-slot check (_build_model)
+    # computes sizes from it and formats them.
+    nbytes = _ITEMSIZE[dtype]
+    for d in shape:
+        nbytes *= d
+        if nbytes >= 2**63:
+            raise _Invalid(f"shape {_show(shape)} makes a sample of 2**63 bytes or more; "
+                           "one sample must fit the ring slot "
+                           f"({RING_SLOT_BYTES // _MIB} MiB)", at + ".shape")
     return TensorShape(dtype, tuple(shape))
 
 
@@ -1487,6 +1520,15 @@ def load_config(path: str | os.PathLike) -> Config:
                           source=source) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: invalid TOML: {e}", source=source) from None
+    except RecursionError:
+        # tomllib recurses once per level of nested arrays and inline tables
+        raise ConfigError(f"{source}: invalid TOML: arrays or inline tables nested too "
+                          "deeply to read", source=source) from None
+    except ValueError as e:
+        # tomllib lets int() refuse a decimal integer of more than 4300 digits
+        # (its message then ends in advice for programmers: cut it off)
+        raise ConfigError(f"{source}: invalid TOML: {str(e).split(';')[0]}",
+                          source=source) from None
     return parse_config(data, source)
 
 
