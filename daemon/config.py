@@ -185,7 +185,7 @@ class ModelConfig:
     factory: str | None           # "module:function"; exactly one of factory/artifact
     artifact: str | None          # absolute path of a torch.export .pt2 file
     checkpoint: str | None        # absolute path of a state_dict file (factory only)
-    metadata: ModelMetadata | None   # what the model was trained on (daemon/metadata.py); None: no file
+    metadata: ModelMetadata | None   # what it was trained on (daemon/metadata.py); None: no file
     require_metadata: bool
     inputs: tuple[tuple[str, TensorShape], ...]
     single_input: bool            # True: one unnamed input, named "input"

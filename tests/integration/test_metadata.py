@@ -87,8 +87,8 @@ def lin(health: dict) -> dict:
 
 def serve_once(cfg_path) -> subprocess.CompletedProcess:
     """``python -m daemon --config F``: an invalid file exits 2 before listening."""
-    return subprocess.run([sys.executable, "-m", "daemon", "--config", str(cfg_path), "--port", "0"],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", "daemon", "--config", str(cfg_path),
+                           "--port", "0"], cwd=REPO, capture_output=True, text=True, timeout=60)
 
 
 def test_answers_health_models_and_the_request_log_carry_the_metadata(tmp_path, daemon_factory):
@@ -106,7 +106,8 @@ def test_answers_health_models_and_the_request_log_carry_the_metadata(tmp_path, 
     assert bare["status"] == OK and "data_version" in bare and bare["data_version"] is None
 
     health = {m["name"]: m for m in d.health()["models"]}
-    assert (health["lin"]["data_version"], health["lin"]["metadata_hash"]) == ("clicks-2026-11", digest)
+    assert (health["lin"]["data_version"], health["lin"]["metadata_hash"]) == \
+        ("clicks-2026-11", digest)
     assert (health["bare"]["data_version"], health["bare"]["metadata_hash"]) == (None, None)
     assert models["lin"]["data_version"] == "clicks-2026-11"
     assert models["lin"]["metadata"] == {"data_version": "clicks-2026-11", "hash": digest,

@@ -82,7 +82,8 @@ def test_metadata_features_are_the_default_columns_of_their_input():
     header = ["id", "y", "x", "junk", "n"]
     two = [TensorDecl("dense", "float32", (2,)), TensorDecl("ids", "int64", (1,))]
     feats = {"dense": ("x", "y"), "ids": ("n",)}
-    plan = plan_columns(header, two, {}, "id", features=feats, features_from="the feature_schema of m.json")
+    plan = plan_columns(header, two, {}, "id", features=feats,
+                        features_from="the feature_schema of m.json")
     assert [i.columns for i in plan.inputs] == [(2, 1), (4,)]
     plan = plan_columns(header, two, {"dense": "y,junk"}, "id", features=feats)
     assert [i.columns for i in plan.inputs] == [(1, 3), (4,)]
