@@ -88,6 +88,8 @@ class Runner:
         self.single_output = True
         self.stream = None
         self._dev_inputs: list[torch.Tensor] = []
+        self.h2d: H2DTimes | None = None  # CUDA only
+        self._h2d_events = None
         self._autocast = contextlib.nullcontext
 
     # -- loading --------------------------------------------------------
@@ -145,6 +147,9 @@ class Runner:
             top = max(spec.buckets)
             self._dev_inputs = [torch.zeros((top, *t.shape), dtype=TORCH_DTYPES[t.dtype],
                                             device=self.device) for t in spec.inputs]
+            self.h2d = H2DTimes()
+            self._h2d_events = (torch.cuda.Event(enable_timing=True),
+                                torch.cuda.Event(enable_timing=True))
         self._discover_outputs()
 
     def _check_metadata(self) -> None:
@@ -174,6 +179,25 @@ class Runner:
         if self.spec.single_input:
             return self.forward(xs[0])
         return self.forward(**{t.name: x for t, x in zip(self.spec.inputs, xs)})
+
+    def infer(self, xs: list[torch.Tensor]):
+        """The model alone on inputs already on its device, under
+        inference_mode and the configured autocast: no copies, and on CUDA no
+        synchronise (the caller times it; bench/forward_times.py)."""
+        with torch.inference_mode(), self._autocast():
+            return self._call(xs)
+
+    def compile_counts(self) -> dict | None:
+        """What torch.compile has built in this process: ``graphs`` (dynamo
+        graphs; one per bucket for a model without graph breaks) and
+        ``cudagraph_skips`` (graphs that reduce-overhead ran without CUDA
+        graphs). None when compile is off. Counters are per process: a
+        worker runs one Runner."""
+        if self.compile_mode == "off":
+            return None
+        from torch._dynamo.utils import counters
+        return {"graphs": int(counters["stats"]["unique_graphs"]),
+                "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"])}
 
     def _discover_outputs(self) -> None:
         """Run one zero sample to learn (or check) the output schema."""
@@ -214,26 +238,33 @@ class Runner:
         if self.stream is not None:
             self._run_cuda(in_views, out_views, n)
             return
-        with torch.inference_mode(), self._autocast():
-            out = self._call(in_views)
-        named, _ = _normalise_outputs(out)
+        named, _ = _normalise_outputs(self.infer(in_views))
         for (_, o), dst in zip(named, out_views):
             dst[:n].copy_(o[:n])
 
     def _run_cuda(self, in_views, out_views, n) -> None:
         bucket = in_views[0].shape[0]
+        h2d_start, h2d_end = self._h2d_events
         with torch.cuda.stream(self.stream), torch.inference_mode():
             # The host views are registered (pinned) shared memory, so these
             # copies are truly asynchronous on this worker's own stream.
             xs = [d[:bucket] for d in self._dev_inputs]
+            h2d_start.record(self.stream)
             for d, h in zip(xs, in_views):
                 d.copy_(h, non_blocking=True)
+            h2d_end.record(self.stream)
             with self._autocast():
                 out = self._call(xs)
             named, _ = _normalise_outputs(out)
             for (_, o), dst in zip(named, out_views):
                 dst[:n].copy_(o[:n], non_blocking=True)
         self.stream.synchronize()  # once per batch
+        # Both events are complete now: reading them costs no wait. The
+        # batch's results are in place already; a figure must not fail it.
+        try:
+            self.h2d.add(bucket, h2d_start.elapsed_time(h2d_end))
+        except RuntimeError:
+            pass
 
     def warm_up(self, in_views_by_bucket, out_views) -> float:
         """Run every bucket (twice: compile, then steady state) before the
@@ -243,11 +274,60 @@ class Runner:
             ins = in_views_by_bucket(bucket)
             for _ in range(2):
                 self.run_batch(ins, out_views, min(bucket, out_views[0].shape[0]))
+        if self.h2d is not None:
+            self.h2d.reset()  # count served batches only
         return time.perf_counter() - t0
 
 
 def _fmt(decls) -> str:
     return "[" + ", ".join(f"{d.name}: {d.dtype}{list(d.shape)}" for d in decls) + "]"
+
+
+class H2DTimes:
+    """Host-to-device copy time of each batch's inputs, by bucket: CUDA events
+    recorded on the worker's stream just before and after the copies from
+    the ring slot, read after the batch's one synchronise (two event records
+    a batch; no extra wait)."""
+
+    def __init__(self):
+        self.by_bucket: dict[int, list] = {}  # bucket -> [batches, total ms, max ms]
+
+    def add(self, bucket: int, ms: float) -> None:
+        e = self.by_bucket.get(bucket)
+        if e is None:
+            self.by_bucket[bucket] = [1, ms, ms]
+        else:
+            e[0] += 1
+            e[1] += ms
+            if ms > e[2]:
+                e[2] = ms
+
+    def reset(self) -> None:
+        self.by_bucket.clear()
+
+    def snapshot(self) -> dict:
+        """{"batches", "mean_us", "max_us", "by_bucket": {bucket: {"batches",
+        "mean_us", "max_us"}}}, over every batch since warm-up."""
+        # list() first: the serving thread may add a bucket meanwhile
+        rows = {b: e[:] for b, e in sorted(list(self.by_bucket.items()))}
+        n = sum(e[0] for e in rows.values())
+        total = sum(e[1] for e in rows.values())
+        return {"batches": n, "mean_us": round(total * 1e3 / n, 2) if n else None,
+                "max_us": round(max(e[2] for e in rows.values()) * 1e3, 2) if n else None,
+                "by_bucket": {str(b): {"batches": e[0], "mean_us": round(e[1] * 1e3 / e[0], 2),
+                                       "max_us": round(e[2] * 1e3, 2)} for b, e in rows.items()}}
+
+
+def is_pinned(t: torch.Tensor) -> bool:
+    """Whether CUDA sees ``t``'s host memory as page-locked (``Tensor.is_pinned``
+    asks the driver, cudaPointerGetAttributes): a check of the registration
+    made independently of cudaHostRegister's return code. False without CUDA."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        return bool(t.is_pinned())
+    except RuntimeError:
+        return False
 
 
 def pin_host_memory(address: int, nbytes: int) -> bool:

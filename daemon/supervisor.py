@@ -56,6 +56,9 @@ class WorkerHandle:
         self.error = None
         self.hash = None
         self.compile = None
+        self.pinned = None    # the worker's ring registered with CUDA (False on CPU)
+        self.compiled = None  # torch.compile's counts, {"graphs", "cudagraph_skips"}
+        self.h2d = None       # CUDA: input copy time per batch (runtime.H2DTimes)
         self.pid = None
         self.gen = 0
         self.uid = next(_handle_ids)  # a reload may run two handles of one version at once
@@ -93,6 +96,7 @@ class WorkerHandle:
         self._restart_timer = None
         self.state = "loading"
         self.error = None
+        self.pinned = self.compiled = self.h2d = None  # this generation's, once it reports
         parent, child = socket.socketpair()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC)  # the worker blocks on it
         self._done = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -151,6 +155,9 @@ class WorkerHandle:
             self._attach(msg)
         elif ev == "ready":
             self._ready(msg)
+        elif ev == "stats":
+            self.h2d = msg.get("h2d")
+            self.compiled = msg.get("compiled")
         elif ev == "failed":
             self.state = "failed"
             self.error = msg.get("error", "unknown load error")
@@ -189,10 +196,13 @@ class WorkerHandle:
         self.state = "ready"
         self.ready_at = time.monotonic()
         self.free_slots = self.ring.layout.depth
+        self.pinned = msg.get("pinned")
+        self.compiled = msg.get("compiled")
         self.loop.add_reader(self._done, self._on_done)
         log.info("worker ready", extra={"worker": self.label, "pid": self.pid,
                                         "warmup_s": msg.get("warmup_s"), "hash": self.hash,
-                                        "compile": self.compile})
+                                        "compile": self.compile, "compiled": self.compiled,
+                                        "pinned": self.pinned})
         self.queue.worker_changed()
         self.app.worker_ready(self)
 
@@ -385,6 +395,8 @@ class WorkerHandle:
              "state": self.state, "pid": self.pid, "restarts": self.restarts,
              "data_version": self.queue.data_version,
              "metadata_hash": meta.hash if meta is not None else None}
+        d["compile"] = self.compile   # the mode in force: "auto" resolved
+        d["pinned"] = self.pinned     # null until ready
         if self.error and self.state != "ready":
             d["error"] = self.error
         return d
@@ -392,4 +404,5 @@ class WorkerHandle:
     def stats(self) -> dict:
         return {"device": self.device, "pid": self.pid, "state": self.state,
                 "busy": self.busy.fraction(), "batches": self.batches, "restarts": self.restarts,
-                "in_flight_batches": self.in_flight}
+                "in_flight_batches": self.in_flight, "compile": self.compile,
+                "compiled": self.compiled, "pinned": self.pinned, "h2d": self.h2d}

@@ -16,8 +16,16 @@ Conversation::
     worker -> {"event": "loaded", "outputs": [...], "single_output": b, "hash": h, ...}
               or {"event": "failed", "error": "..."} and exit EXIT_LOAD_FAILED
     front -> {"cmd": "attach", "ring": "<segment name>"}   (sized from "outputs")
-    worker -> {"event": "ready", "warmup_s": s}            (after every bucket ran)
+    worker -> {"event": "ready", "warmup_s": s, "pinned": b, "compiled": {...} | null}
+                                                           (after every bucket ran)
+    worker -> {"event": "stats", "h2d": {...} | null, "compiled": {...} | null}
+                                                           (while serving, when they change)
     front -> {"cmd": "stop"}                                 (finish what is submitted, exit 0)
+
+``pinned``: the ring is registered with CUDA (cudaHostRegister), checked
+with the driver; False on the CPU. ``compiled``: torch.compile's graph count
+(``Runner.compile_counts``). ``h2d``: copy time of each batch's inputs from
+the ring slot to the device (``runtime.H2DTimes``); null on the CPU.
 
 Exit codes: 0 stopped on request, EXIT_LOAD_FAILED (3) the model cannot be
 loaded (the supervisor does not restart it: it would fail the same way),
@@ -37,6 +45,7 @@ import time
 import traceback
 
 EXIT_LOAD_FAILED = 3
+REPORT_S = 0.5   # how often a serving worker sends its figures when they change
 _ONE = (1).to_bytes(8, "little")
 
 
@@ -83,6 +92,7 @@ class Worker:
         self.ring = None
         self.runner = None
         self._pinned = 0
+        self.pinned = False
 
     def load(self, spec_json: dict) -> None:
         from .runtime import LoadError, ModelSpec, Runner
@@ -110,14 +120,18 @@ class Worker:
     def attach(self, ring_name: str) -> None:
         import torch
         from ipc.ring import Ring
-        from .runtime import TORCH_DTYPES, pin_host_memory
+        from .runtime import TORCH_DTYPES, LoadError, is_pinned, pin_host_memory
         ring = Ring.attach(ring_name)
         self.ring = ring
         lay = ring.layout
         r = self.runner
         buf = ring.seg.buf
         if r.device.type == "cuda":
-            pin_host_memory(ring.seg.address(), ring.seg.size)
+            try:
+                pin_host_memory(ring.seg.address(), ring.seg.size)
+            except LoadError as e:
+                # Not a crash: a restart would fail the same way (ulimit -l).
+                self.fail(str(e))
             self._pinned = ring.seg.address()
 
         def view(off, decl):
@@ -135,10 +149,33 @@ class Worker:
         for views in self.in_views:
             for v in views:
                 v.zero_()
+        # Registered, as the driver sees it, for every view the hot loop
+        # copies from or to (False on the CPU: nothing to pin).
+        self.pinned = r.device.type == "cuda" and all(
+            is_pinned(v) for views in self.in_views + self.out_views for v in views)
+        if r.device.type == "cuda" and not self.pinned:
+            log("warning", "ring registered but the driver does not report it pinned; "
+                "copies are staged", worker=self.name)
         warm = r.warm_up(lambda b: [v[:b] for v in self.in_views[0]], self.out_views[0])
-        self.ctrl.send(event="ready", warmup_s=round(warm, 3))
+        counts = r.compile_counts()
+        self.ctrl.send(event="ready", warmup_s=round(warm, 3), pinned=self.pinned,
+                       compiled=counts)
         log("info", "worker ready", worker=self.name, warmup_s=round(warm, 3),
-            compile=r.compile_mode, hash=r.weights_hash)
+            compile=r.compile_mode, hash=r.weights_hash, pinned=self.pinned, compiled=counts)
+
+    def report_loop(self) -> None:
+        """Runs in a thread once serving: every REPORT_S, what changed of the
+        worker's own figures (H2D copy times on CUDA, compiled graphs) goes to
+        the front as a ``stats`` event, off the hot loop."""
+        r = self.runner
+        last = None
+        while True:
+            time.sleep(REPORT_S)
+            now = {"h2d": r.h2d.snapshot() if r.h2d is not None else None,
+                   "compiled": r.compile_counts()}
+            if now != last:
+                self.ctrl.send(event="stats", **now)
+                last = now
 
     def serve(self) -> None:
         ring = self.ring
@@ -229,6 +266,7 @@ def main(argv=None) -> int:
         return 0
     w.attach(msg["ring"])
     threading.Thread(target=w.control_loop, name="control", daemon=True).start()
+    threading.Thread(target=w.report_loop, name="report", daemon=True).start()
     w.serve()
     log("info", "worker stopped", worker=w.name)
     return 0
