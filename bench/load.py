@@ -20,8 +20,11 @@ as possible per request:
 
 Measured window [t0, t1): a request is *measured* when it was (meant to be)
 sent inside it; its latency and status are recorded, and if no answer comes
-it counts as unanswered. Throughput counts answers *arriving* inside the
-window, the same window over which the caller samples the server's CPU.
+it counts as unanswered. An OK answer given by a model's fallback
+(``fallback`` set: docs/operations.md, "Degraded mode") is counted apart,
+under the status ``fallback:<reason>``, not as ``0``. Throughput counts
+answers *arriving* inside the window, the same window over which the
+caller samples the server's CPU.
 """
 
 from __future__ import annotations
@@ -257,6 +260,8 @@ class _Conn(asyncio.Protocol):
                 lat.append(now - ts)
                 lat_at.append(ts)
                 st = msg.get("status")
+                if st == 0 and "fallback" in msg:  # a fallback's answer, not the model's:
+                    st = f"fallback:{msg['fallback']}"  # reported apart from status 0
                 statuses[st] = statuses.get(st, 0) + 1
                 route = (msg.get("lane"), msg.get("arm"))
                 routes[route] = routes.get(route, 0) + 1

@@ -366,10 +366,17 @@ class InferResult:
     timing: dict
     answer: dict = field(default_factory=dict)   # the raw answer map
     attempts: int = 1                             # tries it took (retries + 1)
+    # Given by the fallback of the version the router chose (protocol.md,
+    # "Fallback answers"): why (no_worker, queue_full, deadline_near,
+    # model_error); None for the model's own answers. ``version`` then names
+    # the fallback version, or "fallback:constant".
+    fallback: str | None = None
+    defaulted: tuple[str, ...] = ()               # inputs left out that got their default
 
     def __repr__(self) -> str:
+        extra = f", fallback={brief(self.fallback)}" if self.fallback is not None else ""
         return (f"InferResult(model={brief(self.model)}, version={brief(self.version)}, "
-                f"lane={brief(self.lane)}, arm={brief(self.arm)}, rid={brief(self.rid)}, "
+                f"lane={brief(self.lane)}, arm={brief(self.arm)}, rid={brief(self.rid)}{extra}, "
                 f"outputs={_describe(self.outputs)}, timing={brief(self.timing, 200)})")
 
 
@@ -419,9 +426,12 @@ def _check_status(answer: dict) -> None:
 def infer_result(answer: dict, attempts: int = 1, as_torch: bool = False) -> InferResult:
     """An OK ``infer`` answer -> ``InferResult``; any other raises its ``RingserveError``."""
     _check_status(answer)
+    defaulted = answer.get("defaulted")
     return InferResult(decode_outputs(answer.get("outputs"), as_torch), answer.get("model"),
                        answer.get("version"), answer.get("lane"), answer.get("arm"),
-                       answer.get("rid"), answer.get("timing") or {}, answer, attempts)
+                       answer.get("rid"), answer.get("timing") or {}, answer, attempts,
+                       fallback if type(fallback := answer.get("fallback")) is str else None,
+                       tuple(defaulted) if type(defaulted) is list else ())
 
 
 def plain_answer(answer: dict, attempts: int = 1) -> dict:

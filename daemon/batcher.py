@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 from ipc.status import Status
 
+from .fallback import MODEL_ERROR, NO_WORKER
 from .shadow import SHADOW
 from .stats import ModelStats
 
@@ -66,7 +67,8 @@ class Pending:
     """One accepted infer request, from arrival to its one answer."""
 
     __slots__ = ("id", "conn", "data", "arrival", "deadline", "done", "queue", "rid", "dispatched",
-                 "lane", "arm", "key", "shadow", "sdata", "log", "ckey", "client")
+                 "lane", "arm", "key", "shadow", "sdata", "log", "ckey", "client", "fb", "via",
+                 "defaulted")
 
     def __init__(self, req_id, conn, data, arrival, deadline, queue, rid, lane, arm, key):
         self.id = req_id
@@ -82,15 +84,24 @@ class Pending:
         self.rid = rid
         self.dispatched = 0
         self.shadow = None  # the Shadow to mirror this request to once answered
-        self.sdata = None   # its input bytes, kept for the mirror (``data`` is dropped)
+        self.sdata = None   # its input bytes, kept for the mirror or the fallback (``data`` is dropped)
         self.log = None     # (input bytes, exp) when the request log samples this request
         self.ckey = None    # response-cache key, when the model caches and this was a miss
         self.client = None  # who holds it in ModelQueue.held, once queued
+        # daemon/fallback.py: the Fallback that may answer it (routed, not
+        # pinned, to a version that has one); once moved to a fallback
+        # version, the Via that answers it from there (and fb is None).
+        self.fb = None
+        self.via = None
+        self.defaulted = None  # names of the inputs it omitted and got the default of
 
     def answer_error(self, status: int, message: str) -> None:
         if self.done:
             return
         self.done = True
+        if self.via is not None:  # its fallback version failed: the primary's error
+            self.via.failed(self, status, message)
+            return
         self.queue.finished(self, status, {"id": self.id, "status": status, "error": message,
                                            "rid": self.rid})
 
@@ -193,6 +204,12 @@ class ModelQueue:
         # (input index, dtype, elements per sample, where) of the float inputs
         # whose NaN/Inf check runs once per batch (WorkerHandle.submit_batch)
         self.finite_checks: tuple = ()
+        self.fallback = None  # Fallback (daemon/fallback.py), when the entry has [models.fallback]
+        self.defaults = None  # input name -> wire tensor map of the inputs with a default
+        # Answers here may need more than the plain OK answer: requests with
+        # defaulted inputs, or moved here by another version's fallback. Set
+        # by the app, never cleared (moved requests may still be queued).
+        self.special = False
 
     # -- intake ------------------------------------------------------------
     def ready_workers(self):
@@ -376,9 +393,9 @@ class ModelQueue:
         stats = self.stats
         stats.batch(n, bucket, compute_ns // 1000)
         if status:
+            message = f"model {self.name!r} version {self.version!r} failed on this batch: {err}"
             for r in batch:
-                r.answer_error(int(Status.INTERNAL), f"model {self.name!r} version "
-                               f"{self.version!r} failed on this batch: {err}")
+                self.fail(r, int(Status.INTERNAL), message, MODEL_ERROR)
             return
         compute_us = compute_ns // 1000
         meta = self._out_meta
@@ -391,6 +408,7 @@ class ModelQueue:
         shadow_lane = SHADOW
         queue_time = stats.queue_time.add
         cache = self.cache
+        special = self.special
         for i, r in enumerate(batch):
             if r.done:
                 continue
@@ -407,12 +425,18 @@ class ModelQueue:
                     nb = out_nbytes[k]
                     outputs[oname] = {"dtype": dt, "shape": shape,
                                       "data": out_mvs[k][i * nb:(i + 1) * nb]}
-            finished(r, OK, {
+            timing = {"queue_us": queue_us, "compute_us": compute_us, "batch": n, "bucket": bucket}
+            if special and r.via is not None:  # moved here by another version's fallback
+                r.via.answered(r, outputs, timing)
+                continue
+            answer = {
                 "id": r.id, "status": OK, "outputs": outputs, "model": name,
                 "version": version, "data_version": data_version, "lane": r.lane, "arm": r.arm,
                 "rid": r.rid,
-                "timing": {"queue_us": queue_us, "compute_us": compute_us,
-                           "batch": n, "bucket": bucket}})
+                "timing": timing}
+            if special and r.defaulted is not None:
+                answer["defaulted"] = r.defaulted
+            finished(r, OK, answer)
             if r.lane is shadow_lane:
                 continue
             if r.ckey is not None:
@@ -462,6 +486,27 @@ class ModelQueue:
             else:
                 del held[client]
 
+    def _unhold(self, client) -> None:
+        """``_release``'s share part alone: a request moved to a fallback
+        version gives its client's place here back (daemon/fallback.py)."""
+        if client is not None:
+            held = self.held
+            n = held[client] - 1
+            if n:
+                held[client] = n
+            else:
+                del held[client]
+
+    def fail(self, req: Pending, status: int, message: str, reason: str) -> None:
+        """Answer an accepted request with an error, or from its fallback
+        when it has one that covers ``reason`` (daemon/fallback.py)."""
+        if req.done:
+            return
+        fb = req.fb
+        if fb is not None and fb.take(req, reason, status, message):
+            return
+        req.answer_error(status, message)
+
     def refuse(self, req: Pending, err) -> None:
         """Answer an accepted request with a ProtocolError found after it was
         queued (a NaN in its row): counted as rejected input by the caller,
@@ -493,7 +538,9 @@ class ModelQueue:
                          f"{self.name!r} version {self.version!r}; raise deadline_ms or reduce load")
         self._maybe_idle()
 
-    def fail_all_queued(self, status: int, message: str) -> None:
+    def fail_all_queued(self, status: int, message: str, reason: str | None = None) -> None:
+        """Answer everything queued with an error; with ``reason``, from their
+        fallbacks where they have one that covers it (``fail``)."""
         if self.window_timer is not None:  # nothing is queued for it any more
             self.window_timer.cancel()
             self.window_timer = None
@@ -501,7 +548,10 @@ class ModelQueue:
         sq, self.shadow_q = self.shadow_q, collections.deque()
         self.queued = self.shadow_queued = 0
         for r in q:
-            r.answer_error(status, message)
+            if reason is not None:
+                self.fail(r, status, message, reason)
+            else:
+                r.answer_error(status, message)
         for r in sq:
             r.answer_error(status, message)
         self._maybe_idle()
@@ -514,7 +564,7 @@ class ModelQueue:
             states = ", ".join(sorted({w.state for w in self.workers})) or "none"
             self.fail_all_queued(int(Status.UNAVAILABLE),
                                  f"model {self.name!r} version {self.version!r} has no ready "
-                                 f"worker (workers: {states}); retry shortly")
+                                 f"worker (workers: {states}); retry shortly", NO_WORKER)
         self.dispatch()
 
     @property

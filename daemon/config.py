@@ -41,14 +41,15 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ipc.tensors import DTYPES
+from ipc.status import InvalidArgument
+from ipc.tensors import DTYPES, TensorSpec, decode_tensor
 
 from .metadata import MetadataError, ModelMetadata, default_path, read_metadata, schema_mismatch
 
 __all__ = [
     "PROTOCOL_DTYPES", "RING_SLOT_BYTES", "REQUIRED", "Derived", "ConfigError", "Setting", "Section",
     "SETTINGS", "SECTIONS", "TensorShape", "ServerConfig", "LoggingConfig",
-    "ModelConfig", "RolloutConfig", "ArmConfig", "ExperimentConfig", "ShadowConfig", "GuardrailConfig", "MetricsConfig", "RequestLogConfig", "AuthConfig", "RateLimitConfig", "FeedbackConfig", "Config", "with_overrides", "load_config", "parse_config", "render_reference",
+    "ModelConfig", "FallbackConfig", "FALLBACK_CAUSES", "RolloutConfig", "ArmConfig", "ExperimentConfig", "ShadowConfig", "GuardrailConfig", "MetricsConfig", "RequestLogConfig", "AuthConfig", "RateLimitConfig", "FeedbackConfig", "Config", "with_overrides", "load_config", "parse_config", "render_reference",
 ]
 
 # The tensor dtypes of the wire protocol (protocol.md, "Tensors"), with their
@@ -86,10 +87,13 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class TensorShape:
-    """The dtype and shape of one sample of one tensor (no batch dimension)."""
+    """The dtype and shape of one sample of one tensor (no batch dimension);
+    for an input, ``default``: the raw little-endian bytes of the sample a
+    request that omits it gets (None: the input is required)."""
 
     dtype: str
     shape: tuple[int, ...]
+    default: bytes | None = dataclasses.field(default=None, repr=False)
 
     @property
     def itemsize(self) -> int:
@@ -178,6 +182,23 @@ class FeedbackConfig:
     max_entries: int              # answers remembered at most (oldest dropped first)
 
 
+# The failures a fallback can cover (docs/operations.md, "Degraded mode"),
+# and the ones it covers unless ``on`` says otherwise.
+FALLBACK_CAUSES = ("no_worker", "queue_full", "deadline_near", "model_error")
+FALLBACK_DEFAULT_ON = ("no_worker", "queue_full", "deadline_near")
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackConfig:
+    """``[models.fallback]``: what answers when the version cannot
+    (daemon/fallback.py). Exactly one of ``version`` and ``outputs``."""
+
+    version: str | None           # another [[models]] entry of the same name
+    outputs: tuple[tuple[str, bytes], ...] | None  # a constant answer: raw bytes per declared output
+    on: tuple[str, ...]           # the causes it covers, from FALLBACK_CAUSES
+    queue_limit: int              # version fallback: most requests it holds in that version's queue
+
+
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
     name: str
@@ -209,6 +230,7 @@ class ModelConfig:
     drift_freeze_after: int
     drift_sample_rate: float
     drift_threshold: float
+    fallback: FallbackConfig | None   # [models.fallback]; None: failures are answered as errors
 
     @property
     def sample_bytes(self) -> int:
@@ -590,15 +612,17 @@ _DTYPE_LIST = ", ".join(name for name, _ in PROTOCOL_DTYPES)
 _TENSOR_EXAMPLE = '{ dtype = "float32", shape = [128] }'
 
 
-def _tensor(v, at: str = "") -> TensorShape:
+def _tensor(v, at: str = "", default_ok: bool = False) -> TensorShape:
+    """``default_ok``: an input, which may declare ``default`` (``_constant``)."""
     if not isinstance(v, dict):
         raise _Invalid(f"must be a table like {_TENSOR_EXAMPLE}, got {_show(v)}", at)
+    keys = ("dtype", "shape", "default") if default_ok else ("dtype", "shape")
     for key in v:
-        if key not in ("dtype", "shape"):
+        if key not in keys:
             hint = ""
             if isinstance(v[key], dict):
                 hint = " (for named tensors use inputs/outputs, not input/output)"
-            raise _Unknown(key, ("dtype", "shape"), at, hint)
+            raise _Unknown(key, keys, at, hint)
     if "dtype" not in v or "shape" not in v:
         missing = "dtype" if "dtype" not in v else "shape"
         raise _Invalid(f"missing {missing}; write it like {_TENSOR_EXAMPLE}", at)
@@ -619,7 +643,27 @@ def _tensor(v, at: str = "") -> TensorShape:
             raise _Invalid(f"shape {_show(shape)} makes a sample of 2**63 bytes or more; "
                            "one sample must fit the ring slot "
                            f"({RING_SLOT_BYTES // _MIB} MiB)", at + ".shape")
-    return TensorShape(dtype, tuple(shape))
+    t = TensorShape(dtype, tuple(shape))
+    if "default" in v:
+        t = TensorShape(dtype, t.shape, _constant(v["default"], t, at + ".default"))
+    return t
+
+
+def _constant(v, t: TensorShape, at: str) -> bytes:
+    """A constant sample of ``t`` written in the file (an input's default, a
+    constant fallback's output): nested lists of its shape, or one number
+    for every element; returned as its raw little-endian bytes, checked as
+    the wire's list form is (dtype range, whole numbers for integers, finite
+    floats)."""
+    try:
+        if isinstance(v, (int, float)):  # bool too: for a bool tensor
+            return decode_tensor([v], TensorSpec(t.dtype, (1,)), "the value") * t.numel
+        return decode_tensor(v, TensorSpec(t.dtype, t.shape), "the value")
+    except InvalidArgument as e:  # (the codec's words are for requests: drop what does not fit)
+        why = e.message.removeprefix("the value: ").replace(" the model's input", "")
+        why = why.replace("; send one sample (no batch dimension)", "")
+        raise _Invalid(f"must be a constant {t.dtype} sample of shape {list(t.shape)} (nested "
+                       f"lists, or one number for every element): {why}", at) from None
 
 
 @_rule("dtype: " + _DTYPE_LIST + "; shape: positive integers")
@@ -627,11 +671,16 @@ def _check_tensor(v, ctx) -> TensorShape:
     return _tensor(v)
 
 
+@_rule("dtype: " + _DTYPE_LIST + "; shape: positive integers; default: a sample of them")
+def _check_input(v, ctx) -> TensorShape:
+    return _tensor(v, default_ok=True)
+
+
 _TENSOR_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
 @_rule("names: Python identifiers; each as for input")
-def _check_tensors(v, ctx) -> tuple[tuple[str, TensorShape], ...]:
+def _check_tensors(v, ctx, default_ok: bool = False) -> tuple[tuple[str, TensorShape], ...]:
     if not isinstance(v, dict) or not v:
         raise _Invalid("must be a table of named tensors, like { ids = { dtype = \"int64\", "
                        f"shape = [8] }}, dense = {_TENSOR_EXAMPLE} }}, got {_show(v)}")
@@ -640,8 +689,13 @@ def _check_tensors(v, ctx) -> tuple[tuple[str, TensorShape], ...]:
         if not _TENSOR_NAME_RE.fullmatch(name):
             raise _Invalid("tensor names must be Python identifiers of at most 64 "
                            f"characters, got {json.dumps(name)}")
-        out.append((name, _tensor(spec, f".{name}")))
+        out.append((name, _tensor(spec, f".{name}", default_ok)))
     return tuple(out)
+
+
+@_rule("names: Python identifiers; each as for input")
+def _check_inputs(v, ctx) -> tuple[tuple[str, TensorShape], ...]:
+    return _check_tensors(v, ctx, default_ok=True)
 
 
 @_rule("true or false")
@@ -754,6 +808,83 @@ def _default_buckets(values: dict[str, Any]) -> tuple[int, ...]:
     return tuple(out) + (max_batch,)
 
 
+_FALLBACK_KEYS = ("version", "outputs", "on", "queue_limit")
+_FALLBACK_EXAMPLE = '{ version = "small" } or { outputs = [0.0] }'
+
+
+@_rule("version or outputs; on: " + ", ".join(FALLBACK_CAUSES) + "; queue_limit: 1 to 1000000")
+def _check_fallback(v, ctx) -> dict[str, Any]:
+    """The table's own keys; the checks against the model's outputs and the
+    other entries are ``_build_fallback`` and ``_check_models``."""
+    if not isinstance(v, dict):
+        raise _Invalid(f"must be a table ([models.fallback]) like {_FALLBACK_EXAMPLE}, "
+                       f"got {_show(v)}")
+    for key in v:
+        if key not in _FALLBACK_KEYS:
+            raise _Unknown(key, _FALLBACK_KEYS)
+    if ("version" in v) == ("outputs" in v):
+        raise _Invalid("set exactly one of version (another [[models]] entry of this model "
+                       "that answers instead) and outputs (a constant answer), like "
+                       f"{_FALLBACK_EXAMPLE}; " + ("both are set" if "version" in v
+                                                   else "neither is set"))
+    out: dict[str, Any] = {"version": None, "outputs": v.get("outputs"),
+                           "queue_limit": 256, "on": FALLBACK_DEFAULT_ON}
+    if "version" in v:
+        try:
+            out["version"] = _check_version(v["version"], ctx)
+        except _Invalid as e:
+            raise _Invalid(e.problem, ".version") from None
+    if "queue_limit" in v:
+        if out["version"] is None:
+            raise _Invalid("only applies to a version fallback (a constant answer needs no "
+                           "queue); remove queue_limit", ".queue_limit")
+        try:
+            out["queue_limit"] = _int_in(1, 1_000_000)(v["queue_limit"], ctx)
+        except _Invalid as e:
+            raise _Invalid(e.problem, ".queue_limit") from None
+    if "on" in v:
+        on = v["on"]
+        if (not isinstance(on, list) or not on or not all(isinstance(c, str) for c in on)):
+            raise _Invalid(f"must be a non-empty list of causes from {', '.join(FALLBACK_CAUSES)}"
+                           f", got {_show(on)}", ".on")
+        for c in on:
+            if c not in FALLBACK_CAUSES:
+                close = difflib.get_close_matches(c, FALLBACK_CAUSES, n=1, cutoff=0.6)
+                hint = f"; did you mean {json.dumps(close[0])}?" if close else ""
+                raise _Invalid(f"unknown cause {json.dumps(c)}; causes are "
+                               f"{', '.join(FALLBACK_CAUSES)}{hint}", ".on")
+        out["on"] = tuple(c for c in FALLBACK_CAUSES if c in on)
+    return out
+
+
+def _build_fallback(fb: dict[str, Any], outputs, single_output) -> FallbackConfig:
+    """A constant fallback's outputs against the declared output schema."""
+    consts = None
+    if fb["version"] is None:
+        raw, at = fb["outputs"], ".fallback.outputs"
+        if not outputs:
+            raise _Invalid("a constant fallback answers in the declared output schema: declare "
+                           f"output = {_TENSOR_EXAMPLE} (or outputs = {{ NAME = ... }}) for "
+                           "this model", at)
+        if single_output:
+            consts = (("output", _constant(raw, outputs[0][1], at)),)
+        else:
+            names = [n for n, _ in outputs]
+            if not isinstance(raw, dict):
+                raise _Invalid(f"the model declares named outputs ({', '.join(names)}): give a "
+                               f"table of name to value, like {{ {names[0]} = [...] }}, got "
+                               f"{_show(raw)}", at)
+            for key in raw:
+                if key not in names:
+                    raise _Unknown(key, names, at)
+            missing = [n for n in names if n not in raw]
+            if missing:
+                raise _Invalid(f"missing {', '.join(missing)}: a constant answer gives every "
+                               "declared output", at)
+            consts = tuple((n, _constant(raw[n], spec, f"{at}.{n}")) for n, spec in outputs)
+    return FallbackConfig(fb["version"], consts, fb["on"], fb["queue_limit"])
+
+
 # --------------------------------------------------------------------------
 # Cross-checks of a model entry and of the models array
 
@@ -805,6 +936,8 @@ def _build_model(values: dict[str, Any], ctx: _Context) -> ModelConfig:
         raise _Invalid("drift tracking needs a model with one float32, float64 or float16 "
                        "input; turn drift off or track the features upstream", ".drift")
     fields = {k: v for k, v in values.items() if k not in ("input", "output")}
+    if values["fallback"] is not None:
+        fields["fallback"] = _build_fallback(values["fallback"], outputs, single_output)
     fields.update(inputs=inputs, single_input=single_input,
                   outputs=outputs, single_output=single_output,
                   metadata=_model_metadata(values, inputs))
@@ -851,6 +984,46 @@ def _check_models(models: tuple[ModelConfig, ...], ctx: _Context) -> None:
                 f"is already declared by models[{first}]; give each entry its own version "
                 "(list several devices in one entry for more workers)",
                 source=ctx.source, key=key)
+    for i, m in enumerate(models):
+        if m.fallback is not None and m.fallback.version is not None:
+            _check_fallback_version(i, m, models, seen, ctx)
+
+
+def _schema(tensors) -> tuple:
+    """Names, dtypes and shapes: what two versions must share to take the
+    same requests (defaults aside) or give the same answers."""
+    return tuple((n, t.dtype, t.shape) for n, t in tensors)
+
+
+def _check_fallback_version(i: int, m: ModelConfig, models, seen: dict, ctx: _Context) -> None:
+    """A version fallback answers the requests of ``m``: it must be another
+    entry of the same model, taking the same inputs and, where both declare
+    them, giving the same outputs."""
+    key = f"models[{i}] ({json.dumps(m.name)}).fallback.version"
+    v = m.fallback.version
+
+    def fail(problem: str) -> None:
+        raise ConfigError(f"{ctx.source}: {key}: {problem}", source=ctx.source, key=key)
+
+    if v == m.version:
+        fail(f"names this entry's own version {json.dumps(v)}; a fallback is another version "
+             "of the model")
+    j = seen.get((m.name, v))
+    if j is None:
+        versions = sorted(x.version for x in models if x.name == m.name and x is not m)
+        fail(f"{json.dumps(m.name)} version {json.dumps(v)} is not in [[models]] (other "
+             f"versions of {json.dumps(m.name)}: {', '.join(versions) or 'none'}); a fallback "
+             "version is another [[models]] entry of the same name")
+    other = models[j]
+    if (_schema(other.inputs), other.single_input) != (_schema(m.inputs), m.single_input):
+        fail(f"version {json.dumps(v)} takes other inputs than version {json.dumps(m.version)} "
+             "(names, dtypes, shapes), so it cannot answer the same requests; give it the "
+             "same inputs")
+    if m.outputs and other.outputs and (_schema(other.outputs), other.single_output) != (
+            _schema(m.outputs), m.single_output):
+        fail(f"version {json.dumps(v)} declares other outputs than version "
+             f"{json.dumps(m.version)}, so its answers would not be in this version's "
+             "schema; give it the same outputs")
 
 
 def _build_rollout(values: dict[str, Any], ctx: _Context) -> RolloutConfig:
@@ -905,7 +1078,7 @@ def _check_across(built: dict[str, Any], ctx: _Context) -> None:
         need(f"shadows[{i}].candidate", sh.model, sh.candidate)
         cand = next(m for m in built["models"] if (m.name, m.version) == (sh.model, sh.candidate))
         other = [m.version for m in built["models"]
-                 if m.name == sh.model and m.inputs != cand.inputs]
+                 if m.name == sh.model and _schema(m.inputs) != _schema(cand.inputs)]
         if other:
             key = f"shadows[{i}].candidate"
             raise ConfigError(f"{ctx.source}: {key}: version {json.dumps(sh.candidate)} takes "
@@ -1215,11 +1388,14 @@ SETTINGS: tuple[Setting, ...] = (
             "data_version and an unchecked feature schema).", _check_bool),
     Setting("models", "input", "tensor", None,
             f"The one unnamed input of one sample (no batch dimension), like "
-            f"`{_TENSOR_EXAMPLE}`; set exactly one of input and inputs.", _check_tensor),
+            f"`{_TENSOR_EXAMPLE}`; set exactly one of input and inputs. `default` (nested "
+            "lists of the shape, or one number for every element) is what a request that "
+            "omits the input gets; without it the input is required.", _check_input),
     Setting("models", "inputs", "table of tensors", None,
             "Named inputs, `{ NAME = { dtype = ..., shape = [...] }, ... }` or "
-            "`[models.inputs.NAME]` tables; set exactly one of input and inputs.",
-            _check_tensors),
+            "`[models.inputs.NAME]` tables; set exactly one of input and inputs. Each may "
+            "have a `default`, as for input: a request may omit those inputs.",
+            _check_inputs),
     Setting("models", "output", "tensor", None,
             "Declared unnamed output of one sample, checked against the model at warm-up; "
             "optional.", _check_tensor),
@@ -1385,6 +1561,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("models", "drift_threshold", "float", 0.1,
             "KS distance beyond which a feature is flagged (stats, metrics, decision log).",
             _float_in(0, 1, lo_open=True)),
+    Setting("models", "fallback", "table", None,
+            "`[models.fallback]`: what answers, marked `fallback`, when this version cannot "
+            "(docs/operations.md, \"Degraded mode\"): `version` (another [[models]] entry of this "
+            "model, with the same inputs and outputs; it queues at most `queue_limit` (256) "
+            "requests of this fallback) or `outputs` (a constant answer of the declared output "
+            "schema: a value for one output, a table of name to value for named ones), for the "
+            "causes in `on` (default no_worker, queue_full, deadline_near; also model_error). "
+            "Unset: those failures are answered as errors.", _check_fallback),
 )
 
 _SECTION_BY_NAME = {s.name: s for s in SECTIONS}

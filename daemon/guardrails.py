@@ -58,7 +58,11 @@ import collections
 import math
 from dataclasses import dataclass, field
 
-ERROR_STATUSES = frozenset((4, 13, 14))  # DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE
+# What a guardrail is told of an answer its version's fallback gave
+# (daemon/fallback.py): not a status of the protocol (the caller got OK),
+# but the version's failure all the same.
+FALLBACK = -1
+ERROR_STATUSES = frozenset((4, 13, 14, FALLBACK))  # DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE, fallback
 STABLE = "stable"
 CANARY = "canary"
 

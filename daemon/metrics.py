@@ -101,6 +101,11 @@ class Collector:
             labels=mv + ["device", "worker"])
         ready = GaugeMetricFamily("ringserve_worker_ready", "1 when the worker is warm and serving.",
                                   labels=mv + ["device", "worker"])
+        fallback = CounterMetricFamily(
+            "ringserve_fallback_answers", "Answers given by a version's fallback instead of "
+            "it (version: the one the router chose; answered_by: the fallback version or "
+            "fallback:constant), by reason (no_worker, queue_full, deadline_near, model_error).",
+            labels=mv + ["lane", "arm", "reason", "answered_by"])
         drift = GaugeMetricFamily(
             "ringserve_drift_ks_distance", "Kolmogorov-Smirnov distance of a served input "
             "feature from its reference.", labels=mv + ["feature"])
@@ -129,8 +134,11 @@ class Collector:
             if q.drift is not None:
                 for feature, d in q.drift.named_distances():
                     drift.add_metric(lv + [feature], d)
+            if q.fallback is not None:
+                for (lane, arm, reason, by), n in q.fallback.answered.items():
+                    fallback.add_metric(lv + [lane, arm or "", reason, by], n)
         yield from (requests, duration, queue, compute, batch, dispatch, padding, depth, shed,
-                    cache, busy, restarts, ready, drift)
+                    cache, busy, restarts, ready, drift, fallback)
 
         rejected = CounterMetricFamily(
             "ringserve_rejected", "Requests refused before reaching a model queue (bad input "
@@ -147,6 +155,9 @@ class Collector:
         up = GaugeMetricFamily("ringserve_ready", "1 when every worker is warm and the daemon "
                                "is not draining.")
         up.add_metric([], 1.0 if app.ready() else 0.0)
+        degraded = GaugeMetricFamily("ringserve_degraded", "1 while some version is answered "
+                                     "by its fallback alone (no ready worker of its own).")
+        degraded.add_metric([], 1.0 if app.degraded() else 0.0)
         refused = CounterMetricFamily(
             "ringserve_access_refused", "Requests refused by [auth] or [rate_limit], by reason "
             "(unauthenticated, bad_token, reauthenticate, rate_limited).", labels=["reason"])
@@ -164,7 +175,7 @@ class Collector:
             "ringserve_frame_buffer_bytes", "Bytes held for unfinished frames, all connections "
             "(bounded by server.frame_buffer_budget_bytes).")
         frame_bytes.add_metric([], app.frame_bytes)
-        yield from (rejected, reloads, conns, up, refused, closed, frame_bytes)
+        yield from (rejected, reloads, conns, up, degraded, refused, closed, frame_bytes)
 
         weight = GaugeMetricFamily("ringserve_rollout_weight", "Canary share of keyed traffic.",
                                    labels=["model", "stable", "candidate"])
@@ -255,7 +266,9 @@ class MetricsServer:
         if path == "/readyz":
             if self.app.ready():
                 return 200, "text/plain", b"ready\n"
-            return 503, "text/plain", (b"draining\n" if self.app.draining else b"not ready\n")
+            return 503, "text/plain", (b"draining\n" if self.app.draining else
+                                       b"not ready (degraded: answering from fallbacks)\n"
+                                       if self.app.degraded() else b"not ready\n")
         return 404, "text/plain", b"not found; paths: /metrics /healthz /readyz\n"
 
     @staticmethod

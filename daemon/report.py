@@ -60,6 +60,11 @@ unique within the directory (the daemon's carry 23 random bits of its boot,
 so restarts and several front processes do not collide); repeated rids are
 counted and reported, and a repeated answer takes the feedback of the first.
 Cache hits (``"cache": true``) are answers like any other, latency included.
+Answers given by a version's fallback (``"fallback"`` set; docs/operations.md,
+"Degraded mode") count as a failure of their group (status ``FALLBACK``,
+in the error rate, not in the latency), as the guardrails count them; their
+feedback is never joined online, so the daemon logs it unjoined and the KPI
+here leaves it out.
 """
 
 from __future__ import annotations
@@ -78,7 +83,7 @@ import numpy as np
 
 from ipc.status import Status
 
-from .guardrails import ERROR_STATUSES, LatencyHistogram
+from .guardrails import ERROR_STATUSES, FALLBACK, LatencyHistogram
 
 SRM_ALPHA = 0.001
 CONTROL_LANE = "stable"
@@ -221,6 +226,8 @@ class Group:
 
 
 def _status_name(s: int) -> str:
+    if s == FALLBACK:
+        return "FALLBACK"
     try:
         return Status(s).name
     except ValueError:
@@ -299,6 +306,8 @@ def build(paths, exp: str | None = None, model: str | None = None) -> dict:
                     code = codes[g] = len(groups)
                     groups.append(Group())
                 rid, status, latency = int(rec["rid"]), int(rec["status"]), float(rec["latency_us"])
+                if rec.get("fallback"):  # answered by the routed version's fallback: its failure
+                    status = FALLBACK
                 a_rid.append(rid)   # raises OverflowError past int64, before anything is counted
                 a_code.append(code)
                 groups[code].add(status, latency, rec.get("version"))

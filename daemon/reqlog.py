@@ -92,9 +92,10 @@ class RequestLog:
         self.buf.append(item)
 
     def answer(self, req, status: int, answer: dict, latency_us: int, model: str,
-               version: str, score_name: str | None) -> None:
+               version: str, score_name: str | None, fallback: tuple | None = None) -> None:
         """``answer["outputs"]`` may view shared memory: only the score's
-        bytes are copied, now."""
+        bytes are copied, now. ``fallback``: (reason, the version the router
+        chose) of a fallback's answer (daemon/fallback.py)."""
         score = None
         out = answer.get("outputs")
         if out is not None:
@@ -103,7 +104,8 @@ class RequestLog:
             score = (bytes(out["data"][:8]), out["dtype"])
         data, exp = req.log
         self._put(("a", time.time(), req.rid, req.key, exp, req.arm, req.lane, model, version,
-                   req.queue.data_version, status, latency_us, answer.get("timing"), score, data))
+                   req.queue.data_version, status, latency_us, answer.get("timing"), score, data,
+                   fallback))
 
     def feedback(self, rid, outcome: float, group) -> None:
         self._put(("f", time.time(), rid, outcome, group))
@@ -123,7 +125,7 @@ class RequestLog:
                    "lane": lane, "arm": arm}
         else:
             (_, ts, rid, key, exp, arm, lane, model, version, data_version, status, latency_us,
-             timing, score, data) = item
+             timing, score, data, fallback) = item
             timing = timing or {}
             features = data
             rec = {"ts": ts, "type": "answer", "rid": rid, "key": self._key(key), "exp": exp,
@@ -133,6 +135,8 @@ class RequestLog:
                    "batch": timing.get("batch"), "cache": bool(timing.get("cache")),
                    "score": _score(*score) if score is not None else None,
                    "features": features}
+            if fallback is not None:  # answered by the fallback of the routed version
+                rec["fallback"], rec["routed"] = fallback
         return json.dumps(rec, separators=(",", ":"))
 
     def _open(self) -> None:

@@ -36,6 +36,7 @@ from .config import ConfigError, load_config, with_overrides
 from .batcher import Deadlines, ModelQueue, Pending
 from .cache import ResponseCache
 from .drift import DriftTracker
+from .fallback import DEADLINE_NEAR, Fallback, fill_inputs, wire_defaults
 from .feedback import FeedbackJoin
 from .limits import frame_limits, raise_nofile
 from .metadata import default_path
@@ -54,6 +55,8 @@ PROTOCOL_VERSIONS = (1,)
 OPS = ("infer", "health", "stats", "models", "feedback", "auth")
 MAX_DEADLINE_MS = 3_600_000
 _SHED = {"busy": "queue_full", "share": "fair_share", "unavailable": "no_worker"}
+_NO_INPUTS = ("request has no 'inputs'; send one sample as a tensor map {dtype, shape, data} or "
+              "a list of numbers")
 _monotonic_ns = time.monotonic_ns
 
 
@@ -149,6 +152,7 @@ class App:
         self._set_lanes()
         self.rollouts.attach()
         self._set_shadows()
+        self._set_fallbacks()
         self.rollouts.start()
         for q in self.queues.values():
             for w in q.workers:
@@ -183,10 +187,24 @@ class App:
             q.finite_checks = tuple(
                 (k, s.dtype, s.numel, "inputs" if m.single_input else input_where(n))
                 for k, (n, s) in enumerate(m.inputs) if s.dtype in DEFERRABLE)
+        if m.fallback is not None:
+            q.fallback = Fallback(m.fallback, q, self.count_rejected)
+        q.defaults = wire_defaults(m)
+        q.special = q.defaults is not None
         for i, dev in enumerate(m.devices):
             t = m.threads or threads if dev == "cpu" else 1
             q.workers.append(WorkerHandle(self, q, i, dev, t))
         return q
+
+    def _set_fallbacks(self) -> None:
+        """Point each version fallback at its version's queue (start, reload:
+        the one serving now; requests already moved finish where they are)."""
+        for q in self.queues.values():
+            fb = q.fallback
+            if fb is not None and fb.cfg.version is not None:
+                fb.target = t = self.queues.get((q.name, fb.cfg.version))
+                if t is not None:
+                    t.special = True
 
     def _set_shadows(self) -> None:
         """One Shadow per [[shadows]] entry, pointed at its candidate's queue;
@@ -463,10 +481,19 @@ class App:
         q, lane, arm, key = self.route(msg)
         sh = self.shadows.get(q.name) if self.shadows else None
         inputs = msg.get("inputs")
-        if inputs is None:
-            raise InvalidArgument("request has no 'inputs'; send one sample as a tensor map "
-                                  "{dtype, shape, data} or a list of numbers")
-        data = decode_inputs(inputs, q.specs, q.cfg.single_input, bool(q.finite_checks))
+        defaulted = None
+        if inputs is None and q.defaults is None:
+            raise InvalidArgument(_NO_INPUTS)
+        try:
+            data = decode_inputs(inputs, q.specs, q.cfg.single_input, bool(q.finite_checks))
+        except InvalidArgument:
+            # Not whole: whole with the declared defaults of what it omitted?
+            filled = fill_inputs(inputs, q, decode_inputs) if q.defaults is not None else None
+            if filled is None:
+                if inputs is None:
+                    raise InvalidArgument(_NO_INPUTS) from None
+                raise
+            data, defaulted = filled
         if q.drift is not None:
             q.drift.sample(data)
         dl = msg.get("deadline_ms")
@@ -485,12 +512,20 @@ class App:
         now = _monotonic_ns()
         req = Pending(req_id, conn, data, now, now + dl_ns, q, self.rids.next(), lane, arm, key)
         conn.inflight += 1  # until q.finished answers it, whichever way
+        if defaulted is not None:
+            req.defaulted = defaulted
         if self.reqlog is not None and self.reqlog.sampled():
             req.log = (features_hash(data), msg.get("exp"))
         if q.cache is not None and self._cached(q, req):
             return
         if sh is not None and q.version != sh.candidate and sh.sampled(key):
             req.shadow, req.sdata = sh, data
+        fb = q.fallback
+        if fb is not None and msg.get("version") is None:  # a pinned version never falls back
+            req.fb, req.sdata = fb, data  # (kept: a version fallback may run it after the primary)
+            if fb.deadline_near(dl_ns, now) and fb.take(
+                    req, DEADLINE_NEAR, int(Status.DEADLINE_EXCEEDED), fb.near_message(dl_ns)):
+                return
         refused = q.submit(req, conn.ident)
         if refused is not None:
             if refused == "busy":
@@ -508,8 +543,11 @@ class App:
                 states = ", ".join(sorted({w.state for w in q.workers}))
                 err = (f"model {q.name!r} version {q.version!r} has no ready worker "
                        f"(workers: {states}); retry shortly")
+            reason = _SHED[refused]
+            q.stats.shed[reason] += 1
+            if req.fb is not None and req.fb.take(req, reason, status, err):
+                return
             req.done = True
-            q.stats.shed[_SHED[refused]] += 1
             q.finished(req, status, {"id": req_id, "status": status, "error": err, "rid": req.rid},
                        observe=refused != "unavailable")
 
@@ -523,10 +561,13 @@ class App:
             return False
         q.stats.cache["hit"] += 1
         req.done = True
-        q.finished(req, 0, {
+        answer = {
             "id": req.id, "status": 0, "outputs": outputs, "model": q.name, "version": q.version,
             "data_version": q.data_version, "lane": req.lane, "arm": req.arm, "rid": req.rid,
-            "timing": {"queue_us": 0, "compute_us": 0, "batch": 0, "cache": True}}, observe=False)
+            "timing": {"queue_us": 0, "compute_us": 0, "batch": 0, "cache": True}}
+        if req.defaulted is not None:
+            answer["defaulted"] = req.defaulted
+        q.finished(req, 0, answer, observe=False)
         self.joins.answered(req.rid, q.name, q.version, req.lane, req.arm, req.key)
         return True
 
@@ -553,8 +594,18 @@ class App:
         name = msg.get("model")
         workers = [w.health() for q in self.queues.values() for w in q.workers
                    if name is None or q.name == name]
+        fallbacks = [{"name": q.name, "version": q.version, "fallback": q.fallback.by,
+                      "ready": q.has_ready, "degraded": q.fallback.degraded()}
+                     for q in self.queues.values()
+                     if q.fallback is not None and (name is None or q.name == name)]
         return {"id": req_id, "status": 0, "live": True, "ready": self.ready(),
-                "draining": self.draining, "models": workers, "metrics_port": self.metrics.port}
+                "degraded": self.degraded(), "draining": self.draining, "models": workers,
+                "fallbacks": fallbacks, "metrics_port": self.metrics.port}
+
+    def degraded(self) -> bool:
+        """Some version is answered by its fallback alone (daemon/fallback.py):
+        not ready, but not down either."""
+        return any(q.fallback is not None and q.fallback.degraded() for q in self.queues.values())
 
     def models(self, req_id: int, msg: dict) -> dict:
         out = []
@@ -566,6 +617,10 @@ class App:
                                   "buckets": list(m.buckets), "queue_limit": m.queue_limit,
                                   "inflight_batches": m.inflight_batches}}
             ins = {n: {"dtype": s.dtype, "shape": list(s.shape)} for n, s in m.inputs}
+            for n, t in (q.defaults or {}).items():
+                ins[n]["default"] = t
+            if q.fallback is not None:
+                entry["fallback"] = {"version": q.fallback.by, "on": sorted(q.fallback.on)}
             if m.single_input:
                 entry["input"] = next(iter(ins.values()))
             else:
@@ -594,6 +649,9 @@ class App:
             if q.drift is not None:
                 q.drift.feed()
                 d["drift"] = q.drift.snapshot()
+            d["held"] = sum(q.held.values())
+            if q.fallback is not None:
+                d["fallback"] = q.fallback.snapshot()
             d["workers"] = [w.stats() for w in q.workers]
             out.append(d)
         return {"id": req_id, "status": 0, "uptime_s": round(time.monotonic() - self.started, 3),
@@ -705,6 +763,7 @@ class App:
         self.rollouts.apply(new, "reload")
         self.reroute()
         self._set_shadows()
+        self._set_fallbacks()
         self.reloads["ok"] += 1
         record = {"started": [f"{n}@{v}" for n, v in started],
                   "retired": [f"{q.name}@{q.version}" for q in retired],
@@ -781,6 +840,9 @@ class App:
 
     async def shutdown(self) -> None:
         self.draining = True  # /readyz answers 503 from now: load balancers move away
+        for q in self.all_queues():  # and nothing falls back any more
+            if q.fallback is not None:
+                q.fallback.live = False
         if self._sweeper is not None:
             self._sweeper.cancel()
         await self.rollouts.stop()

@@ -32,6 +32,7 @@ from ipc.ring import Ring, RingLayout
 from ipc.status import Status
 from ipc.tensors import non_finite_rows, not_finite_error
 
+from .fallback import NO_WORKER
 from .spec import TensorDecl, spawn_worker, spec_for
 from .stats import BusyMeter
 from .worker import EXIT_LOAD_FAILED
@@ -306,14 +307,13 @@ class WorkerHandle:
             self._start_timer.cancel()
             self._start_timer = None
         lost = 0
+        why = (f"worker {self.label} (pid {self.pid}) exited with code {rc} while running this "
+               "request; it was not answered by the model, retry")
         for batch, _, _ in self.inflight:
             for r in batch:
                 if not r.done:
                     lost += 1
-                    r.answer_error(UNAVAILABLE,
-                                   f"worker {self.label} (pid {self.pid}) exited with code {rc} "
-                                   "while running this request; it was not answered by the model, "
-                                   "retry")
+                    self.queue.fail(r, UNAVAILABLE, why, NO_WORKER)  # or its fallback answers
         self.inflight.clear()
         self.free_slots = 0
         self._teardown()

@@ -129,7 +129,9 @@ name = "m"
 version = "2"
 factory = "tests.models:raises_on_magic"
 input = {{ dtype = "float32", shape = [3] }}
+output = {{ dtype = "float32", shape = [3] }}
 threads = 1
+fallback = {{ outputs = 0.0, on = ["model_error"] }}
 
 [[rollouts]]
 model = "m"
@@ -171,6 +173,9 @@ def test_every_documented_family_is_scraped_with_its_documented_labels(daemon_fa
             for i in range(chunk, chunk + 4):
                 c.send({"model": "m", "inputs": tensor(x[i]), "key": f"u{i}"})
             assert all(a["status"] == 0 for a in c.recv_n(4))
+        magic = tensor(np.array([777, 0, 0], np.float32))  # the candidate raises on it
+        a = c.call({"model": "m", "inputs": magic, "key": "u1"})  # u1: in the canary
+        assert (a["status"], a["lane"], a.get("fallback")) == (0, "canary", "model_error"), a
         for _ in range(2):  # the same bytes twice: a cache miss, then a hit
             assert c.call({"model": "m", "version": "1", "inputs": tensor(x[0])})["status"] == 0
         for i in range(300, 400):  # pipelined past queue_limit: shed as queue_full

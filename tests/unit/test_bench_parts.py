@@ -216,3 +216,26 @@ def test_precise_timer_fires_once_at_its_time_and_can_be_moved(monkeypatch, prec
         calls = timer_mod._LIBC.settime
         assert all(flags == timer_mod._TFD_TIMER_ABSTIME for flags, _ in calls)
         assert [ns for _, ns in calls[1::2]] == armed   # every second call: the time that stayed
+
+
+def test_the_load_generator_counts_fallback_answers_apart():
+    """An OK answer marked ``fallback`` is a fallback's, not the model's:
+    its status is ``fallback:<reason>`` in the figures, not 0."""
+    import asyncio
+
+    from bench.load import _Conn, _Run
+    loop = asyncio.new_event_loop()
+    try:
+        run = _Run(loop, grace=1.0)
+        run.t0, run.t1 = 0, 10**18
+        conn = _Conn(run)
+        conn.sent = [0, 5, 5, 5]
+        conn.inflight = 3
+        data = b"".join(encode_frame(a) for a in (
+            {"id": 1, "status": 0, "lane": "stable", "arm": None},
+            {"id": 2, "status": 0, "fallback": "queue_full", "lane": "stable", "arm": None},
+            {"id": 3, "status": 8, "error": "busy", "lane": None, "arm": None}))
+        assert conn.answered(data, now=100) == [1, 2, 3]
+    finally:
+        loop.close()
+    assert run.statuses == {0: 1, "fallback:queue_full": 1, 8: 1}

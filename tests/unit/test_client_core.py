@@ -104,6 +104,19 @@ def test_infer_result_named_outputs_and_bfloat16():
     assert t["half"].dtype == torch.bfloat16 and t["half"].tolist() == [1.5, -2.0]
 
 
+def test_infer_result_says_when_a_fallback_answered_and_what_was_defaulted():
+    x = np.array([0.25, 0.75], np.float32)
+    wire = dict(from_array(x), data=x.tobytes())
+    plain = infer_result(_answer(wire))
+    assert plain.fallback is None and plain.defaulted == () and "fallback" not in repr(plain)
+    r = infer_result(dict(_answer(wire), version="fallback:constant", fallback="queue_full",
+                          defaulted=["dense"]))
+    assert (r.fallback, r.version, r.defaulted, r.lane) == (
+        "queue_full", "fallback:constant", ("dense",), "canary")
+    assert "fallback='queue_full'" in repr(r)
+    np.testing.assert_array_equal(r.outputs, x)
+
+
 def test_malformed_answer_tensor_is_a_client_error():
     with pytest.raises(errors.ClientError, match="malformed"):
         infer_result(_answer({"dtype": "float32", "shape": [2], "data": b"\x00"}))

@@ -856,3 +856,142 @@ def test_metadata_keeps_the_config_frozen_hashable_and_comparable(tmp_path):
     changed = parse_config(with_metadata(tmp_path, dict(META, data_version="clicks-2026-12")), SRC,
                            base_dir=tmp_path)
     assert changed.models[0] != c.models[0]
+
+
+# --------------------------------------------------------------------------
+# [models.fallback] and input defaults (daemon/fallback.py, docs/operations.md "Degraded mode")
+
+import struct  # noqa: E402
+
+
+def _fallback_config(fallback: dict, primary: dict | None = None, other: dict | None = None):
+    """Version "1" with ``fallback``, and version "small" (``other`` keys)."""
+    def entry(base: dict, keys: dict | None) -> dict:
+        e = dict(base, **(keys or {}))
+        if "inputs" in (keys or {}):
+            del e["input"]
+        return {k: v for k, v in e.items() if v is not None}
+    one = entry(dict(MODEL, version="1", output={"dtype": "float32", "shape": [2]},
+                     fallback=fallback), primary)
+    return {"models": [one, entry(dict(MODEL, version="small"), other)]}
+
+
+def fallback_error(fallback: dict, primary=None, other=None) -> ConfigError:
+    with pytest.raises(ConfigError) as e:
+        parse_config(_fallback_config(fallback, primary, other), SRC)
+    return e.value
+
+
+def test_a_version_fallback_and_its_defaults():
+    m = parse_config(_fallback_config({"version": "small"}), SRC).models[0]
+    assert m.fallback == cfg.FallbackConfig("small", None,
+                                            ("no_worker", "queue_full", "deadline_near"), 256)
+    m = parse_config(_fallback_config({"version": "small", "queue_limit": 8,
+                                       "on": ["model_error", "no_worker"]}), SRC).models[0]
+    assert m.fallback.on == ("no_worker", "model_error") and m.fallback.queue_limit == 8
+    assert parse_config(conf(), SRC).models[0].fallback is None
+
+
+def test_a_constant_fallback_is_held_as_the_bytes_of_the_declared_outputs():
+    m = model(output={"dtype": "float32", "shape": [2]}, fallback={"outputs": [0.25, 1]})
+    assert m.fallback.outputs == (("output", struct.pack("<2f", 0.25, 1.0)),)
+    assert m.fallback.version is None
+    # one number for every element
+    assert model(output={"dtype": "int8", "shape": [2, 2]}, fallback={"outputs": -3}) \
+        .fallback.outputs == (("output", struct.pack("<4b", -3, -3, -3, -3)),)
+    named = model(outputs={"score": {"dtype": "float32", "shape": [1]},
+                           "flag": {"dtype": "bool", "shape": [2]}},
+                  fallback={"outputs": {"flag": [True, False], "score": [0.5]}})
+    assert named.fallback.outputs == (("score", struct.pack("<f", 0.5)),
+                                      ("flag", b"\x01\x00"))  # in the declared order
+    # frozen, hashable, and a reload sees a changed constant
+    hash(named)
+    assert model(output={"dtype": "float32", "shape": [2]}, fallback={"outputs": [0.25, 2]}) != m
+
+
+@pytest.mark.parametrize("fallback,primary,other,key,expect", [
+    ({"version": "big"}, None, None, ".fallback.version",
+     '"m" version "big" is not in [[models]] (other versions of "m": small)'),
+    ({"version": "1"}, None, None, ".fallback.version", "names this entry's own version"),
+    ({"version": "small"}, None, {"input": {"dtype": "float32", "shape": [5]}},
+     ".fallback.version", 'version "small" takes other inputs than version "1"'),
+    ({"version": "small"}, None, {"inputs": {"input": {"dtype": "float32", "shape": [4]}}},
+     ".fallback.version", "takes other inputs"),
+    ({"version": "small"}, None, {"output": {"dtype": "float16", "shape": [2]}},
+     ".fallback.version", 'version "small" declares other outputs'),
+    ({"version": "small", "outputs": [1, 2]}, None, None, ".fallback",
+     "set exactly one of version"),
+    ({}, None, None, ".fallback", "neither is set"),
+    ({"version": "small", "on": ["deadline"]}, None, None, ".fallback.on",
+     'unknown cause "deadline"'),
+    ({"version": "small", "on": []}, None, None, ".fallback.on", "non-empty list of causes"),
+    ({"version": "small", "queue_limit": 0}, None, None, ".fallback.queue_limit",
+     "must be an integer from 1 to 1000000"),
+    ({"outputs": [1, 2], "queue_limit": 4}, None, None, ".fallback.queue_limit",
+     "only applies to a version fallback"),
+    ({"version": "small", "when": "always"}, None, None, ".fallback", "unknown key 'when'"),
+    ({"outputs": [1, 2, 3]}, None, None, ".fallback.outputs",
+     "must be a constant float32 sample of shape [2]"),
+    ({"outputs": ["a", "b"]}, None, None, ".fallback.outputs", "float32 sample of shape [2]"),
+    ({"outputs": [1.5, 2]}, {"output": {"dtype": "int64", "shape": [2]}}, None,
+     ".fallback.outputs", "int64 sample"),
+    ({"outputs": [1, 2]}, {"output": None}, None, ".fallback.outputs",
+     "declare output = "),
+    ({"outputs": [1, 2]}, {"output": None, "outputs": {"a": {"dtype": "float32", "shape": [2]}}},
+     None, ".fallback.outputs", "give a table of name to value"),
+    ({"outputs": {"b": [1, 2]}},
+     {"output": None, "outputs": {"a": {"dtype": "float32", "shape": [2]}}}, None,
+     ".fallback.outputs", "unknown key 'b'"),
+    ({"outputs": {}}, {"output": None, "outputs": {"a": {"dtype": "float32", "shape": [2]}}},
+     None, ".fallback.outputs", "missing a"),
+])
+def test_fallback_errors_name_the_key(fallback, primary, other, key, expect):
+    e = fallback_error(fallback, primary, other)
+    assert e.key == 'models[0] ("m")' + key, (e.key, str(e))
+    assert expect in str(e), str(e)
+
+
+def test_an_input_default_is_held_as_its_bytes_and_checked_against_the_input():
+    m = model(input={"dtype": "float32", "shape": [2], "default": [1.0, -2.5]})
+    assert m.inputs[0][1].default == struct.pack("<2f", 1.0, -2.5)
+    assert m.inputs[0][1] == TensorShape("float32", (2,), struct.pack("<2f", 1.0, -2.5))
+    assert model(input={"dtype": "int32", "shape": [3], "default": 7}).inputs[0][1].default \
+        == struct.pack("<3i", 7, 7, 7)
+    named = model(input=None, inputs={"ids": {"dtype": "int64", "shape": [2]},
+                                      "w": {"dtype": "float32", "shape": [1], "default": [0]}})
+    assert [t.default for _, t in named.inputs] == [None, struct.pack("<f", 0.0)]
+    for bad, expect in [([1.0], "sample of shape [2]"), ([1.5, float("nan")], "NaN"),
+                        ("zero", "float32 sample")]:
+        msg = model_error(input={"dtype": "float32", "shape": [2], "default": bad})
+        assert 'models[0] ("m").input.default: must be a constant' in msg and expect in msg, msg
+    msg = model_error(input=None, inputs={"ids": {"dtype": "int8", "shape": [1], "default": [300]}})
+    assert 'models[0] ("m").inputs.ids.default' in msg and "int8" in msg, msg
+    # an output has no default
+    assert "unknown key 'default'" in model_error(
+        output={"dtype": "float32", "shape": [2], "default": [0, 0]})
+
+
+def test_versions_that_differ_only_in_defaults_take_the_same_requests():
+    """A default is the version's own: a fallback or shadow version may
+    declare others (or none)."""
+    c = parse_config(_fallback_config(
+        {"version": "small"}, {"input": {"dtype": "float32", "shape": [4], "default": 1}}), SRC)
+    assert c.models[0].fallback.version == "small"
+    c = parse_config({"models": [
+        dict(MODEL, version="1", input={"dtype": "float32", "shape": [4], "default": 0}),
+        dict(MODEL, version="2")], "shadows": [{"model": "m", "candidate": "2"}]}, SRC)
+    assert c.shadows[0].candidate == "2"
+
+
+def test_docs_fallback_example_parses(tmp_path):
+    example = DOCS.read_text().split("## Fallback and input defaults example", 1)[1]
+    data = tomllib.loads(re.search(r"```toml\n(.*?)```", example, re.S).group(1))
+    for m in data["models"]:
+        if "artifact" in m:
+            (tmp_path / m["artifact"]).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / m["artifact"]).write_bytes(b"x")
+    c = parse_config(data, "docs/config.md", base_dir=tmp_path)
+    fraud, _, ranker = c.models
+    assert fraud.fallback.version == "3-small" and fraud.fallback.queue_limit == 128
+    assert ranker.fallback.outputs == (("score", b"\x00" * 4),)
+    assert dict(ranker.inputs)["dense"].default == b"\x00" * 256

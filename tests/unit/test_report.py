@@ -113,6 +113,24 @@ def test_error_rate_and_latency_percentiles(ab):
     assert c["latency_us"]["p50"] < c["latency_us"]["p95"] < c["latency_us"]["p99"]
 
 
+def test_fallback_answers_are_failures_of_their_lane_and_their_feedback_is_left_out(tmp_path):
+    """The daemon logs a fallback's answer with status 0 and ``fallback``,
+    and its feedback unjoined: the report counts it as its lane's failure
+    and out of the latency and the KPI."""
+    fell = dict(answer(3, "a", lane="canary", latency_us=10), fallback="no_worker", routed="2",
+                version="small")
+    write(tmp_path / "requests-0001.jsonl", [
+        answer(1, "a", lane="canary", latency_us=1000), answer(2, "a", lane="canary", status=13),
+        fell, feedback(1, 1.0), feedback(3, 0.0, joined=False)])
+    doc = run(tmp_path)
+    (m,) = doc["models"]
+    canary = next(r for r in m["lanes"] if r["name"] == "canary")
+    assert canary["status"] == {"OK": 1, "INTERNAL": 1, "FALLBACK": 1}
+    assert canary["error_rate"] == pytest.approx(2 / 3)
+    assert canary["latency_us"]["p50"] == pytest.approx(1000, rel=0.05)
+    assert canary["kpi"]["joined"] == 1 and canary["kpi"]["mean"] == 1.0
+
+
 # -- sample-ratio mismatch --------------------------------------------------------
 
 
