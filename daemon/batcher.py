@@ -21,6 +21,13 @@ set for the earliest deadline, answers DEADLINE_EXCEEDED for whatever is still
 unanswered then, queued or in a worker, so a stuck worker can never hang a
 caller. A request is answered exactly once (``Pending.done``); a late result
 for an answered request is dropped.
+
+Failures that a version's fallback may answer instead (daemon/fallback.py)
+go through ``ModelQueue.fail`` with their cause: the model raised on the
+batch, the last worker went while requests were queued, the worker running
+them died. A request moved to a fallback version is the same ``Pending``
+in that version's queue (``Pending.via``); its answer, OK or not, is built
+and counted by its ``Via``.
 """
 
 from __future__ import annotations
