@@ -214,8 +214,9 @@ class ModelQueue:
         self.fallback = None  # Fallback (daemon/fallback.py), when the entry has [models.fallback]
         self.defaults = None  # input name -> wire tensor map of the inputs with a default
         # Answers here may need more than the plain OK answer: requests with
-        # defaulted inputs, or moved here by another version's fallback. Set
-        # by the app, never cleared (moved requests may still be queued).
+        # defaulted inputs, with a fallback (their input bytes are kept until
+        # the answer), or moved here by another version's fallback. Set by
+        # the app, never cleared (moved requests may still be queued).
         self.special = False
 
     # -- intake ------------------------------------------------------------
@@ -453,6 +454,11 @@ class ModelQueue:
             if r.shadow is not None:  # after the answer is on its way
                 nb = out_nbytes[0]
                 r.shadow.mirror(r, out_mvs[0][i * nb:(i + 1) * nb], meta[0][1])
+            if special:
+                # Kept for a fallback that might have run it: let the bytes go
+                # now, not when the deadline heap drops the request (up to its
+                # whole deadline later: measured, 0.6 us per request).
+                r.sdata = None
 
     def finished(self, req: Pending, status: int, answer: dict, observe: bool = True) -> None:
         """Send one answer (already marked done) and count it. ``observe``

@@ -224,6 +224,7 @@ class Fallback:
         """Send a fallback answer (``req`` already marked done) and count it
         apart; ``queue`` holds the request (``_release``)."""
         queue._release(req)
+        req.data = req.sdata = None  # (see ModelQueue.complete_batch)
         latency_us = (_monotonic_ns() - req.arrival) // 1000
         by = answer["version"]
         self.answered[(req.lane, req.arm, reason, by)] += 1

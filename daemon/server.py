@@ -190,7 +190,7 @@ class App:
         if m.fallback is not None:
             q.fallback = Fallback(m.fallback, q, self.count_rejected)
         q.defaults = wire_defaults(m)
-        q.special = q.defaults is not None
+        q.special = q.defaults is not None or q.fallback is not None
         for i, dev in enumerate(m.devices):
             t = m.threads or threads if dev == "cpu" else 1
             q.workers.append(WorkerHandle(self, q, i, dev, t))
