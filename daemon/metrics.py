@@ -93,6 +93,9 @@ class Collector:
         cache = CounterMetricFamily(
             "ringserve_cache_requests", "Response-cache lookups by result (hit, miss).",
             labels=mv + ["result"])
+        defaulted = CounterMetricFamily(
+            "ringserve_defaulted_inputs", "Accepted requests that left an input out and took "
+            "its declared default, per input.", labels=mv + ["input"])
         busy = GaugeMetricFamily(
             "ringserve_worker_busy_ratio", "Share of the last 10 s a worker spent computing.",
             labels=mv + ["device", "worker"])
@@ -126,6 +129,8 @@ class Collector:
                 shed.add_metric(lv + [reason], n)
             for result, n in s.cache.items():
                 cache.add_metric(lv + [result], n)
+            for name, n in s.defaulted.items():
+                defaulted.add_metric(lv + [name], n)
             for w in q.workers:
                 wl = lv + [w.device, str(w.index)]
                 busy.add_metric(wl, w.busy.fraction())
@@ -138,7 +143,7 @@ class Collector:
                 for (lane, arm, reason, by), n in q.fallback.answered.items():
                     fallback.add_metric(lv + [lane, arm or "", reason, by], n)
         yield from (requests, duration, queue, compute, batch, dispatch, padding, depth, shed,
-                    cache, busy, restarts, ready, drift, fallback)
+                    cache, defaulted, busy, restarts, ready, drift, fallback)
 
         rejected = CounterMetricFamily(
             "ringserve_rejected", "Requests refused before reaching a model queue (bad input "

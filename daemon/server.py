@@ -494,7 +494,10 @@ class App:
                     raise InvalidArgument(_NO_INPUTS) from None
                 raise
             data, defaulted = filled
-        if q.drift is not None:
+        if q.drift is not None and defaulted is None:
+            # A declared default is not a served feature: it would pull the
+            # window towards the default (drift watches one input, so a
+            # defaulted request has nothing of its own to show).
             q.drift.sample(data)
         dl = msg.get("deadline_ms")
         if dl is None:
@@ -514,6 +517,9 @@ class App:
         conn.inflight += 1  # until q.finished answers it, whichever way
         if defaulted is not None:
             req.defaulted = defaulted
+            counts = q.stats.defaulted   # per input: stats' "defaulted", ringserve_defaulted_inputs
+            for name in defaulted:
+                counts[name] += 1
         if self.reqlog is not None and self.reqlog.sampled():
             req.log = (features_hash(data), msg.get("exp"))
         if q.cache is not None and self._cached(q, req):

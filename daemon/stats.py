@@ -170,6 +170,8 @@ class ModelStats:
         self.dispatch: collections.Counter = collections.Counter()  # why batches left
         self.shed: collections.Counter = collections.Counter()      # why requests were refused
         self.cache: collections.Counter = collections.Counter()     # hit, miss
+        # input name -> accepted requests that left it out and took its default
+        self.defaulted: collections.Counter = collections.Counter()
         self.batches = 0
         self.padded_rows = 0
 
@@ -223,6 +225,7 @@ class ModelStats:
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "padded_rows": self.padded_rows,
             "dispatch": dict(self.dispatch), "shed": dict(self.shed), "cache": dict(self.cache),
+            "defaulted": dict(self.defaulted),
         }
 
 

@@ -3,7 +3,8 @@ a real daemon: a tiny checkpoint saved here with ``torch.save`` and its
 ``.json`` beside it. Answers (worker and cache), ``health``, ``models`` and
 the request log carry the data version; a feature schema that does not
 match the config refuses to serve (at start, at a SIGHUP, and in a worker
-restarted after the file changed under it, which then stays failed)."""
+restarted after the file changed under it, which then stays failed).
+Also the per-input count of defaulted inputs, kept out of input drift."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from tests.conftest import REPO
-from tests.faults import OK, UNAVAILABLE, poll, records, sighup
+from tests.faults import OK, UNAVAILABLE, http_get, poll, records, sighup
 from tests.wire import out_array
 
 X = [1.0, 2.0, 3.0, 4.0]
@@ -199,3 +200,40 @@ def test_a_worker_restarted_after_its_metadata_changed_fails_and_stays_failed(tm
     time.sleep(2.0)   # a crash would have been restarted by now (backoff 0.5 s, then 1 s)
     again = lin(d.health())
     assert (again["state"], again["restarts"], again["pid"]) == ("failed", 1, w["pid"])
+
+
+DEFAULTED = """
+[server]
+host = "127.0.0.1"
+
+[[models]]
+name = "d"
+version = "1"
+factory = "tests.models:two_x"
+inputs = { x = { dtype = "float32", shape = [4], default = [0, 0, 0, 1] } }
+threads = 1
+drift = true
+drift_sample_rate = 1.0
+drift_freeze_after = 1000
+"""
+
+
+def test_defaulted_inputs_are_counted_per_input_and_kept_out_of_the_drift_monitor(daemon_factory):
+    """(Issue 13 part 2 on part 1's input defaults.) The monitor sees only the
+    rows clients sent; the defaulted ones are counted, per input."""
+    d = daemon_factory(DEFAULTED)
+    with d.client() as c:
+        sent = [c.call({"model": "d", "inputs": {"x": [1.0, 2.0, 3.0, float(i)]}})
+                for i in range(5)]
+        left_out = [c.call({"model": "d", "inputs": {}}) for _ in range(3)] + \
+            [c.call({"model": "d"})]
+        stats = c.call({"op": "stats"})["models"][0]
+    assert all(a["status"] == OK and "defaulted" not in a for a in sent)
+    assert all(a["status"] == OK and list(a["defaulted"]) == ["x"] for a in left_out)
+    assert out_array(left_out[0]).tolist() == [0.0, 0.0, 0.0, 2.0]
+    assert stats["defaulted"] == {"x": 4}
+    assert stats["drift"]["rows_seen"] == 5
+    status, body = http_get(d.health()["metrics_port"], "/metrics")
+    assert status == 200
+    assert 'ringserve_defaulted_inputs_total{input="x",model="d",version="1"} 4.0' in \
+        body.decode(), [line for line in body.decode().splitlines() if "defaulted" in line]
