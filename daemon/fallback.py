@@ -112,6 +112,8 @@ def fill_inputs(obj, q, decode):
         obj = {}
     elif type(obj) is not dict or ("data" in obj and "dtype" in obj):
         return None  # a bare tensor: nothing was omitted
+    elif q.cfg.single_input and obj:
+        return None  # the one input, sent wrong: its own error
     missing = [n for n, _ in q.specs if n not in obj]
     if not missing or any(n not in defaults for n in missing):
         return None

@@ -373,6 +373,8 @@ def test_defaulted_inputs_equal_the_in_process_model_on_the_filled_sample(daemon
         one = c.call({"model": "one"})
         assert one["status"] == OK and one["defaulted"] == ["input"], one
         assert np.array_equal(out_array(one), np.full(4, 3.0, np.float32))
+        bad = c.call({"model": "one", "inputs": {"dtype": "float32", "shape": [4]}})
+        assert bad["status"] == INVALID and "data" in bad["error"], bad  # its own error
         models = c.call({"op": "models"})["models"]
     two = next(m for m in models if m["name"] == "two")
     assert "default" not in two["inputs"]["ids"]
