@@ -382,10 +382,14 @@ def test_defaulted_inputs_equal_the_in_process_model_on_the_filled_sample(daemon
 
 
 def test_cold_start_is_answered_by_a_constant_until_the_model_is_warm(daemon_factory):
-    """A model that takes 3 s to load, with a constant fallback: requests
-    from the first one are answered (``no_worker``, the constant); health
-    is degraded and not ready meanwhile; then the model answers."""
-    cfg = server() + entry("1", "slow_load", "fallback = { outputs = -1.0 }")
+    """A model that takes 3 s to load, with a constant fallback, a response
+    cache and a shadow: requests from the first one are answered
+    (``no_worker``, the constant), never cached nor mirrored; health is
+    degraded and not ready meanwhile; then the model answers (a cache miss:
+    the constant was not kept), and that answer is mirrored."""
+    cfg = (server() + entry("1", "slow_load", "cache = true\nfallback = { outputs = -1.0 }") +
+           entry("2", "two_x") +
+           '[[shadows]]\nmodel = "m"\ncandidate = "2"\nsample_rate = 1.0\n')
     d = daemon_factory(cfg, env={"RINGSERVE_TEST_LOAD_S": "3"}, wait_ready=False)
     with d.client() as c:
         a = c.call({"model": "m", "inputs": tensor(X), "key": "u"})
@@ -396,10 +400,15 @@ def test_cold_start_is_answered_by_a_constant_until_the_model_is_warm(daemon_fac
         assert h["ready"] is False and h["degraded"] is True, h
         d.wait_ready()
         warm = c.call({"model": "m", "inputs": tensor(X), "key": "u"})
-    assert warm["status"] == OK and "fallback" not in warm and warm["version"] == "1"
-    assert np.array_equal(out_array(warm), 2 * X)
+        assert warm["status"] == OK and "fallback" not in warm and warm["version"] == "1"
+        assert np.array_equal(out_array(warm), 2 * X) and "cache" not in warm["timing"]
+        hit = c.call({"model": "m", "inputs": tensor(X), "key": "u"})
+        assert hit["timing"].get("cache") is True and np.array_equal(out_array(hit), 2 * X)
+        shadows = poll(lambda: (lambda s: s if s["shadows"][0]["answers"] else None)(
+            c.call({"op": "stats"})), "the shadow's answer", log=d.log)["shadows"][0]
+    assert shadows["mirrored"] == 1 and shadows["answers"] == {"0": 1}, shadows  # warm only
+    assert stats_of(d, "1")["cache"]["miss"] == 2  # the fallback's request, then warm
     assert d.health()["degraded"] is False
-
 
 
 def test_a_reload_points_the_fallback_at_the_new_fallback_version(daemon_factory):
