@@ -104,7 +104,9 @@ class RequestLog:
             score = (bytes(out["data"][:8]), out["dtype"])
         data, exp = req.log
         self._put(("a", time.time(), req.rid, req.key, exp, req.arm, req.lane, model, version,
-                   req.queue.data_version, status, latency_us, answer.get("timing"), score, data,
+                   # (a fallback's answer: what answered; a constant has none)
+                   answer.get("data_version") if fallback is not None else req.queue.data_version,
+                   status, latency_us, answer.get("timing"), score, data,
                    fallback))
 
     def feedback(self, rid, outcome: float, group) -> None:

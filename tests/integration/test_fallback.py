@@ -199,8 +199,8 @@ def test_a_flooded_queue_is_answered_by_a_constant_and_the_counts_stay_balanced(
     recs = poll(logged, "request log written", log=d.log)
     marked = [r for r in recs if r.get("fallback")]
     assert len(marked) == fell
-    assert all((r["status"], r["version"], r["routed"], r["fallback"]) ==
-               (OK, "fallback:constant", "1", "queue_full") for r in marked), marked[:2]
+    assert all((r["status"], r["version"], r["routed"], r["fallback"], r["data_version"]) ==
+               (OK, "fallback:constant", "1", "queue_full", None) for r in marked), marked[:2]
     assert not any("fallback" in r for r in recs if r["version"] == "1")
 
 
