@@ -29,7 +29,7 @@ from __future__ import annotations
 import hmac
 import time
 
-from ipc.status import ResourceExhausted, Unauthenticated, Unavailable
+from ipc.status import ResourceExhausted, Unauthenticated, Unavailable, brief
 
 PRUNE_ABOVE = 4096  # buckets kept before quiet clients are pruned
 
@@ -88,8 +88,18 @@ class Access:
         if self.auth:
             token = msg.get("token")
             if token is not None:
+                # Guessing costs the address's rate budget: a wrong token
+                # spends one request of it, and an empty bucket is not checked.
+                ip = ("ip", conn.host)
+                if self.rate and self._bucket(ip, time.monotonic())[0] < 1.0:
+                    self.refused["rate_limited"] += 1
+                    conn.close_after_answer = True
+                    raise ResourceExhausted(f"too many requests from {brief(conn.host)} "
+                                            "(rate_limit); retry later with a valid token")
                 name = self.client_of(token)
                 if name is None:
+                    if self.rate:
+                        self.buckets[ip][0] -= 1.0
                     self.refused["bad_token"] += 1
                     conn.close_after_answer = True
                     raise Unauthenticated("the token is not valid here; check the token "
@@ -103,6 +113,8 @@ class Access:
                     raise Unavailable("the server's [auth] changed in a config reload and this "
                                       "connection must authenticate again: reconnect and send "
                                       "your token (this connection is closed; retry)")
+                if self.rate:  # an address without a token is still limited
+                    self.take(conn.ident)
                 self.refused["unauthenticated"] += 1
                 raise Unauthenticated("this server requires a token: send 'token' in a "
                                       "request (op 'auth' opens a connection with it), e.g. "
@@ -117,6 +129,17 @@ class Access:
         client may not be named like an address and share its bucket)
         against its bucket."""
         now = time.monotonic() if now is None else now
+        b = self._bucket(ident, now)
+        if b[0] < 1.0:
+            self.refused["rate_limited"] += 1
+            wait_ms = max(1, round((1.0 - b[0]) / self.rate * 1000))
+            raise ResourceExhausted(f"{ident[0]} {ident[1]!r} is over its rate limit of "
+                                    f"{self.rate:g} requests/s (burst {self.burst:g}); "
+                                    f"retry in {wait_ms} ms or slow down")
+        b[0] -= 1.0
+
+    def _bucket(self, ident: tuple[str, str], now: float) -> list[float]:
+        """``ident``'s bucket, refilled to ``now``."""
         b = self.buckets.get(ident)
         if b is None:
             if len(self.buckets) >= self._prune_at:
@@ -125,13 +148,7 @@ class Access:
         else:
             b[0] = min(self.burst, b[0] + (now - b[1]) * self.rate)
             b[1] = now
-        if b[0] < 1.0:
-            self.refused["rate_limited"] += 1
-            wait_ms = max(1, round((1.0 - b[0]) / self.rate * 1000))
-            raise ResourceExhausted(f"{ident[0]} {ident[1]!r} is over its rate limit of "
-                                    f"{self.rate:g} requests/s (burst {self.burst:g}); "
-                                    f"retry in {wait_ms} ms or slow down")
-        b[0] -= 1.0
+        return b
 
     def _prune(self, now: float) -> None:
         rate, burst = self.rate, self.burst

@@ -49,7 +49,7 @@ FRAMES_PER_TURN = 32
 CLOSE_GRACE_S = 10.0
 # How long a refused connection is read (and discarded) after its closing
 # answer, so that the answer is not lost to a reset (``refuse``).
-LINGER_S = 2.0
+LINGER_S = 1.0
 
 _monotonic = time.monotonic
 
@@ -58,7 +58,7 @@ class Connection(asyncio.Protocol):
     __slots__ = ("app", "decoder", "transport", "closed", "peer", "host", "client", "cred",
                  "reauth", "close_after_answer", "inflight", "opened", "last_active",
                  "frame_started", "proxy", "counted", "read_paused", "write_paused",
-                 "turn_scheduled", "ident")
+                 "turn_scheduled", "ident", "eof")
 
     def __init__(self, app):
         self.app = app
@@ -79,6 +79,7 @@ class Connection(asyncio.Protocol):
         self.read_paused = False   # for our own backlog
         self.write_paused = False  # the peer does not read its answers
         self.turn_scheduled = False
+        self.eof = False  # the peer half-closed: answer what it sent, then close
         # Who this client is, for limits and fair shares: its token's name,
         # or its address (a client may not be named like an address). Kept
         # up to date by set_client and set_host, read per request.
@@ -172,8 +173,8 @@ class Connection(asyncio.Protocol):
 
     def _turn(self) -> None:
         self.turn_scheduled = False
-        if self.closed:
-            return
+        if self.closed or self.write_paused:
+            return  # resume_writing takes the backlog up again
         dec = self.decoder
         before = dec.buffered
         items = dec.feed(b"", FRAMES_PER_TURN)
@@ -188,12 +189,28 @@ class Connection(asyncio.Protocol):
             self._later()
         else:
             self.read_paused = False
-            if not self.write_paused:
+            if self.eof:
+                self._finish_eof()
+            elif not self.write_paused:
                 self.transport.resume_reading()
 
     def send(self, msg: dict) -> None:
         if not self.closed:
             self.transport.write(encode_frame(msg))
+            if self.eof:
+                self._finish_eof()
+
+    def eof_received(self) -> bool:
+        """The peer shut down its side (``shutdown(SHUT_WR)``): it may still
+        read. Its requests are answered, then the connection is closed; True
+        keeps the transport open for those answers (asyncio would close it)."""
+        self.eof = True
+        self._finish_eof()
+        return True
+
+    def _finish_eof(self) -> None:
+        if not self.closed and not self.inflight and not self.decoder.backlog:
+            self.close()
 
     def refuse(self, err: ProtocolError, reason: str) -> None:
         """Close on the server's initiative: one id-0 answer saying why, then
@@ -210,9 +227,11 @@ class Connection(asyncio.Protocol):
         err.req_id = 0
         self.app.count_closed(reason)
         self.send(err.answer())
-        self.app.frame_bytes_changed(self, -self.decoder.drop())
         t = self.transport
         self.closed = True
+        # Out of the app's counts now, not at connection_lost: a lingering
+        # refused connection must not hold a place under max_connections.
+        self.app.connection_closed(self)
         if not t.can_write_eof():
             t.close()
             return
@@ -249,7 +268,13 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        if not self.closed and not self.read_paused:
+        if self.closed:
+            return
+        if self.read_paused:  # a backlog waits: its turn was skipped while paused
+            if not self.turn_scheduled:
+                self.turn_scheduled = True
+                self.app.loop.call_soon(self._turn)
+        elif not self.eof:
             self.transport.resume_reading()
 
     def connection_lost(self, exc) -> None:

@@ -19,7 +19,6 @@ import collections
 import dataclasses
 import gc
 import logging
-import math
 import os
 import signal
 import sys
@@ -54,6 +53,8 @@ log = logging.getLogger("ringserve.server")
 PROTOCOL_VERSIONS = (1,)
 OPS = ("infer", "health", "stats", "models", "feedback", "auth")
 MAX_DEADLINE_MS = 3_600_000
+MAX_ID = 2**53 - 1  # protocol.md: every integer the server sends is below 2**53
+MAX_OUTCOME = 1e15  # |outcome| of feedback: KPI sums of squares stay finite
 _SHED = {"busy": "queue_full", "share": "fair_share", "unavailable": "no_worker"}
 _NO_INPUTS = ("request has no 'inputs'; send one sample as a tensor map {dtype, shape, data} or "
               "a list of numbers")
@@ -398,9 +399,10 @@ class App:
     def handle(self, conn: Connection, msg: dict) -> None:
         req_id = msg.get("id", 0)
         try:
-            if type(req_id) is not int or req_id < 0:
+            if type(req_id) is not int or req_id < 0 or req_id > MAX_ID:
                 req_id = 0
-                raise InvalidArgument("'id' must be an unsigned integer")
+                raise InvalidArgument("'id' must be an unsigned integer below 2**53 (every "
+                                      "integer the server sends back is)")
             v = msg.get("v", 1)
             if type(v) is not int or v not in PROTOCOL_VERSIONS:
                 raise InvalidArgument(f"protocol version {brief(v)} is not supported; this "
@@ -584,9 +586,10 @@ class App:
         else:
             raise InvalidArgument("feedback needs 'ref': the 'rid' of an earlier answer "
                                   "(unsigned int) or the routing key it was sent with (string)")
-        if type(outcome) not in (int, float) or not math.isfinite(outcome):
-            raise InvalidArgument(f"feedback needs 'outcome', a finite number (label, click "
-                                  f"0/1, reward), got {brief(outcome)}")
+        if type(outcome) not in (int, float) or not abs(outcome) <= MAX_OUTCOME:
+            raise InvalidArgument(f"feedback needs 'outcome', a finite number of magnitude at "
+                                  f"most {MAX_OUTCOME:g} (label, click 0/1, reward), got "
+                                  f"{brief(outcome)}")
         group = self.joins.record(ref, float(outcome))
         if self.reqlog is not None:
             self.reqlog.feedback(self.joins.last_rid, float(outcome), group)
@@ -877,8 +880,10 @@ class App:
         while time.monotonic() < t_flush and any(
                 not c.closed and c.transport.get_write_buffer_size() for c in self.conns):
             await asyncio.sleep(0.005)
-        for c in list(self.conns):
-            c.close()
+        for c in list(self.conns):  # closing is an answer: id 0, "draining"
+            c.refuse(Unavailable("server shut down (drained); reconnect to another instance "
+                                 "or retry later"), "draining")
+        await asyncio.sleep(0.05)  # let the closing answers and FINs leave
         await self._stop_queues(queues)
         self.metrics.close()
         if self.reqlog is not None:

@@ -367,7 +367,7 @@ def _salvage_id(body: memoryview) -> int:
         for _ in range(min(u.read_map_header(), 16)):
             if u.unpack() == "id":
                 rid = u.unpack()
-                return rid if type(rid) is int and rid >= 0 else 0
+                return rid if type(rid) is int and 0 <= rid < 2**53 else 0
             u.skip()
     except Exception:
         pass

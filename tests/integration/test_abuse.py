@@ -11,6 +11,7 @@ Assertions are on answers, counts and sizes, never on durations.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -519,3 +520,68 @@ def test_a_low_descriptor_limit_is_raised_or_reported_and_refusals_are_answered(
         rc = d.stop()
     assert rc == 0, d.log()
     d.assert_clean()
+
+
+# --- found by a hostile probe --------------------------------------------------------------------
+
+def test_refused_connections_do_not_hold_places_for_others(daemon_factory):
+    """One address that keeps opening connections past its own cap must not
+    fill max_connections with the ones it was refused."""
+    d = daemon_factory(demo_config(server="max_connections = 8\nmax_connections_per_client = 3\n"))
+    mine = [from_address("127.0.0.2", d.port) for _ in range(12)]
+    try:
+        refused = 0
+        for s in mine[3:]:
+            a = msgpack.unpackb(recv_frame(s))
+            assert a["id"] == 0 and a["status"] == EXHAUSTED, a
+            refused += "max_connections_per_client" in a["error"]
+        assert refused == 9
+        with d.client() as c:   # another client still gets in
+            assert c.call({"op": "health"})["status"] == OK
+    finally:
+        for s in mine:
+            s.close()
+
+
+def test_a_half_closed_connection_gets_its_answers(daemon):
+    s = from_address("127.0.0.1", daemon.port)
+    s.sendall(b"".join(encode_frame({"id": i + 1, "model": "demo", "inputs": x128(i)})
+                       for i in range(5)) + encode_frame({"id": 6, "op": "health"}))
+    s.shutdown(socket.SHUT_WR)
+    got = []
+    while True:
+        head = s.recv(4, socket.MSG_WAITALL)
+        if not head:
+            break
+        got.append(msgpack.unpackb(s.recv(struct.unpack(">I", head)[0], socket.MSG_WAITALL)))
+    s.close()
+    assert sorted(a["id"] for a in got) == [1, 2, 3, 4, 5, 6]
+    assert all(a["status"] == OK for a in got)
+
+
+def test_ids_the_server_could_not_send_back_exactly_are_refused(daemon):
+    with daemon.client() as c:
+        for bad in (2**53, 2**64 - 1):
+            a = c.call({"id": bad, "op": "health"})
+            assert a["id"] == 0 and a["status"] == INVALID and "2**53" in a["error"], a
+        assert c.call({"id": 2**53 - 1, "op": "health"})["id"] == 2**53 - 1
+
+
+def test_an_outcome_too_large_to_sum_is_refused(daemon):
+    with daemon.client() as c:
+        rid = c.call({"model": "demo", "inputs": x128()})["rid"]
+        a = c.call({"op": "feedback", "ref": rid, "outcome": 1e308})
+        assert a["status"] == INVALID, a
+        assert c.call({"op": "feedback", "ref": rid, "outcome": 1e15})["status"] == OK
+
+
+def test_sigterm_closes_every_connection_with_an_answer(daemon_factory):
+    d = daemon_factory(demo_config())
+    c = d.client(timeout=30)
+    assert c.call({"op": "health"})["status"] == OK
+    os.kill(d.proc.pid, signal.SIGTERM)
+    a = c.recv()
+    assert a["id"] == 0 and a["status"] == UNAVAILABLE, a
+    assert c.closed_by_peer()
+    c.close()
+    assert d.stop() == 0

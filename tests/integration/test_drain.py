@@ -66,6 +66,8 @@ def test_drain_refuses_new_work_closes_the_listener_and_answers_what_it_accepted
             a = c.recv()
             assert a["id"] not in seen, a
             seen[a["id"]] = a
+        closing = c.recv()  # closing is an answer: id 0, the server drained
+        assert closing["id"] == 0 and closing["status"] == UNAVAILABLE, closing
         assert c.closed_by_peer()
     accepted = {i: seen[i] for i in range(1, n + 1)}
     assert all(a["status"] == OK for a in accepted.values()), accepted
@@ -92,6 +94,8 @@ def test_drain_timeout_answers_what_is_left_unavailable(daemon_factory):
                 break
             assert a["id"] not in seen, f"answered twice: {a}"
             seen[a["id"]] = a
+    closing = seen.pop(0)  # the last frame before the close (id 0), saying why
+    assert closing["status"] == UNAVAILABLE, closing
     assert sorted(seen) == list(range(1, n + 1))  # every one answered exactly once
     by_status: dict[int, list] = {}
     for a in seen.values():

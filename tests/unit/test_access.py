@@ -32,9 +32,16 @@ def error(tmp_path, text, mode=0o600) -> str:
 
 
 class Conn:
+    """What Access uses of daemon.protocol.Connection."""
+
     def __init__(self, host="10.0.0.1"):
         self.host, self.client, self.cred = host, None, None
+        self.ident = ("ip", host)
         self.reauth = self.close_after_answer = False
+
+    def set_client(self, name, cred):
+        self.client, self.cred = name, cred
+        self.ident = ("client", name) if name is not None else ("ip", self.host)
 
 
 def test_tokens_file_lines(tmp_path):
