@@ -232,8 +232,7 @@ class ModelQueue:
         token's name or address) may hold at most ``queue_limit / n`` of the
         model's unanswered requests (queued or running), n being the clients
         that hold some or were refused in the last ``WAITING_S`` (itself
-        included), unless it is alone. Requests admitted while the queue is
-        under a quarter full are not counted (see below). So one pipelining client fills the
+        included), unless it is alone. So one pipelining client fills the
         queue only while nobody else wants it: a client refused because the
         queue was full counts from then on, the flooder's share shrinks to
         half, and the newcomer's retry finds room as the flooder's requests
@@ -245,10 +244,7 @@ class ModelQueue:
             return "busy"
         if not self.has_ready:
             return "unavailable"
-        # Only counted from a quarter full: below it nobody is short of room,
-        # and the queue is FIFO, so the uncounted requests (admitted earlier)
-        # leave before the counted ones; an idle-ish queue pays one compare.
-        if client is not None and self.queued * 4 >= self.limit:
+        if client is not None:
             mine = held.get(client, 0)
             if self.queued * 2 >= self.limit:
                 n = self._clients(client, mine, req.arrival)
@@ -468,15 +464,9 @@ class ModelQueue:
         if req.lane is SHADOW:  # to its Shadow, not to a caller; counted there
             conn.send(answer)
             return
-        conn.inflight -= 1  # _release, inlined: once per answer
-        client = req.client
-        if client is not None:
-            held = self.held
-            n = held[client] - 1
-            if n:
-                held[client] = n
-            else:
-                del held[client]
+        conn.inflight -= 1  # release(), inlined: once per answer
+        if req.client is not None:
+            self.unhold(req.client)
         latency_us = (_monotonic_ns() - req.arrival) // 1000
         self.stats.answered(status, latency_us, req.lane, req.arm)
         if observe and self.observer is not None:
@@ -486,29 +476,22 @@ class ModelQueue:
                                self.reqlog.cfg.score_output)
         conn.send(answer)
 
-    def _release(self, req: Pending) -> None:
+    def release(self, req: Pending) -> None:
         """The request no longer counts against its connection's in-flight
         cap or its client's share of this queue."""
         req.conn.inflight -= 1
-        client = req.client
-        if client is not None:
-            held = self.held
-            n = held[client] - 1
-            if n:
-                held[client] = n
-            else:
-                del held[client]
+        if req.client is not None:
+            self.unhold(req.client)
 
-    def _unhold(self, client) -> None:
-        """``_release``'s share part alone: a request moved to a fallback
+    def unhold(self, client) -> None:
+        """``release``'s share part alone: a request moved to a fallback
         version gives its client's place here back (daemon/fallback.py)."""
-        if client is not None:
-            held = self.held
-            n = held[client] - 1
-            if n:
-                held[client] = n
-            else:
-                del held[client]
+        held = self.held
+        n = held[client] - 1
+        if n:
+            held[client] = n
+        else:
+            del held[client]
 
     def fail(self, req: Pending, status: int, message: str, reason: str) -> None:
         """Answer an accepted request with an error, or from its fallback
@@ -528,7 +511,7 @@ class ModelQueue:
             return
         req.done = True
         if req.lane is not SHADOW:
-            self._release(req)
+            self.release(req)
         req.conn.send({"id": req.id, "status": int(err.status), "error": err.message,
                        "rid": req.rid})
 

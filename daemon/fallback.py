@@ -39,10 +39,10 @@ Bookkeeping. Each rule is kept in one place:
   or returns False having changed nothing, and the caller gives the error
   it would have given anyway.
 - ``conn.inflight``: +1 when ``App.infer`` accepts the request, -1 at its
-  one answer by ``ModelQueue._release`` of the queue that holds it then. A
+  one answer by ``ModelQueue.release`` of the queue that holds it then. A
   move changes neither.
 - Fair shares (``ModelQueue.held``): a moved request gives its client's
-  place in the primary's queue back (``ModelQueue._unhold``) and takes one
+  place in the primary's queue back (``ModelQueue.unhold``) and takes one
   in the fallback version's queue with the ``Fallback`` itself as its
   client. So a version fallback has its own bound: at most ``queue_limit``
   of its requests are queued or running there, it is one client among the
@@ -188,7 +188,8 @@ class Fallback:
             req.queue, req.fb, req.via, req.dispatched, req.data = queue, self, None, dispatched, data
             self.refused[reason] += 1
             return False
-        p._unhold(client)
+        if client is not None:
+            p.unhold(client)
         req.shadow = req.ckey = None  # a fallback answer is never mirrored nor cached
         return True
 
@@ -224,8 +225,8 @@ class Fallback:
 
     def _finish(self, req, answer: dict, reason: str, queue) -> None:
         """Send a fallback answer (``req`` already marked done) and count it
-        apart; ``queue`` holds the request (``_release``)."""
-        queue._release(req)
+        apart; ``queue`` holds the request (``release``)."""
+        queue.release(req)
         req.data = req.sdata = None  # (see ModelQueue.complete_batch)
         latency_us = (_monotonic_ns() - req.arrival) // 1000
         by = answer["version"]
@@ -284,7 +285,8 @@ class Via:
         fb = self.fallback
         t, p = req.queue, fb.primary
         fb.failed[self.reason] += 1
-        t._unhold(req.client)
+        if req.client is not None:
+            t.unhold(req.client)
         req.client, req.queue, req.via = None, p, None
         note = f"its fallback, version {t.version!r}, could not answer either: {message}"
         if status != _DEADLINE:
