@@ -133,6 +133,12 @@ output = {{ dtype = "float32", shape = [3] }}
 threads = 1
 fallback = {{ outputs = 0.0, on = ["model_error"] }}
 
+[[models]]
+name = "two"
+factory = "tests.models:two_inputs"
+inputs = {{ ids = {{ dtype = "int64", shape = [3] }}, dense = {{ dtype = "float32", shape = [2], default = [0.5, -1.25] }} }}
+threads = 1
+
 [[rollouts]]
 model = "m"
 stable = "1"
@@ -176,6 +182,9 @@ def test_every_documented_family_is_scraped_with_its_documented_labels(daemon_fa
         magic = tensor(np.array([777, 0, 0], np.float32))  # the candidate raises on it
         a = c.call({"model": "m", "inputs": magic, "key": "u1"})  # u1: in the canary
         assert (a["status"], a["lane"], a.get("fallback")) == (0, "canary", "model_error"), a
+        ids = tensor(np.array([1, 2, 3], np.int64))  # dense left out: its default
+        a = c.call({"model": "two", "inputs": {"ids": ids}})
+        assert a["status"] == 0 and a["defaulted"] == ["dense"], a
         for _ in range(2):  # the same bytes twice: a cache miss, then a hit
             assert c.call({"model": "m", "version": "1", "inputs": tensor(x[0])})["status"] == 0
         for i in range(300, 400):  # pipelined past queue_limit: shed as queue_full
