@@ -150,7 +150,7 @@ class FrameDecoder:
     memoryview slices; only an incomplete tail is copied and kept.
     """
 
-    __slots__ = ("max_frame_bytes", "limits", "_buf", "_need", "_dead", "_backlog", "_held")
+    __slots__ = ("max_frame_bytes", "limits", "_buf", "_need", "_dead", "_backlog", "buffered")
 
     def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                  limits: FrameLimits | None = None):
@@ -162,12 +162,10 @@ class FrameDecoder:
         self._need = 0            # its total size once its header is known, else 0
         self._dead = False
         self._backlog = b""       # received but not yet decoded (feed's max_items)
-        self._held = 0            # len(_buf) + len(_backlog), kept as they change
-
-    @property
-    def buffered(self) -> int:
-        """Bytes held: an unfinished frame, and input not yet decoded."""
-        return self._held
+        # Bytes held: the unfinished frame and the input not yet decoded
+        # (len(_buf) + len(_backlog)), kept as they change: the front reads it
+        # around every feed for its memory budget. Read it, never set it.
+        self.buffered = 0
 
     @property
     def partial(self) -> int:
@@ -201,7 +199,7 @@ class FrameDecoder:
         if self._buf:
             view = self._complete(view, out)
             if view is None:
-                self._held = len(self._buf)
+                self.buffered = len(self._buf)
                 return out
 
         # Fast path: frames that lie wholly inside `data` are decoded in place.
@@ -212,12 +210,12 @@ class FrameDecoder:
         while end - pos >= _HEADER_SIZE:
             if max_items and len(out) >= max_items:
                 self._backlog = bytes(view[pos:])
-                self._held = len(self._backlog)
+                self.buffered = len(self._backlog)
                 return out
             (n,) = _unpack_header(view, pos)
             if n > limit:
                 out.append(self._oversize(n))
-                self._held = 0
+                self.buffered = 0
                 return out
             start = pos + _HEADER_SIZE
             if end - start < n:
@@ -242,20 +240,20 @@ class FrameDecoder:
             out.append(obj)
         if pos < end:
             self._buf = bytearray(view[pos:])
-            self._held = end - pos
-        elif self._held:
-            self._held = 0
+            self.buffered = end - pos
+        elif self.buffered:
+            self.buffered = 0
         return out
 
     def drop(self) -> int:
         """Give up this stream (the connection is being closed): free what is
         buffered and decode nothing more. Returns the bytes freed."""
-        n = self._held
+        n = self.buffered
         self._dead = True
         self._buf = bytearray()
         self._backlog = b""
         self._need = 0
-        self._held = 0
+        self.buffered = 0
         return n
 
     def _complete(self, view: memoryview, out: list) -> memoryview | None:
@@ -293,7 +291,7 @@ class FrameDecoder:
         self._dead = True
         self._buf = bytearray()
         self._need = 0
-        self._held = 0
+        self.buffered = 0
         return ResourceExhausted(
             f"frame of {n} bytes exceeds the server's limit of {self.max_frame_bytes} bytes "
             "(server.max_frame_bytes); send smaller requests or raise the limit",
