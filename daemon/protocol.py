@@ -209,6 +209,12 @@ class Connection(asyncio.Protocol):
         return True
 
     def _finish_eof(self) -> None:
+        # Checked after the current callback: an answer sent while frames of
+        # the same read are still being handled must not close before them.
+        if not self.closed and not self.inflight and not self.decoder.backlog:
+            self.app.loop.call_soon(self._close_if_done)
+
+    def _close_if_done(self) -> None:
         if not self.closed and not self.inflight and not self.decoder.backlog:
             self.close()
 
