@@ -66,10 +66,11 @@ from pathlib import Path
 
 import psutil
 
+from ipc import shm
+
 from .forward_times import COMPILE, DTYPES, MODELS, MODES
 
 REPO = Path(__file__).resolve().parent.parent
-SHM = Path("/dev/shm")
 KILL_GRACE_S = 5.0
 OVERRUN_S = 15.0   # past --budget-s, the run is interrupted wherever it is
 # Processes the standard library or torch keep for the life of their parent.
@@ -126,7 +127,7 @@ class Tree:
     def __init__(self):
         self.me = os.getpid()
         self.seen: set[psutil.Process] = set()
-        self.segments_before = _segments()
+        self.segments_before = shm.segments()
         self.lock = threading.Lock()
         threading.Thread(target=self._run, name="tree", daemon=True).start()
 
@@ -149,20 +150,8 @@ class Tree:
             seen = set(self.seen)
         pids = {p.pid for p in seen} | {self.me}
         procs = [p for p in seen if _alive(p) and not _helper(p)]
-        segs = [s for s in _segments() - self.segments_before if _creator(s) in pids]
+        segs = [s for s in shm.segments() - self.segments_before if shm.creator(s) in pids]
         return procs, sorted(segs)
-
-
-def _segments() -> set[str]:
-    try:
-        return {n for n in os.listdir(SHM) if n.startswith("ringserve-")}
-    except FileNotFoundError:
-        return set()
-
-
-def _creator(name: str) -> int | None:
-    part = name.split("-")[1] if name.count("-") >= 2 else ""
-    return int(part) if part.isdigit() else None
 
 
 def _alive(p: psutil.Process) -> bool:
@@ -460,10 +449,7 @@ def step_leaks(rec: Record, ctx: dict) -> dict:
         except psutil.Error:
             pass
     for s in segs:
-        try:
-            os.unlink(SHM / s)
-        except FileNotFoundError:
-            pass
+        shm.unlink_name(s)
     names = []
     for p in procs:
         try:

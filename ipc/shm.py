@@ -110,16 +110,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def segments() -> set[str]:
+    """The names of every ringserve segment on this machine, any process's."""
+    try:
+        return {n for n in os.listdir(SHM_DIR) if n.startswith("ringserve-")}
+    except FileNotFoundError:
+        return set()
+
+
+def creator(name: str) -> int | None:
+    """The pid of the front that made segment ``name`` (``ringserve-<pid>-...``)."""
+    m = _STALE_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
 def sweep_stale() -> list[str]:
     """Unlink segments left by ringserve fronts that no longer run."""
     removed = []
-    try:
-        names = os.listdir(SHM_DIR)
-    except FileNotFoundError:
-        return removed
-    for name in names:
-        m = _STALE_RE.match(name)
-        if m and not _pid_alive(int(m.group(1))):
+    for name in sorted(segments()):
+        pid = creator(name)
+        if pid is not None and not _pid_alive(pid):
             unlink_name(name)
             removed.append(name)
     return removed

@@ -52,6 +52,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from ipc import shm
 from tests.wire import WireClient
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,14 +67,8 @@ HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver",
            "_inductor/compile_worker", "_inductor.compile_worker")
 
 
-def shm_segments() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if n.startswith("ringserve-")}
-
-
-def segment_creator(name: str) -> int | None:
-    """The pid in ``ringserve-<pid>-...`` (ipc/shm.py), or None."""
-    part = name.split("-")[1] if name.count("-") >= 2 else ""
-    return int(part) if part.isdigit() else None
+shm_segments = shm.segments       # every ringserve segment on the machine
+segment_creator = shm.creator     # the pid in ringserve-<pid>-..., or None
 
 
 def alive(p: psutil.Process) -> bool:
