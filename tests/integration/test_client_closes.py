@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from clients import AsyncClient, AsyncClientPool, Client, ClientPool, RetryPolicy, errors
+from daemon.protocol import LINGER_S
 from ipc.framing import FrameDecoder, encode_frame
 from ipc.status import Status
 
@@ -33,7 +34,10 @@ class Scripted:
     """Accepts connections; the n-th (from 1) follows ``script[n]``, else serves.
 
     - ``("refuse", status, error)``: read one request frame, answer nothing
-      but an id-0 ``status``/``error``, close.
+      but an id-0 ``status``/``error``, then close as the daemon does
+      (daemon/protocol.py ``refuse``): shut down the sending side and read and
+      drop what still comes, up to LINGER_S, so the client's later writes do
+      not meet a reset before it has read the answer.
     - ``("idle", status, error, hold)``: answer the first request, then send
       the id-0 answer at once and keep the socket open (reading and ignoring
       what comes) ``hold`` seconds before closing: a close whose FIN is late.
@@ -92,6 +96,13 @@ class Scripted:
             if step[0] == "refuse":
                 next(self._requests(sock, dec), None)
                 self._refuse(sock, step[1], step[2])
+                sock.shutdown(socket.SHUT_WR)
+                sock.settimeout(LINGER_S)
+                try:
+                    while sock.recv(65536):
+                        pass
+                except OSError:   # the linger is over (or the peer reset)
+                    pass
                 return
             for i, m in enumerate(self._requests(sock, dec)):
                 if step[0] == "idle" and i > 0:
