@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -128,3 +129,20 @@ def call_until(c, msg: dict, req_id: int, seen: dict) -> dict:
         assert a["id"] not in seen, f"answered twice: {a} and {seen[a['id']]}"
         seen[a["id"]] = a
 
+
+# ringserve batch's output (--progress json): its start event and its summary line
+
+
+def start_note(p: subprocess.CompletedProcess) -> str:
+    for line in p.stderr.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and rec.get("event") == "start":
+            return rec.get("message", "")
+    raise AssertionError(f"no start event:\n{p.stderr}")
+
+
+def summary(p: subprocess.CompletedProcess) -> dict:
+    return json.loads(p.stdout.strip().splitlines()[-1])

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO
+from tests.faults import start_note, summary
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -73,21 +74,6 @@ def batch(tmp_path, *args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "daemon", "batch", "--config",
                            str(tmp_path / "lm.toml"), "--progress", "json", *map(str, args)],
                           cwd=REPO, capture_output=True, text=True, timeout=180)
-
-
-def start_note(p: subprocess.CompletedProcess) -> str:
-    for line in p.stderr.splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and rec.get("event") == "start":
-            return rec.get("message", "")
-    raise AssertionError(f"no start event:\n{p.stderr}")
-
-
-def summary(p: subprocess.CompletedProcess) -> dict:
-    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])

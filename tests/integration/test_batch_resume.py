@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, shm_segments
-from tests.faults import poll
+from tests.faults import poll, start_note, summary
 
 pytest.importorskip("pyarrow")
 
@@ -70,21 +70,6 @@ def batch(cfg, *args, env=None, timeout=120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "daemon", "batch", "--config", str(cfg),
                            "--progress", "json", *map(str, args)], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
-
-
-def start_note(p: subprocess.CompletedProcess) -> str:
-    for line in p.stderr.splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and rec.get("event") == "start":
-            return rec.get("message", "")
-    raise AssertionError(f"no start event:\n{p.stderr}")
-
-
-def summary(p: subprocess.CompletedProcess) -> dict:
-    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def read_csv_scores(path) -> tuple[list[str], np.ndarray]:
