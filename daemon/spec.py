@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from ipc.tensors import DTYPES
 
+from .lifeline import PARENT_ENV
+
 ITEMSIZE = {name: d.itemsize for name, d in DTYPES.items()}
 
 
@@ -115,12 +117,13 @@ def worker_env(config_source: str, workdir: str) -> dict:
     return env
 
 
-def spawn_worker(ctrl_fd: int, wake_fd: int, done_fd: int, cwd: str, env: dict):
-    """``python -m daemon.worker`` with its control socket and eventfds, in a
-    session of its own: a terminal's Ctrl-C reaches only the parent, which
-    drains first and then stops its workers."""
+def spawn_worker(ctrl_fd: int, wake_fd: int, cwd: str, env: dict):
+    """``python -m daemon.worker`` with its control channel and wake eventfd,
+    in a session of its own: a terminal's Ctrl-C reaches only the parent,
+    which drains first and then stops its workers. It dies with its parent
+    (daemon/lifeline.py)."""
     return subprocess.Popen(
         [sys.executable, "-m", "daemon.worker", "--ctrl-fd", str(ctrl_fd),
-         "--wake-fd", str(wake_fd), "--done-fd", str(done_fd)],
-        pass_fds=(ctrl_fd, wake_fd, done_fd), stdin=subprocess.DEVNULL, cwd=cwd, env=env,
-        start_new_session=True)
+         "--wake-fd", str(wake_fd)],
+        pass_fds=(ctrl_fd, wake_fd), stdin=subprocess.DEVNULL, cwd=cwd,
+        env={**env, PARENT_ENV: str(os.getpid())}, start_new_session=True)

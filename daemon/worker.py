@@ -1,26 +1,40 @@
-"""The worker process: one model version on one device.
+"""The worker process: one model version on one device, serving every front.
 
-Started by the front as ``python -m daemon.worker --ctrl-fd C --wake-fd W
---done-fd D`` (a fresh interpreter: the ``spawn`` start method, so no state
-of the front leaks in). Three file descriptors are inherited:
+Started by the supervisor as ``python -m daemon.worker --ctrl-fd C
+--wake-fd W`` (a fresh interpreter: the ``spawn`` start method, so no state
+of the parent leaks in). Two file descriptors are inherited:
 
-- ``ctrl``: a Unix stream socket carrying JSON lines both ways. This is the
-  slow path (load, attach, ready, stop, errors); it never carries tensors.
-  EOF on it means the front is gone: the worker exits at once.
-- ``wake``: an eventfd the front writes after each batch it submits.
-- ``done``: an eventfd the worker writes after each batch it completes.
+- ``ctrl``: the control channel (``ipc/control.py``: one pickled dict per
+  SEQPACKET packet, file descriptors alongside). This is the slow path (load,
+  attach, ready, stop, errors); it never carries tensors. EOF on it means the
+  supervisor is gone: the worker exits at once.
+- ``wake``: one eventfd every front writes after each batch it submits to
+  this worker (measured against one eventfd per front under epoll: the shared
+  one is one read per wake-up whatever the number of fronts, and a scan of the
+  rings' counters costs less than an epoll_wait; docs/architecture.md).
+
+Each front has a ring of its own to this worker (``ipc/ring.py``), attached
+at run time: a ring arrives as a memfd with the eventfd the worker writes
+after each batch it completes on that ring (``done``).
 
 Conversation::
 
-    front -> {"cmd": "load", "spec": ModelSpec}
+    sup -> {"cmd": "load", "spec": ModelSpec json}
     worker -> {"event": "loaded", "outputs": [...], "single_output": b, "hash": h, ...}
               or {"event": "failed", "error": "..."} and exit EXIT_LOAD_FAILED
-    front -> {"cmd": "attach", "ring": "<segment name>"}   (sized from "outputs")
-    worker -> {"event": "ready", "warmup_s": s, "pinned": b, "compiled": {...} | null}
-                                                           (after every bucket ran)
+    sup -> {"cmd": "attach", "ring": id} + fds [ring memfd, done eventfd]
+    worker -> {"event": "ready", "ring": id, "warmup_s": s, "pinned": b, "compiled": ...}
+                 (the first ring: after every bucket ran on it)
+              {"event": "attached", "ring": id}   (every later ring)
+    sup -> {"cmd": "detach", "ring": id}          (its front is gone)
+    worker -> {"event": "detached", "ring": id}
     worker -> {"event": "stats", "h2d": {...} | null, "compiled": {...} | null}
-                                                           (while serving, when they change)
-    front -> {"cmd": "stop"}                                 (finish what is submitted, exit 0)
+                                                  (while serving, when they change)
+    sup -> {"cmd": "stop"}                        (finish what is submitted, exit 0)
+
+The serving loop takes at most one batch from each ring in turn, starting
+one ring further each pass, so a busy front cannot starve another; it never
+waits on a ring (a dead front's ring is simply left alone until detached).
 
 ``pinned``: the ring is registered with CUDA (cudaHostRegister), checked
 with the driver; False on the CPU. ``compiled``: torch.compile's graph count
@@ -38,11 +52,12 @@ import argparse
 import json
 import os
 import signal
-import socket
 import sys
 import threading
 import time
 import traceback
+
+from ipc.control import Channel, ChannelClosed
 
 EXIT_LOAD_FAILED = 3
 REPORT_S = 0.5   # how often a serving worker sends its figures when they change
@@ -50,27 +65,25 @@ _ONE = (1).to_bytes(8, "little")
 
 
 class Control:
-    """JSON lines over the control socket; sends are serialised by a lock
-    because the main loop and the control thread both report."""
+    """The control channel; sends are serialised by a lock because the main
+    loop and the control thread both report."""
 
     def __init__(self, fd: int):
-        self.sock = socket.socket(fileno=fd)
-        self.rfile = self.sock.makefile("rb")
+        self.chan = Channel.from_fd(fd)
         self._lock = threading.Lock()
 
     def send(self, **msg) -> None:
-        data = (json.dumps(msg) + "\n").encode()
         with self._lock:
             try:
-                self.sock.sendall(data)
-            except OSError:
-                pass  # the front is gone; the reader sees EOF and exits us
+                self.chan.send(msg)
+            except (ChannelClosed, OSError):
+                pass  # the supervisor is gone; the reader sees EOF and exits us
 
-    def recv(self) -> dict | None:
-        line = self.rfile.readline()
-        if not line:
+    def recv(self) -> tuple[dict, list[int]] | None:
+        try:
+            return self.chan.recv()
+        except ChannelClosed:
             return None
-        return json.loads(line)
 
 
 def log(level: str, msg: str, **fields) -> None:
@@ -83,16 +96,43 @@ def log(level: str, msg: str, **fields) -> None:
         pass
 
 
+class Lane:
+    """One front's ring as this worker serves it: the ring, the worker's
+    position in it, tensor views over every slot, and the eventfd to write
+    after each completed batch."""
+
+    __slots__ = ("id", "ring", "done_fd", "done", "in_views", "out_views")
+
+    def __init__(self, id_, ring, done_fd: int, in_views, out_views):
+        self.id = id_
+        self.ring = ring
+        self.done_fd = done_fd
+        self.done = ring.completed()
+        self.in_views = in_views
+        self.out_views = out_views
+
+    def close(self) -> None:
+        self.in_views = self.out_views = None
+        try:
+            os.close(self.done_fd)
+        except OSError:
+            pass
+        self.ring.close()
+
+
 class Worker:
-    def __init__(self, ctrl: Control, wake_fd: int, done_fd: int):
+    def __init__(self, ctrl: Control, wake_fd: int):
         self.ctrl = ctrl
         self.wake_fd = wake_fd
-        self.done_fd = done_fd
         self.stopping = False
-        self.ring = None
         self.runner = None
-        self._pinned = 0
+        self.lanes: list[Lane] = []
+        # Attach/detach arrive on the control thread and are applied by the
+        # serving loop between batches (it alone touches self.lanes).
+        self._changes: list[tuple[str, object]] = []
+        self._changes_lock = threading.Lock()
         self.pinned = False
+        self.warmed = False
 
     def load(self, spec_json: dict) -> None:
         from .runtime import LoadError, ModelSpec, Runner
@@ -117,12 +157,12 @@ class Worker:
         self.ctrl.send(event="failed", error=error)
         os._exit(EXIT_LOAD_FAILED)
 
-    def attach(self, ring_name: str) -> None:
+    def open_lane(self, ring_id: str, ring_fd: int, done_fd: int) -> Lane:
+        """Map a ring received from the supervisor and make its views."""
         import torch
         from ipc.ring import Ring
         from .runtime import TORCH_DTYPES, LoadError, is_pinned, pin_host_memory
-        ring = Ring.attach(ring_name)
-        self.ring = ring
+        ring = Ring.from_fd(ring_fd, ring_id)
         lay = ring.layout
         r = self.runner
         buf = ring.seg.buf
@@ -132,7 +172,6 @@ class Worker:
             except LoadError as e:
                 # Not a crash: a restart would fail the same way (ulimit -l).
                 self.fail(str(e))
-            self._pinned = ring.seg.address()
 
         def view(off, decl):
             count = lay.max_batch
@@ -142,23 +181,29 @@ class Worker:
                                     offset=off).view(lay.max_batch, *decl.shape)
 
         # Tensor views over every slot's regions, made once: the hot loop only slices them.
-        self.in_views = [[view(ring.region_offset(s, "input", k), d)
-                          for k, d in enumerate(r.spec.inputs)] for s in range(lay.depth)]
-        self.out_views = [[view(ring.region_offset(s, "output", k), d)
-                           for k, d in enumerate(r.outputs)] for s in range(lay.depth)]
-        for views in self.in_views:
+        in_views = [[view(ring.region_offset(s, "input", k), d)
+                     for k, d in enumerate(r.spec.inputs)] for s in range(lay.depth)]
+        out_views = [[view(ring.region_offset(s, "output", k), d)
+                      for k, d in enumerate(r.outputs)] for s in range(lay.depth)]
+        for views in in_views:
             for v in views:
                 v.zero_()
         # Registered, as the driver sees it, for every view the hot loop
         # copies from or to (False on the CPU: nothing to pin).
-        self.pinned = r.device.type == "cuda" and all(
-            is_pinned(v) for views in self.in_views + self.out_views for v in views)
-        if r.device.type == "cuda" and not self.pinned:
+        pinned = r.device.type == "cuda" and all(
+            is_pinned(v) for views in in_views + out_views for v in views)
+        if r.device.type == "cuda" and not pinned:
             log("warning", "ring registered but the driver does not report it pinned; "
                 "copies are staged", worker=self.name)
-        warm = r.warm_up(lambda b: [v[:b] for v in self.in_views[0]], self.out_views[0])
+        self.pinned = pinned if not self.lanes else (self.pinned and pinned)
+        return Lane(ring_id, ring, done_fd, in_views, out_views)
+
+    def warm_up(self, lane: Lane) -> None:
+        r = self.runner
+        warm = r.warm_up(lambda b: [v[:b] for v in lane.in_views[0]], lane.out_views[0])
         counts = r.compile_counts()
-        self.ctrl.send(event="ready", warmup_s=round(warm, 3), pinned=self.pinned,
+        self.warmed = True
+        self.ctrl.send(event="ready", ring=lane.id, warmup_s=round(warm, 3), pinned=self.pinned,
                        compiled=counts)
         log("info", "worker ready", worker=self.name, warmup_s=round(warm, 3),
             compile=r.compile_mode, hash=r.weights_hash, pinned=self.pinned, compiled=counts)
@@ -166,7 +211,7 @@ class Worker:
     def report_loop(self) -> None:
         """Runs in a thread once serving: every REPORT_S, what changed of the
         worker's own figures (H2D copy times on CUDA, compiled graphs) goes to
-        the front as a ``stats`` event, off the hot loop."""
+        the supervisor as a ``stats`` event, off the hot loop."""
         r = self.runner
         last = None
         while True:
@@ -177,75 +222,130 @@ class Worker:
                 self.ctrl.send(event="stats", **now)
                 last = now
 
+    def _apply_changes(self) -> None:
+        with self._changes_lock:
+            changes, self._changes = self._changes, []
+        for kind, arg in changes:
+            if kind == "attach":
+                self.lanes.append(arg)
+                if not self.warmed:
+                    self.warm_up(arg)
+                else:
+                    self.ctrl.send(event="attached", ring=arg.id, pinned=self.pinned)
+            else:
+                for lane in [x for x in self.lanes if x.id == arg]:
+                    self.lanes.remove(lane)
+                    lane.close()
+                self.ctrl.send(event="detached", ring=arg)
+
+    def _change(self, kind: str, arg) -> None:
+        with self._changes_lock:
+            self._changes.append((kind, arg))
+        os.write(self.wake_fd, _ONE)
+
     def serve(self) -> None:
-        ring = self.ring
-        depth = ring.layout.depth
         run = self.runner.run_batch
-        in_views, out_views = self.in_views, self.out_views
-        done = ring.completed()
         spin_s = self.runner.spec.spin_us * 1e-6
         perf_ns = time.perf_counter_ns
         mono_ns = time.monotonic_ns
+        start = 0
         while True:
-            if ring.submitted() == done:
-                if self.stopping:
-                    return
-                # Poll a while before sleeping (models.spin_us): a wake-up
-                # across cores costs ~20-27 us, but polling burns a core.
-                deadline = time.perf_counter() + spin_s
-                while ring.submitted() == done and time.perf_counter() < deadline:
-                    pass
+            if self._changes:
+                self._apply_changes()
+            lanes = self.lanes
+            n_lanes = len(lanes)
+            ran = False
+            # One batch from each ring in turn, beginning one ring further
+            # each pass: no front's ring waits behind another's backlog.
+            for j in range(n_lanes):
+                lane = lanes[(start + j) % n_lanes]
+                ring = lane.ring
+                done = lane.done
                 if ring.submitted() == done:
-                    os.read(self.wake_fd, 8)  # blocks until the front submits
                     continue
-            slot = done % depth
-            seq, n, bucket, _ = ring.request(slot)
-            ins = [v[:bucket] for v in in_views[slot]]
-            if n < bucket:
-                for v in ins:
-                    v[n:].zero_()  # padding rows are zeros: a padded batch is deterministic
-            t0 = perf_ns()
-            try:
-                run(ins, out_views[slot], n)
-                status, err = 0, ""
-            except Exception as e:
-                status, err = 13, f"the model raised {type(e).__name__}: {e}"
-                log("error", "batch failed", worker=self.name, error=err, batch=n)
-            t1 = perf_ns()
-            ring.complete(slot, seq, n, status, t1 - t0, err, mono_ns())
-            done += 1
-            os.write(self.done_fd, _ONE)
+                depth = ring.layout.depth
+                slot = done % depth
+                seq, n, bucket, _ = ring.request(slot)
+                ins = [v[:bucket] for v in lane.in_views[slot]]
+                if n < bucket:
+                    for v in ins:
+                        v[n:].zero_()  # padding rows are zeros: a padded batch is deterministic
+                t0 = perf_ns()
+                try:
+                    run(ins, lane.out_views[slot], n)
+                    status, err = 0, ""
+                except Exception as e:
+                    status, err = 13, f"the model raised {type(e).__name__}: {e}"
+                    log("error", "batch failed", worker=self.name, error=err, batch=n)
+                t1 = perf_ns()
+                ring.complete(slot, seq, n, status, t1 - t0, err, mono_ns())
+                lane.done = done + 1
+                try:
+                    os.write(lane.done_fd, _ONE)  # an eventfd write never blocks
+                except OSError:
+                    pass
+                ran = True
+            start = start + 1 if n_lanes else 0
+            if ran:
+                continue
+            if self.stopping:
+                return
+            # Poll a while before sleeping (models.spin_us): a wake-up
+            # across cores costs ~20-27 us, but polling burns a core.
+            if spin_s:
+                deadline = time.perf_counter() + spin_s
+                while time.perf_counter() < deadline and not self._changes and not any(
+                        lane.ring.submitted() != lane.done for lane in lanes):
+                    pass
+                if self._changes or any(lane.ring.submitted() != lane.done for lane in lanes):
+                    continue
+            os.read(self.wake_fd, 8)  # blocks until a front submits (or a change, a stop)
 
     def control_loop(self) -> None:
-        """Runs in a thread once serving: stop requests and front death."""
+        """Runs in a thread once loaded: attach, detach, stop, and the
+        supervisor's death."""
         while True:
             try:
-                msg = self.ctrl.recv()
+                got = self.ctrl.recv()
             except (OSError, ValueError):
-                msg = None
-            if msg is None:
-                # The front died (or closed us): nobody will read results and
-                # nobody else may unlink the ring, so leave now.
-                log("warning", "front is gone; worker exits", worker=self.name)
-                if self.ring is not None:
-                    self.ring.unlink()
+                got = None
+            if got is None:
+                # The supervisor died (or closed us): nobody will read
+                # results, so leave now (the rings are memfds: nothing to remove).
+                log("warning", "supervisor is gone; worker exits", worker=self.name)
                 os._exit(1)
-            if msg.get("cmd") == "stop":
+            msg, fds = got
+            cmd = msg.get("cmd")
+            if cmd == "attach" and len(fds) == 2:
+                try:
+                    lane = self.open_lane(msg["ring"], fds[0], fds[1])
+                except Exception as e:  # a bad ring is the supervisor's bug: say so, go on
+                    log("error", "cannot attach a ring", worker=self.name, error=str(e))
+                    self.ctrl.send(event="attach_failed", ring=msg["ring"], error=str(e))
+                    continue
+                self._change("attach", lane)
+            elif cmd == "detach":
+                self._change("detach", msg["ring"])
+            elif cmd == "stop":
                 self.stopping = True
                 os.write(self.wake_fd, _ONE)
+            else:
+                for fd in fds:
+                    os.close(fd)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m daemon.worker")
     p.add_argument("--ctrl-fd", type=int, required=True)
     p.add_argument("--wake-fd", type=int, required=True)
-    p.add_argument("--done-fd", type=int, required=True)
     a = p.parse_args(argv)
-    # Ctrl-C in a terminal reaches the whole process group: the front drains
-    # first and then stops us, so a worker must not die on SIGINT by itself.
+    # Ctrl-C in a terminal reaches the whole process group: the supervisor
+    # drains first and then stops us, so a worker must not die on SIGINT by itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from .lifeline import die_with_parent
+    die_with_parent()
     ctrl = Control(a.ctrl_fd)
-    w = Worker(ctrl, a.wake_fd, a.done_fd)
+    w = Worker(ctrl, a.wake_fd)
 
     def on_term(signum, frame):
         w.stopping = True
@@ -255,17 +355,19 @@ def main(argv=None) -> int:
             pass
 
     signal.signal(signal.SIGTERM, on_term)
-    msg = ctrl.recv()
-    if msg is None or msg.get("cmd") != "load":
+    got = ctrl.recv()
+    if got is None or got[0].get("cmd") != "load":
         return 1
-    w.load(msg["spec"])
-    msg = ctrl.recv()
-    if msg is None:
-        return 1
-    if msg.get("cmd") == "stop":
-        return 0
-    w.attach(msg["ring"])
+    w.load(got[0]["spec"])
     threading.Thread(target=w.control_loop, name="control", daemon=True).start()
+    # Serving starts with the first ring (its warm-up makes the worker ready).
+    while not w.lanes and not w.stopping:
+        if w._changes:
+            w._apply_changes()
+            break
+        os.read(w.wake_fd, 8)
+    if w.stopping and not w.lanes:
+        return 0
     threading.Thread(target=w.report_loop, name="report", daemon=True).start()
     w.serve()
     log("info", "worker stopped", worker=w.name)

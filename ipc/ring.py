@@ -53,6 +53,7 @@ one syscall per batch each way, never one per request.
 
 from __future__ import annotations
 
+import os
 import struct
 
 from .shm import Segment
@@ -166,6 +167,30 @@ class Ring:
         except BaseException:
             seg.close()
             seg.unlink()
+            raise
+        return cls(seg, layout)
+
+    @classmethod
+    def create_anonymous(cls, name: str, layout: RingLayout) -> tuple["Ring", int]:
+        """A ring in a memfd (``Segment.anonymous``) and its descriptor, for
+        the daemon: the supervisor creates it, the front and the worker
+        attach it with ``from_fd``."""
+        seg, fd = Segment.anonymous(name, layout.total_bytes)
+        try:
+            layout.write_header(seg.buf)
+        except BaseException:
+            seg.close()
+            os.close(fd)
+            raise
+        return cls(seg, layout), fd
+
+    @classmethod
+    def from_fd(cls, fd: int, name: str) -> "Ring":
+        seg = Segment.from_fd(fd, name)
+        try:
+            layout = RingLayout.read_header(seg.buf)
+        except BaseException:
+            seg.close()
             raise
         return cls(seg, layout)
 

@@ -7,10 +7,17 @@ from under the front. Here ownership is explicit, as in CPython's module
 documentation recommends: the creator (the front) unlinks exactly once, every
 process closes its own mapping.
 
-Segments live in ``/dev/shm`` under ``ringserve-<pid>-...`` where ``<pid>`` is
-the creating front process. That naming lets a later daemon remove the
-segments of a front that was killed with SIGKILL (``sweep_stale``), the one
-exit path on which the creator cannot clean up after itself.
+Named segments live in ``/dev/shm`` under ``ringserve-<pid>-...`` where
+``<pid>`` is the creating process (the offline batch job). That naming lets a
+later process remove the segments of a creator that was killed with SIGKILL
+(``sweep_stale``), the one exit path on which it cannot clean up after itself.
+
+The daemon's rings are *anonymous* instead (``Segment.anonymous``: a memfd,
+never in ``/dev/shm``): the supervisor creates each one and hands its file
+descriptor to the front and the worker over their control sockets
+(``ipc/control.py``, SCM_RIGHTS). The memory then lives exactly as long as
+some process maps it or holds the descriptor, so no exit path, kill -9 of any
+process included, can leave a segment behind.
 """
 
 from __future__ import annotations
@@ -52,6 +59,31 @@ class Segment:
         return cls(name, size, mm, owner=True)
 
     @classmethod
+    def anonymous(cls, name: str, size: int) -> tuple["Segment", int]:
+        """A segment with no name in the file system (memfd); returns it
+        and its descriptor, to be passed to the processes that attach it
+        with ``from_fd``. The caller closes the descriptor once it is sent."""
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(name, size, mm, owner=True), fd
+
+    @classmethod
+    def from_fd(cls, fd: int, name: str) -> "Segment":
+        """Map a segment received as a descriptor; the descriptor is closed
+        (the mapping keeps the memory)."""
+        try:
+            size = os.fstat(fd).st_size
+            mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        return cls(name, size, mm, owner=False)
+
+    @classmethod
     def attach(cls, name: str) -> "Segment":
         fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
         try:
@@ -87,6 +119,8 @@ class Segment:
     def unlink(self) -> None:
         """Remove the name (creator only). The memory lives until every
         process has closed its mapping."""
+        if not self.name.startswith(PREFIX):
+            return  # anonymous: nothing to remove
         try:
             os.unlink(os.path.join(SHM_DIR, self.name))
         except FileNotFoundError:

@@ -3,30 +3,28 @@ event loop.
 
 Each configured device gets one worker, started exactly as the daemon's
 supervisor starts it (``python -m daemon.worker`` in a fresh interpreter, in
-its own session, with a control socket and two eventfds) and spoken to in
+its own session, with a control channel and a wake eventfd) and spoken to in
 the same control protocol (daemon/worker.py: load -> loaded, attach ->
-ready, stop). Batches travel through an ``ipc.ring`` segment whose slots
-hold ``batch_rows`` rows: the driver writes a batch into a slot's input
-regions, submits it and writes the worker's wake eventfd; the worker runs it
-and writes the done eventfd. Nothing is pickled.
+ready, stop). Batches travel through one ``ipc.ring`` whose slots hold
+``batch_rows`` rows: the driver writes a batch into a slot's input regions,
+submits it and writes the worker's wake eventfd; the worker runs it and
+writes the done eventfd. Nothing is pickled.
 
-The segment is named ``ringserve-<driver pid>-batch-<i>``: the driver
-unlinks it when it stops the worker; if the driver is killed the worker sees
-its control socket close, unlinks it and exits (daemon/worker.py), and a
-later daemon or job sweeps any leftover (``ipc.shm.sweep_stale``).
+The ring is anonymous (a memfd handed to the worker with its done eventfd,
+``ipc/shm.py``), so whichever of the two is killed, nothing is left in
+``/dev/shm``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import signal
-import socket
 import time
 
 import numpy as np
 
+from ipc.control import Channel, ChannelClosed, pair
 from ipc.ring import Ring, RingLayout
 from ipc.tensors import _NP
 
@@ -62,48 +60,50 @@ class BatchWorker:
         self.pending: list[int] = []     # seq of each submitted batch, oldest first
         self.compute_ns = 0              # the model's time on the batches collected
         self.stopping = False
-        self._buf = b""
-        self.ctrl = None
+        self.ctrl: Channel | None = None
         self.pidfd = self.wake = self.done = -1
 
     # -- start ------------------------------------------------------------------
     def start(self) -> None:
-        parent, child = socket.socketpair()
+        parent, child = pair()
         self.wake = os.eventfd(0, os.EFD_CLOEXEC)
         self.done = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         try:
-            self.proc = spawn_worker(child.fileno(), self.wake, self.done, self.cwd, self.env)
+            self.proc = spawn_worker(child.fileno(), self.wake, self.cwd, self.env)
         finally:
             child.close()
-        self.ctrl = parent
+        self.ctrl = Channel(parent)
         self.pidfd = os.pidfd_open(self.proc.pid)
         self._send(cmd="load", spec=self.spec.to_json())
 
-    def _send(self, **msg) -> None:
+    def _send(self, fds=(), **msg) -> None:
         try:
-            self.ctrl.sendall((json.dumps(msg) + "\n").encode())
-        except OSError:
+            self.ctrl.send(msg, fds)
+        except (ChannelClosed, OSError):
             pass   # it died; the pidfd says so
 
     def _event(self, deadline: float) -> dict:
         """The worker's next control message, or WorkerError."""
-        while b"\n" not in self._buf:
+        while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise WorkerError(f"worker {self.label} did not become ready in time "
                                   "(server.start_timeout_s); a slow load or compile? raise it")
             r, _, _ = select.select([self.ctrl, self.pidfd], [], [], left)
             if self.ctrl in r:
-                data = self.ctrl.recv(65536)
-                if data:
-                    self._buf += data
-                    continue
+                try:
+                    got = self.ctrl.recv()
+                except ChannelClosed:
+                    got = None
+                if got is not None:
+                    msg, fds = got
+                    for fd in fds:
+                        os.close(fd)
+                    break
             if r:
                 rc = self.proc.wait()
                 raise WorkerError(f"worker {self.label} exited with code {rc} while starting"
                                   + (" (the model cannot be loaded)" if rc == EXIT_LOAD_FAILED else ""))
-        line, self._buf = self._buf.split(b"\n", 1)
-        msg = json.loads(line)
         if msg.get("event") == "failed":
             raise WorkerError(f"worker {self.label}: {msg.get('error')}")
         return msg
@@ -119,7 +119,7 @@ class BatchWorker:
                             [t.nbytes for t in self.outputs])
         name = f"ringserve-{os.getpid()}-batch-{self.index}"
         try:
-            self.ring = Ring.create(name, layout)
+            self.ring, ring_fd = Ring.create_anonymous(name, layout)
         except OSError as e:
             raise WorkerError(f"cannot create shared memory {name!r} "
                               f"({layout.total_bytes} bytes): {e}") from None
@@ -132,7 +132,10 @@ class BatchWorker:
                        for s in range(depth)]
         self.outputs_views = [[view(r.output_view(s, k), d) for k, d in enumerate(self.outputs)]
                               for s in range(depth)]
-        self._send(cmd="attach", ring=name)
+        try:
+            self._send(cmd="attach", ring=name, fds=(ring_fd, self.done))
+        finally:
+            os.close(ring_fd)
 
     def wait_ready(self, deadline: float) -> None:
         self._event(deadline)
