@@ -81,7 +81,7 @@ def main(argv=None) -> int:
                  "metrics": {"port": metrics_port} if metrics_port is not None else {}}
     cfg = with_overrides(cfg, overrides)
     from . import logs
-    from .server import serve
+    from .supervisor import serve
     logs.setup(cfg.logging.level)
     if a.pid_file:
         with open(a.pid_file, "w") as f:

@@ -129,6 +129,8 @@ class ServerConfig:
     proxy_protocol: bool
     trusted_proxies: tuple[str, ...]
     node_id: int                  # this node's number in request ids (docs/protocol.md)
+    fronts: int | str             # front processes, or "auto" (daemon/cores.py)
+    front_heartbeat_timeout_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -504,6 +506,16 @@ def _int_in(lo: int, hi: int):
             raise _Invalid(f"must be an integer from {lo} to {hi}, got {_show(v)}")
         return v
     return check
+
+
+MAX_FRONTS = 32  # the front field of a request id has 5 bits (daemon/rids.py)
+
+
+@_rule(f'"auto" or 1 to {MAX_FRONTS}')
+def _check_fronts(v, ctx):
+    if v == "auto" or _is_int(v) and 1 <= v <= MAX_FRONTS:
+        return v
+    raise _Invalid(f'must be "auto" or an integer from 1 to {MAX_FRONTS}, got {_show(v)}')
 
 
 def _float_in(lo: float, hi: float | None = None, *, lo_open: bool = False):
@@ -1299,6 +1311,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server", "node_id", "integer", 0,
             "This daemon's number in a fleet (0-255): part of every request id (`rid`), so "
             "rids of different nodes never collide (docs/protocol.md).", _int_in(0, 255)),
+    Setting("server", "fronts", 'integer or "auto"', "auto",
+            "Front processes that accept connections on the port (SO_REUSEPORT), each with "
+            "its own rings to every worker. \"auto\": one per CPU this process may use beyond "
+            "those the CPU workers take, at least 1, and 1 on a machine of 2 CPUs or fewer "
+            "(the formula and a table: docs/architecture.md, \"How many fronts\").",
+            _check_fronts),
+    Setting("server", "front_heartbeat_timeout_s", "float", 10.0,
+            "A front that sends no heartbeat for this long (a wedged event loop) is killed "
+            "and restarted; /readyz fails meanwhile.", _float_in(1.0)),
     # [logging]
     Setting("logging", "level", "string", "info",
             "Lowest level of the daemon's log records that are written.",

@@ -16,6 +16,7 @@ import os
 import signal
 
 PARENT_ENV = "RINGSERVE_SUPERVISOR_PID"
+EXIT_BOOT_FAILED = 4  # a front that cannot serve (it cannot bind): not restarted
 _PR_SET_PDEATHSIG = 1
 
 

@@ -1,15 +1,22 @@
-"""The front process: startup, serving, shutdown, and the request ops.
+"""A front process: startup, serving, shutdown, and the request ops.
 
-Lifecycle (after uvicorn's server): start every worker, listen, serve; on
-SIGTERM/SIGINT stop listening, answer new requests UNAVAILABLE ("draining"),
-let every accepted request finish (bounded by ``server.drain_timeout_s``),
-flush the answers, stop the workers, unlink shared memory, exit 0. Signal
-handlers only enqueue the signal; ``run`` dispatches them in one place.
+A front is started by the supervisor (daemon/supervisor.py) with the config
+it validated, binds the port itself (SO_REUSEPORT: several fronts share it,
+the kernel spreads the connections) and serves its own connections with its
+own queues and batching. Its workers belong to the supervisor: each arrives
+as a port (daemon/port.py: a ring and eventfds made for this front) over the
+control channel, which also carries reloads and the drain.
+
+Lifecycle (after uvicorn's server): listen, serve; on drain (the
+supervisor's ``stop``, or SIGTERM) stop listening, answer new requests
+UNAVAILABLE ("draining"), let every accepted request finish (bounded by
+``server.drain_timeout_s``), flush the answers, exit 0; the supervisor then
+stops the workers.
 
 The infer path is the hot path, one small function per step:
 ``handle`` (op) -> ``infer`` (validate, route) -> ``ModelQueue.submit``
-(enqueue, dispatch) -> ``WorkerHandle.submit_batch`` (shared memory) ...
-``WorkerHandle._on_done`` -> ``ModelQueue.complete_batch`` (answer).
+(enqueue, dispatch) -> ``WorkerPort.submit_batch`` (shared memory) ...
+``WorkerPort._on_done`` -> ``ModelQueue.complete_batch`` (answer).
 """
 
 from __future__ import annotations
@@ -24,19 +31,19 @@ import signal
 import sys
 import time
 
-from ipc import shm
+from ipc.control import Channel, ChannelClosed
 from ipc.proxy import parse_trusted
 from ipc.status import (InvalidArgument, NotFound, ProtocolError, ResourceExhausted, Status,
                         Unauthenticated, Unavailable, brief)
 from ipc.tensors import DEFERRABLE, TensorSpec, decode_inputs, input_where
 
 from .access import Access
-from .config import ConfigError, load_config, with_overrides
 from .batcher import Deadlines, ModelQueue, Pending
 from .cache import ResponseCache
 from .drift import DriftTracker
 from .fallback import DEADLINE_NEAR, Fallback, fill_inputs, wire_defaults
 from .feedback import FeedbackJoin
+from .lifeline import EXIT_BOOT_FAILED
 from .limits import frame_limits, raise_nofile
 from .metadata import default_path
 from .metrics import MetricsServer
@@ -46,8 +53,7 @@ from .rids import RidAllocator
 from .rollouts import Rollouts, weight_of
 from .router import CANARY, STABLE, RoutingTable, UnknownExperiment
 from .shadow import Shadow
-from .spec import share_cores, worker_env
-from .supervisor import WorkerHandle
+from .port import WorkerPort
 
 log = logging.getLogger("ringserve.server")
 PROTOCOL_VERSIONS = (1,)
@@ -59,10 +65,6 @@ _SHED = {"busy": "queue_full", "share": "fair_share", "unavailable": "no_worker"
 _NO_INPUTS = ("request has no 'inputs'; send one sample as a tensor map {dtype, shape, data} or "
               "a list of numbers")
 _monotonic_ns = time.monotonic_ns
-
-
-def default_threads(cfg) -> int:
-    return share_cores(sum(1 for m in cfg.models for d in m.devices if d == "cpu"))
 
 
 def _log_metadata(m) -> None:
@@ -93,14 +95,25 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
+HEARTBEAT_S = 1.0
+
+
 class App:
-    def __init__(self, cfg, loop, port_file: str | None = None, overrides: dict | None = None):
+    def __init__(self, cfg, loop, chan: Channel, slot: int = 0, n_fronts: int = 1,
+                 port: int = 0, workers: dict | None = None, infos: dict | None = None):
         self.cfg = cfg
-        self.overrides = overrides or {}
         self.loop = loop
-        self.port_file = port_file
-        self.workdir = os.getcwd()
-        self.worker_env = worker_env(cfg.source, self.workdir)
+        self.chan = chan
+        self.slot = slot
+        # One front alone also keeps the machine's own parts: the rollout
+        # controller, the state file, the metrics endpoint (with several,
+        # the supervisor checks that the config uses none of them).
+        self.primary = n_fronts == 1
+        self.port = port
+        self.worker_ids = workers or {}
+        self.infos = infos or {}
+        self.ports: dict[int, WorkerPort] = {}
+        self._prepared: dict | None = None
         self.deadlines = Deadlines(loop)
         self.queues: dict[tuple[str, str], ModelQueue] = {}
         self._plain: dict[str, ModelQueue] = {}  # see _set_lanes
@@ -114,7 +127,6 @@ class App:
         self.access = Access.from_config(cfg)  # None: no auth, no rate limit
         self.conns: set[Connection] = set()
         self.server = None
-        self.port = None
         self.draining = False
         self.stopping = False
         self.started = time.monotonic()
@@ -122,7 +134,7 @@ class App:
         self.retiring: list[ModelQueue] = []  # retired by a reload, still draining
         self.reloads: collections.Counter = collections.Counter({"ok": 0, "failed": 0})
         self.default_deadline_ns = cfg.server.deadline_ms * 1_000_000
-        self.rids = RidAllocator(cfg.server.node_id, 0, self.rollouts.rid_block(),
+        self.rids = RidAllocator(cfg.server.node_id, slot, self.rollouts.rid_block(),
                                  self.rollouts.save_rid_block)
         # The connection limits (daemon/protocol.py, docs/operations.md "Limits and abuse").
         self.frame_limits = frame_limits(cfg.models)
@@ -140,41 +152,102 @@ class App:
     async def start(self) -> None:
         if self.cfg.request_log.enabled:
             self.reqlog = RequestLog(self.cfg.request_log, self.cfg.request_log_dir)
-        removed = shm.sweep_stale()
-        if removed:
-            log.warning("removed shared memory left by a front that died",
-                        extra={"segments": removed})
         self.max_conns, warning = raise_nofile(self.cfg)
         if warning:
             log.warning(warning, extra={"max_connections": self.max_conns})
-        threads = default_threads(self.cfg)
         for m in self.cfg.models:
-            self.queues[(m.name, m.version)] = self._make_queue(m, threads)
+            key = (m.name, m.version)
+            self.queues[key] = self._make_queue(m, self.worker_ids.get(key, ()))
         self._set_lanes()
         self.rollouts.attach()
         self._set_shadows()
         self._set_fallbacks()
-        self.rollouts.start()
-        for q in self.queues.values():
-            for w in q.workers:
-                w.start()
+        if self.primary:
+            self.rollouts.start()
+        self.loop.add_reader(self.chan.fileno(), self._on_ctrl)
         s = self.cfg.server
         self.server = await self.loop.create_server(
-            lambda: Connection(self), s.host, s.port, reuse_address=True, backlog=1024)
-        self.port = self.server.sockets[0].getsockname()[1]
-        if self.cfg.metrics.enabled:
+            lambda: Connection(self), s.host, self.port, reuse_address=True, reuse_port=True,
+            backlog=1024)
+        if self.cfg.metrics.enabled and self.primary:
             await self.metrics.start(self.cfg.metrics.host, self.cfg.metrics.port)
         self._sweep_soon()
-        if self.port_file:
-            tmp = self.port_file + ".tmp"
-            with open(tmp, "w") as f:
-                f.write(f"{self.port}\n")
-            os.replace(tmp, self.port_file)
-        log.info("listening", extra={"host": s.host, "port": self.port, "pid": os.getpid(),
-                                     "config": self.cfg.source,
-                                     "models": [f"{m.name}@{m.version}" for m in self.cfg.models]})
+        self._beat()
+        self.tell({"event": "listening"})
+        log.info("front listening", extra={"host": s.host, "port": self.port, "front": self.slot,
+                                           "pid": os.getpid()})
 
-    def _make_queue(self, m, threads: int) -> ModelQueue:
+    # -- the supervisor's channel ------------------------------------------------
+    def tell(self, msg: dict) -> None:
+        try:
+            self.chan.send(msg)
+        except (ChannelClosed, OSError):
+            pass  # the supervisor is gone: our parent-death signal follows
+
+    def _beat(self) -> None:
+        if not self.stopping:
+            self.tell({"event": "beat"})
+            self.loop.call_later(HEARTBEAT_S, self._beat)
+
+    def _on_ctrl(self) -> None:
+        while True:
+            try:
+                got = self.chan.recv()
+            except (ChannelClosed, OSError):
+                # The supervisor died: nothing may serve on without it.
+                log.error("supervisor is gone; front exits")
+                os._exit(1)
+            if got is None:
+                return
+            msg, fds = got
+            try:
+                self._control(msg, fds)
+            except Exception:
+                log.exception("handling a control message failed", extra={"cmd": msg.get("cmd")})
+
+    def _control(self, msg: dict, fds: list[int]) -> None:
+        cmd = msg.get("cmd")
+        if cmd == "port":
+            p = self.ports.get(msg["uid"])
+            if p is None or len(fds) != 3:
+                for fd in fds:
+                    os.close(fd)
+                return
+            p.attach(fds[0], fds[1], fds[2], msg["ring"], msg["info"], msg["outputs"],
+                     msg["single_output"])
+            if self.ready():
+                log.info("ready: every worker is attached", extra={"front": self.slot})
+            return
+        for fd in fds:
+            os.close(fd)
+        if cmd == "worker":
+            self.infos[msg["uid"]] = msg["info"]
+            p = self.ports.get(msg["uid"])
+            if p is not None:
+                p.update(msg["info"])
+        elif cmd == "port_down":
+            self.infos[msg["uid"]] = msg["info"]
+            p = self.ports.get(msg["uid"])
+            if p is not None:
+                lost = p.down(msg["why"])
+                p.update(msg["info"])
+                if lost:
+                    log.error("worker died with requests of this front in flight", extra={
+                        "worker": p.label, "lost_requests": lost, "front": self.slot})
+        elif cmd == "prepare":
+            self.prepare(msg["cfg"], msg["workers"])
+        elif cmd == "switch":
+            self.loop.create_task(self.switch())
+        elif cmd == "abort":
+            self.abort(msg["errors"])
+        elif cmd == "reload_failed":
+            self.reloads["failed"] += 1
+            if self.primary:
+                self.rollouts.log.write(msg["record"])
+        elif cmd == "stop":
+            self.on_signal(signal.SIGTERM)
+
+    def _make_queue(self, m, uids) -> ModelQueue:
         q = ModelQueue(m, self.loop, self.deadlines)
         _log_metadata(m)
         q.specs = tuple((n, TensorSpec(s.dtype, tuple(s.shape))) for n, s in m.inputs)
@@ -192,9 +265,12 @@ class App:
             q.fallback = Fallback(m.fallback, q, self.count_rejected)
         q.defaults = wire_defaults(m)
         q.special = q.defaults is not None or q.fallback is not None
-        for i, dev in enumerate(m.devices):
-            t = m.threads or threads if dev == "cpu" else 1
-            q.workers.append(WorkerHandle(self, q, i, dev, t))
+        for i, (dev, uid) in enumerate(zip(m.devices, uids)):
+            p = WorkerPort(self.loop, q, i, dev, uid, self.count_rejected)
+            if uid in self.infos:
+                p.info = self.infos[uid]
+            self.ports[uid] = p
+            q.workers.append(p)
         return q
 
     def _set_fallbacks(self) -> None:
@@ -682,86 +758,58 @@ class App:
         self._signals.put_nowait(signum)
 
     async def run(self) -> int:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            self.loop.add_signal_handler(sig, self.on_signal, sig)
-        await self.start()
+        # The supervisor owns SIGHUP (reload) and Ctrl-C (it drains us); a
+        # SIGTERM sent to a front directly drains it, as the supervisor's stop does.
+        self.loop.add_signal_handler(signal.SIGTERM, self.on_signal, signal.SIGTERM)
+        for sig in (signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         tune_gc()
-        reloading: asyncio.Task | None = None
-        again = False
         while True:
             sig = await self._signals.get()
-            if sig in (signal.SIGTERM, signal.SIGINT):
-                log.info("shutting down", extra={"signal": signal.Signals(sig).name})
-                if reloading is not None and not reloading.done():
-                    reloading.cancel()  # its new workers are stopped by the reload itself
-                    await asyncio.gather(reloading, return_exceptions=True)
+            if sig == signal.SIGTERM:
+                log.info("front draining", extra={"front": self.slot})
                 await self.shutdown()
                 return 0
-            if sig == signal.SIGHUP:
-                if reloading is not None and not reloading.done():
-                    again = True  # SIGHUPs during a reload coalesce into one more
-                    continue
-                reloading = self.loop.create_task(self._reload_loop())
-            elif sig == "reloaded" and again:
-                again = False
-                reloading = self.loop.create_task(self._reload_loop())
 
-    async def _reload_loop(self) -> None:
-        try:
-            await self.reload()
-        finally:
-            self._signals.put_nowait("reloaded")
-
-    async def reload(self) -> bool:
-        """SIGHUP: validate the file, start what is new, wait for it to be
-        warm, switch the routing table at once, drain and stop what is gone.
-        Any failure before the switch leaves the running config untouched."""
-        old = self.cfg
-        t0 = time.monotonic()
-        try:
-            new = with_overrides(load_config(old.source), self.overrides)
-        except ConfigError as e:
-            self.reloads["failed"] += 1
-            log.error("reload rejected: invalid config; still serving the previous one",
-                      extra={"event": "reload", "ok": False, "error": str(e), "key": e.key})
-            self.rollouts.log.write({"event": "reload", "ok": False, "error": str(e),
-                                     "key": e.key})
-            return False
-        fixed = ("host", "port", "node_id")
-        if any(getattr(new.server, k) != getattr(old.server, k) for k in fixed):
-            log.warning("server.host, port and node_id changes need a restart; still "
-                        "listening on the old address, with the old node_id",
-                        extra={"event": "reload"})
-            new = dataclasses.replace(new, server=dataclasses.replace(
-                new.server, **{k: getattr(old.server, k) for k in fixed}))
-        for section in ("metrics", "request_log"):
-            if getattr(new, section) != getattr(old, section):
-                log.warning(f"[{section}] changes need a restart; it stays as it is",
-                            extra={"event": "reload"})
-                new = dataclasses.replace(new, **{section: getattr(old, section)})
+    # -- reload (driven by the supervisor: prepare -> switch | abort) -------------
+    def prepare(self, new, workers: dict) -> None:
+        """The supervisor validated ``new`` and starts its new workers: build
+        their queues (their ports attach as the workers warm up); nothing
+        changes for the requests being served."""
         # Tokens and limits apply as soon as the file validates: a revoked
         # token must not stay valid while new models warm up, nor because
         # one of them then fails to start and the rest of the reload is rejected.
         self._set_access(Access.from_config(new))
+        if self._prepared is not None:
+            self._drop_prepared()
         wanted = {(m.name, m.version): m for m in new.models}
         keep = {k: q for k, q in self.queues.items() if k in wanted and q.cfg == wanted[k]}
-        threads = default_threads(new)
-        started = {k: self._make_queue(m, threads) for k, m in wanted.items() if k not in keep}
-        for q in started.values():
-            for w in q.workers:
-                w.start()
-        try:
-            failed = await self._wait_warm(started.values(), new.server.start_timeout_s)
-        except asyncio.CancelledError:
-            await self._stop_queues(started.values())
-            raise
-        if failed:
-            await self._stop_queues(started.values())
-            self.reloads["failed"] += 1
-            log.error("reload rejected: a new model version did not start; still serving the "
-                      "previous config", extra={"event": "reload", "ok": False, "errors": failed})
-            self.rollouts.log.write({"event": "reload", "ok": False, "errors": failed})
-            return False
+        started = {k: self._make_queue(m, workers.get(k, ())) for k, m in wanted.items()
+                   if k not in keep}
+        self._prepared = {"cfg": new, "keep": keep, "started": started, "t0": time.monotonic()}
+
+    def _drop_prepared(self) -> None:
+        for q in self._prepared["started"].values():
+            for p in q.workers:
+                p.close()
+                self.ports.pop(p.uid, None)
+        self._prepared = None
+
+    def abort(self, errors: list[str]) -> None:
+        if self._prepared is not None:
+            self._drop_prepared()
+        self.reloads["failed"] += 1
+        if self.primary:
+            self.rollouts.log.write({"event": "reload", "ok": False, "errors": errors})
+
+    async def switch(self) -> None:
+        """Every new worker is warm and attached: switch the routing at once,
+        then drain the versions that left and tell the supervisor."""
+        prep, self._prepared = self._prepared, None
+        if prep is None:
+            self.tell({"event": "retired"})
+            return
+        new, keep, started = prep["cfg"], prep["keep"], prep["started"]
         # The switch: one assignment each, no await in between. Requests
         # already routed keep their queue (and finish there).
         retired = [q for k, q in self.queues.items() if k not in keep]
@@ -776,11 +824,14 @@ class App:
         self.reloads["ok"] += 1
         record = {"started": [f"{n}@{v}" for n, v in started],
                   "retired": [f"{q.name}@{q.version}" for q in retired],
-                  "kept": [f"{n}@{v}" for n, v in keep], "s": round(time.monotonic() - t0, 3)}
-        log.info("reloaded", extra={"event": "reload", "ok": True, **record})
-        self.rollouts.log.write({"event": "reload", "ok": True, **record})
+                  "kept": [f"{n}@{v}" for n, v in keep],
+                  "s": round(time.monotonic() - prep["t0"], 3)}
+        log.info("front switched", extra={"event": "reload", "ok": True, "front": self.slot,
+                                          **record})
+        if self.primary:
+            self.rollouts.log.write({"event": "reload", "ok": True, **record})
         await self._retire(retired, new.server.drain_timeout_s)
-        return True
+        self.tell({"event": "retired"})
 
     def _set_limits(self, cfg) -> None:
         """A reload's connection limits: the frame bounds follow the models,
@@ -814,20 +865,6 @@ class App:
                 c.set_client(None, None)
                 c.reauth = False
 
-    async def _wait_warm(self, queues, timeout_s: float) -> list[str]:
-        """Wait until every worker of ``queues`` is ready; the errors of those
-        that failed (or did not make it in time)."""
-        workers = [w for q in queues for w in q.workers]
-        t_end = time.monotonic() + timeout_s
-        while any(w.state not in ("ready", "failed") for w in workers) and time.monotonic() < t_end:
-            await asyncio.sleep(0.02)
-        for w in (w for w in workers if w.state in ("loading", "warming")):
-            # Their own start timer runs on the old file's start_timeout_s; a
-            # worker still loading now is timed out (and killed) by the new
-            # one, or stopping it would wait out its grace on a hung load.
-            w._start_timed_out(timeout_s)
-        return [f"{w.label}: {w.error or w.state}" for w in workers if w.state != "ready"]
-
     async def _retire(self, queues, grace_s: float) -> None:
         self.retiring.extend(queues)  # shutdown stops them too if it comes first
         t_end = time.monotonic() + grace_s
@@ -836,12 +873,12 @@ class App:
         for q in queues:
             q.fail_all_queued(int(Status.UNAVAILABLE), "this model version was retired by a "
                               "config reload before the request ran; retry")
-        await self._stop_queues(queues)
+            for p in q.workers:
+                p.down("this model version was retired by a config reload while the request "
+                       "ran; retry")
+                self.ports.pop(p.uid, None)
         for q in queues:
             self.retiring.remove(q)
-
-    async def _stop_queues(self, queues) -> None:
-        await asyncio.gather(*(w.stop() for q in queues for w in q.workers))
 
     def all_queues(self) -> list[ModelQueue]:
         """Serving and still-draining queues: everything with live workers."""
@@ -884,33 +921,40 @@ class App:
             c.refuse(Unavailable("server shut down (drained); reconnect to another instance "
                                  "or retry later"), "draining")
         await asyncio.sleep(0.05)  # let the closing answers and FINs leave
-        await self._stop_queues(queues)
+        for p in list(self.ports.values()):
+            p.close()
         self.metrics.close()
         if self.reqlog is not None:
             self.reqlog.close()
-        if self.port_file:
-            try:
-                os.unlink(self.port_file)
-            except FileNotFoundError:
-                pass
-        log.info("stopped", extra={"answered": sum(sum(q.stats.by_status.values())
+        log.info("front stopped", extra={"answered": sum(sum(q.stats.by_status.values())
                                                    for q in queues)})
 
 
-def serve(cfg, port_file: str | None = None, overrides: dict | None = None) -> int:
+def run_front(chan: Channel) -> int:
+    """A front process's life: the supervisor's ``start`` message, then
+    serve until drained."""
     import uvloop
 
+    got = chan.recv()
+    if got is None or got[0].get("cmd") != "start":
+        return 1
+    msg = got[0]
+    from . import logs
+    logs.setup(msg["cfg"].logging.level)
+
     async def main() -> int:
-        app = App(cfg, asyncio.get_running_loop(), port_file, overrides)
+        app = App(msg["cfg"], asyncio.get_running_loop(), chan, msg["slot"], msg["fronts"],
+                  msg["port"], msg["workers"], msg["infos"])
+        try:
+            await app.start()
+        except OSError as e:
+            log.error("front cannot serve", extra={"error": str(e), "front": msg["slot"]})
+            return EXIT_BOOT_FAILED
         try:
             return await app.run()
-        except BaseException:
-            # Whatever went wrong, take the workers and their memory with us.
+        finally:
             app.stopping = True
             await app.rollouts.stop()
-            await asyncio.gather(*(w.stop(1.0) for q in app.all_queues() for w in q.workers),
-                                 return_exceptions=True)
-            raise
 
     if sys.version_info >= (3, 12):  # pragma: no cover
         return asyncio.run(main(), loop_factory=uvloop.new_event_loop)
