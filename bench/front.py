@@ -65,29 +65,22 @@ class _Transport:
 
 
 def _fake_worker(app, q):
-    """Give ``q``'s first worker a real ring and the state of a ready worker,
-    with nothing on the other side: ``complete`` plays the worker's part."""
+    """Attach ``q``'s first worker port to a real ring (``WorkerPort.attach``,
+    as the supervisor's ``port`` message does), with nothing on the other
+    side: ``complete`` plays the worker's part on its own mapping."""
     from daemon.spec import TensorDecl
     w = q.workers[0]
     outputs = [TensorDecl(n, s.dtype, s.shape) for n, s in q.cfg.outputs] or \
         [TensorDecl("output", "float32", (2,))]
-    q.set_outputs(outputs, True)
     depth = q.cfg.inflight_batches
     lay = RingLayout(depth, q.max_batch, [s.nbytes for _, s in q.cfg.inputs],
                      [t.nbytes for t in outputs])
-    w.ring = Ring.create(f"ringserve-{os.getpid()}-benchfront", lay)
-    w.in_mv = [[w.ring.input_view(s, k) for k in range(len(lay.input_nbytes))]
-               for s in range(depth)]
-    w.out_mv = [[w.ring.output_view(s, k) for k in range(len(outputs))] for s in range(depth)]
-    w.in_nbytes, w.out_nbytes = lay.input_nbytes, lay.output_nbytes
-    w._wake = os.eventfd(0, os.EFD_NONBLOCK)
-    w._done = os.eventfd(0, os.EFD_NONBLOCK)
-    w.state = "ready"
-    w.free_slots = depth
-    q.worker_changed()
+    worker_side, ring_fd = Ring.create_anonymous("ringserve-benchfront", lay)
+    wake, done_fd = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    w.attach(ring_fd, wake, done_fd, "ringserve-benchfront", {"state": "ready"}, outputs, True)
 
     def complete():
-        ring = w.ring
+        ring = worker_side
         done = ring.completed()
         while ring.submitted() > done:
             slot = done % depth
@@ -97,11 +90,8 @@ def _fake_worker(app, q):
         w._on_done()
 
     def close():
-        w.in_mv = w.out_mv = None
-        w.ring.close()
-        w.ring.unlink()
-        os.close(w._wake)
-        os.close(w._done)
+        w.close()
+        worker_side.close()
     return complete, close
 
 
@@ -114,9 +104,9 @@ async def measure(config: str, requests: int, arrivals: int, warmup: int = 20_00
     from daemon.protocol import Connection
     from daemon.server import App, tune_gc
     cfg = load_config(config)
-    app = App(cfg, asyncio.get_running_loop())
+    app = App(cfg, asyncio.get_running_loop(), chan=None)
     m = cfg.models[0]
-    app.queues[(m.name, m.version)] = q = app._make_queue(m, 1)
+    app.queues[(m.name, m.version)] = q = app._make_queue(m, (1,))
     app._set_lanes()
     complete, close = _fake_worker(app, q)
     try:

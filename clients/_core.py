@@ -73,6 +73,7 @@ CLOSING = frozenset({Status.RESOURCE_EXHAUSTED, Status.UNAVAILABLE, Status.UNAUT
 _MIN_ATTEMPT_S = 0.005
 
 _OPS = ("health", "models", "stats")
+IDEMPOTENT_OPS = frozenset(("infer",) + _OPS)
 
 
 # --- building requests ------------------------------------------------------------
@@ -563,12 +564,15 @@ class Call:
     """
 
     __slots__ = ("packed", "decode", "policy", "rng", "timeout", "timeout_at", "deadline_at",
-                 "budget_at", "deadline_ms", "attempts", "last_error", "sent")
+                 "budget_at", "deadline_ms", "attempts", "last_error", "sent", "idempotent")
 
     def __init__(self, msg: dict, decode, *, policy: RetryPolicy | None, timeout: float,
                  now: float, rng: random.Random | None = None):
         msg = dict(msg)
         dl = msg.pop("deadline_ms", None)
+        # May run twice without harm: a connection lost without an answer
+        # (a front killed, say) is retried for these, never for feedback.
+        self.idempotent = msg.get("op", "infer") in IDEMPOTENT_OPS
         self.packed = Packed(msg)
         self.decode = decode        # (answer, attempts) -> result; raises for a bad status
         self.policy = policy
@@ -594,6 +598,20 @@ class Call:
     def frame(self, rid: int) -> tuple:
         """The attempt's frame, with id ``rid``."""
         return self.packed.frame(rid, self.deadline_ms)
+
+    def lost(self, error: ConnectionLost, now: float) -> Retry:
+        """The connection went away with the attempt unanswered (no id-0
+        answer): ``Retry`` on a new connection if the op is idempotent and
+        the policy and budget allow, else raises ``error``. A front that died
+        leaves its connections so; the others on the port take the retry."""
+        if not self.idempotent:
+            raise error
+        p = self.policy
+        if p is not None and self.attempts < p.attempts:
+            delay = p.delay(self.attempts, self.rng)
+            if now + delay + _MIN_ATTEMPT_S <= self.budget_at:
+                return Retry(delay)
+        raise error
 
     def time_left(self, now: float) -> float:
         """How long the attempt in flight may still wait for its answer."""

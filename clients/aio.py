@@ -224,6 +224,8 @@ class AsyncClient(_core.ClientOptions):
                 raise call.timed_out() from None
             except RingserveError as e:   # the id-0 answer of a server's close: the
                 step = call.failed(e, _monotonic(), received=False)   # request was not received
+            except ConnectionLost as e:
+                step = call.lost(e, _monotonic())
             else:
                 step = call.answer(answer, _monotonic())
             finally:

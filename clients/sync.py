@@ -394,6 +394,8 @@ class Client(_core.ClientOptions):
                 step = call.answer(answer, now)
             elif isinstance(exc, RingserveError):   # the id-0 answer of a server's close:
                 step = call.failed(exc, now, received=False)   # the request was not received
+            elif isinstance(exc, ConnectionLost):
+                step = call.lost(exc, now)
             else:
                 raise exc
         except BaseException as e:

@@ -56,6 +56,46 @@ def _cgroup_quota(root: str = CGROUP_ROOT) -> float | None:
     return None
 
 
+def single_front_parts(cfg) -> list[str]:
+    """What this config uses that is still decided inside one front: with
+    several fronts each would decide alone (the rollout state, the
+    guardrails, the metrics port, the request log's files, a client's rate
+    budget), so they need ``fronts = 1`` until the supervisor holds them
+    (docs/architecture.md, "What is still per front")."""
+    parts = []
+    if cfg.rollouts:
+        parts.append("[[rollouts]]")
+    if cfg.shadows:
+        parts.append("[[shadows]]")
+    if any(m.drift for m in cfg.models):
+        parts.append("models.drift")
+    if cfg.metrics.enabled:
+        parts.append("[metrics] enabled")
+    if cfg.request_log.enabled:
+        parts.append("[request_log] enabled")
+    if cfg.rate_limit.requests_per_s:
+        parts.append("[rate_limit]")
+    return parts
+
+
+def front_count(cfg) -> tuple[int, str | None]:
+    """The number of fronts to start, and a note when "auto" was held to
+    one; ValueError when an explicit count cannot be honoured."""
+    parts = single_front_parts(cfg)
+    if cfg.server.fronts == "auto":
+        n = auto_fronts(cfg)
+        if n > 1 and parts:
+            return 1, (f"fronts = \"auto\" would start {n} fronts, but this config uses "
+                       f"{', '.join(parts)}, which one front alone decides for now: starting 1")
+        return n, None
+    n = cfg.server.fronts
+    if n > 1 and parts:
+        raise ValueError(f"server.fronts = {n}, but this config uses {', '.join(parts)}, which "
+                         "one front alone decides for now; set fronts = 1 (or \"auto\"), or "
+                         "turn those off (docs/architecture.md, \"What is still per front\")")
+    return n, None
+
+
 def usable_cpus() -> int:
     try:
         n = len(os.sched_getaffinity(0))

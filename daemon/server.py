@@ -685,7 +685,7 @@ class App:
                      if q.fallback is not None and (name is None or q.name == name)]
         return {"id": req_id, "status": 0, "live": True, "ready": self.ready(),
                 "degraded": self.degraded(), "draining": self.draining, "models": workers,
-                "fallbacks": fallbacks, "metrics_port": self.metrics.port}
+                "fallbacks": fallbacks, "metrics_port": self.metrics.port, "front": self.slot}
 
     def degraded(self) -> bool:
         """Some version is answered by its fallback alone (daemon/fallback.py):
@@ -740,7 +740,7 @@ class App:
             d["workers"] = [w.stats() for w in q.workers]
             out.append(d)
         return {"id": req_id, "status": 0, "uptime_s": round(time.monotonic() - self.started, 3),
-                "connections": len(self.conns), "draining": self.draining,
+                "front": self.slot, "connections": len(self.conns), "draining": self.draining,
                 "limits": {"max_connections": self.max_conns,
                            "frame_buffer_bytes": self.frame_bytes,
                            "closed": dict(self.closed_by)},

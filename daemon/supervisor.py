@@ -52,7 +52,7 @@ from ipc.control import Channel, ChannelClosed, pair
 from ipc.ring import Ring, RingLayout
 
 from .config import ConfigError, load_config, with_overrides
-from .cores import auto_fronts
+from .cores import front_count
 from .lifeline import EXIT_BOOT_FAILED, PARENT_ENV
 from .spec import TensorDecl, share_cores, spawn_worker, spec_for, worker_env
 from .worker import EXIT_LOAD_FAILED
@@ -567,9 +567,14 @@ class Supervisor:
     # -- start -----------------------------------------------------------------
     async def start(self) -> None:
         s = self.cfg.server
+        try:
+            self.n_fronts, note = front_count(self.cfg)
+        except ValueError as e:
+            raise OSError(str(e)) from None
+        if note:
+            log.info(note)
         self.lock = PortLock(s.host, s.port)
         self.port = self.lock.port
-        self.n_fronts = auto_fronts(self.cfg) if s.fronts == "auto" else s.fronts
         self.workers = self._make_workers(self.cfg)
         self.fronts = [FrontProcess(self, i) for i in range(self.n_fronts)]
         for f in self.fronts:
