@@ -23,7 +23,6 @@ import math
 import os
 
 from .config import MAX_FRONTS
-from .spec import share_cores
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 
@@ -112,7 +111,7 @@ def auto_fronts(cfg, cpus: int | None = None) -> int:
     if cpus <= 2:
         return 1
     cpu_devices = [m for m in cfg.models for d in m.devices if d == "cpu"]
-    shared = share_cores(len(cpu_devices))
+    shared = max(1, (cpus - 1) // max(1, len(cpu_devices)))  # spec.share_cores with one front
     cpu_threads = sum(m.threads or shared for m in cpu_devices)
     gpu_workers = sum(1 for m in cfg.models for d in m.devices if d != "cpu")
     return max(1, min(MAX_FRONTS, cpus - cpu_threads - gpu_workers))

@@ -93,14 +93,15 @@ class FeedbackJoin:
         if len(self.by_key) > 2 * len(by_rid) + 1024:
             self.by_key = {k: r for k, r in self.by_key.items() if r in by_rid}
 
-    def record(self, ref, outcome: float) -> tuple | None:
+    def record(self, ref, outcome: float, count_miss: bool = True) -> tuple | None:
         """Join an outcome; returns the (model, version, lane, arm) it joined
-        to, or None when ``ref`` matches no remembered answer."""
+        to, or None when ``ref`` matches no remembered answer (counted as
+        unjoined unless ``count_miss`` is False: another front may join it)."""
         rid = ref if isinstance(ref, int) else self.by_key.get(key_hash(ref))
         group = self.by_rid.get(rid) if rid is not None else None
         self.last_rid = rid if group is not None else None
         if group is None:
-            self.unjoined += 1
+            self.unjoined += count_miss
             return None
         kpi = self.kpis.get(group)
         if kpi is None:

@@ -266,6 +266,7 @@ class Guardrail:
         self.restarts = 0     # candidate worker crashes in this stage
         self.restart_base = 0  # the candidate's restart count when the stage began
         self.identity = None   # the rollout (versions, salt, retry) this stage belongs to
+        self.stage_id = 0      # names this stage to the fronts (rollouts._stage_ids)
 
     def totals(self, lane: str) -> LaneCounts:
         """The stage so far, the bucket not yet checked included."""
@@ -274,7 +275,16 @@ class Guardrail:
         t.merge(self.current[lane])
         return t
 
-    # the hot path: one call per answer of either lane
+    def absorb(self, lanes: dict, routed) -> None:
+        """A front's counts since its last report (``Tally.take``)."""
+        for lane, c in lanes.items():
+            mine = self.current.get(lane)
+            if mine is not None:
+                mine.merge(c)
+        self.routed[0] += routed[0]
+        self.routed[1] += routed[1]
+
+    # what the tests of this module feed directly (a front feeds a Tally)
     def observe(self, lane: str, status: int, latency_us: float) -> None:
         c = self.current.get(lane)
         if c is not None:
@@ -284,6 +294,7 @@ class Guardrail:
         c = self.current.get(lane)
         if c is not None:
             c.add_outcome(x)
+
 
     def _roll(self, now: float) -> dict[str, LaneCounts]:
         """Close the current bucket; the window's sums per lane."""
@@ -414,3 +425,38 @@ class Guardrail:
             return v
         v.action = "pass"
         return v
+
+
+class Tally:
+    """What one front counted of a rollout's stage since its last report:
+    the answers of each lane (the queues' ``observer``), KPI outcomes, and
+    the requests the router sent each way (``routed``, a list the routing
+    table bumps in place). ``take`` hands the counts over and starts afresh;
+    the supervisor's Guardrail absorbs them."""
+
+    __slots__ = ("stage_id", "lanes", "routed")
+
+    def __init__(self, stage_id: int):
+        self.stage_id = stage_id
+        self.lanes = {STABLE: LaneCounts(), CANARY: LaneCounts()}
+        self.routed = [0, 0]
+
+    def observe(self, lane: str, status: int, latency_us: float) -> None:
+        c = self.lanes.get(lane)
+        if c is not None:
+            c.add(status, latency_us)
+
+    def outcome(self, lane: str, x: float) -> None:
+        c = self.lanes.get(lane)
+        if c is not None:
+            c.add_outcome(x)
+
+    def empty(self) -> bool:
+        return not (self.routed[0] or self.routed[1] or self.lanes[STABLE].n or
+                    self.lanes[CANARY].n or self.lanes[STABLE].kpi_n or self.lanes[CANARY].kpi_n)
+
+    def take(self) -> tuple[int, dict, tuple[int, int]]:
+        out = (self.stage_id, self.lanes, (self.routed[0], self.routed[1]))
+        self.lanes = {STABLE: LaneCounts(), CANARY: LaneCounts()}
+        self.routed[0] = self.routed[1] = 0
+        return out

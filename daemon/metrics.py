@@ -239,10 +239,14 @@ class MetricsServer:
     answered 503 and closed at once: a scraper flood or a pile of idle
     sockets cannot grow the front's memory or file descriptors)."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, source):
+        # ``source`` (the supervisor): ``cfg``, ``ready()``, ``draining``,
+        # ``degraded()`` and ``async view()``, the machine's merged figures
+        # (daemon/figures.py) that a scrape renders.
+        self.app = source
+        self.collector = Collector(None)
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(Collector(app))
+        self.registry.register(self.collector)
         self.server = None
         self.port = None
         self.max_connections = 0
@@ -263,9 +267,13 @@ class MetricsServer:
         if self.server is not None:
             self.server.close()
 
-    def render(self, path: str) -> tuple[int, str, bytes]:
+    def render(self, path: str, view=None) -> tuple[int, str, bytes]:
         if path == "/metrics":
-            return 200, CONTENT_TYPE, generate_latest(self.registry)
+            self.collector.app = view
+            try:
+                return 200, CONTENT_TYPE, generate_latest(self.registry)
+            finally:
+                self.collector.app = None
         if path == "/healthz":
             return 200, "text/plain", b"ok\n"
         if path == "/readyz":
@@ -306,7 +314,9 @@ class MetricsServer:
             elif parts[0] not in (b"GET", b"HEAD"):
                 code, ctype, body = 405, "text/plain", b"only GET\n"
             else:
-                code, ctype, body = self.render(parts[1].split(b"?", 1)[0].decode("latin-1"))
+                path = parts[1].split(b"?", 1)[0].decode("latin-1")
+                view = await self.app.view() if path == "/metrics" else None
+                code, ctype, body = self.render(path, view)
                 if parts[0] == b"HEAD":
                     body = b""
             writer.write(self._response(code, ctype, body))

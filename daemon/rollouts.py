@@ -25,6 +25,7 @@ log, with the figures behind it (``daemon/guardrails.py``).
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ log = logging.getLogger("ringserve.rollouts")
 STATE_FORMAT = 1
 DECISION_LOG_MAX_BYTES = 16 * 1024 * 1024  # then rotated to .1 (one old file kept)
 ACTIVE, ROLLED_BACK, PROMOTED = "active", "rolled_back", "promoted"
-DRIFT_REPORT_S = 1.0  # how often drift flags are compared (and logged when they change)
+_stage_ids = itertools.count(1)
 
 
 def atomic_write_json(path: str, obj) -> None:
@@ -77,15 +78,19 @@ def load_state(path: str) -> dict:
         return {}
 
 
-def load_rid_block(path: str) -> int:
-    """The first request-id block no earlier start used (daemon/rids.py); 0
-    when the file has none."""
+def load_rid_blocks(path: str) -> dict[int, int]:
+    """Per front slot, the first request-id block no earlier start used
+    (daemon/rids.py); {} when the file has none. Front 0's is
+    ``rids.next_block`` (as before there were several fronts), the others'
+    ``rids.fronts``."""
     try:
         with open(path) as f:
-            n = json.load(f).get("rids", {}).get("next_block", 0)
-        return n if type(n) is int and n >= 0 else 0
-    except (OSError, ValueError, AttributeError):
-        return 0
+            rids = json.load(f).get("rids", {})
+        out = {0: rids.get("next_block", 0)}
+        out.update({int(k): v for k, v in rids.get("fronts", {}).items()})
+        return {k: v for k, v in out.items() if type(v) is int and v >= 0}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
 
 
 def _identity(r) -> dict:
@@ -154,17 +159,23 @@ class DecisionLog:
 
 
 class Rollouts:
-    """The front's rollout controller: owns the state, the guardrails of each
-    active stage and the check timer; tells the app to rebuild its routing
-    table when a weight changes."""
+    """The machine's rollout controller (it runs in the supervisor): owns the
+    state, the guardrails of each active stage and the check timer. The
+    fronts count what they answer (``guardrails.Tally``) and send it here
+    (``absorb``); when a weight changes, ``host.reroute()`` tells every
+    front at once.
 
-    def __init__(self, app):
-        self.app = app
+    ``host`` gives what the controller uses: ``cfg``, ``loop``,
+    ``workers_of(model, version)`` (None when the version is not served;
+    else objects with ``state`` and ``restarts``) and ``reroute()``."""
+
+    def __init__(self, host):
+        self.app = host
         self.states: dict[str, dict] = {}
         self.guards: dict[str, Guardrail] = {}
         self.next_check: dict[str, float] = {}
         self.path = None
-        self.next_rid_block = None  # persisted with the rollouts (daemon/rids.py)
+        self.rid_blocks: dict[int, int] = {}  # front slot -> next free block (daemon/rids.py)
         self.verdicts: collections.Counter = collections.Counter()  # (model, verdict)
         self.log: DecisionLog | None = None
         self._task = None
@@ -180,7 +191,7 @@ class Rollouts:
                 self.log.close()
             self.log = DecisionLog(cfg.decision_log_path)
         if event == "start":
-            self.next_rid_block = load_rid_block(cfg.state_path)
+            self.rid_blocks = load_rid_blocks(cfg.state_path)
         saved = load_state(cfg.state_path) if event == "start" else self.states
         self.path = cfg.state_path
         states = {r.model: resolve(r, saved.get(r.model), now) for r in cfg.rollouts}
@@ -215,51 +226,52 @@ class Rollouts:
 
     def _new_guard(self, r, gcfg, weight: float, mono: float) -> Guardrail:
         g = Guardrail(gcfg, weight, mono)
+        g.stage_id = next(_stage_ids)
         g.identity = _identity(r)
         g.restart_base = self._candidate_restarts(r.model, r.candidate)
         return g
 
-    def rid_block(self) -> int:
-        return self.next_rid_block or 0
-
-    def save_rid_block(self, next_block: int) -> None:
-        """Before a block of request ids is used: the state file says the next
-        start must take a later one. A failure is logged, not fatal (the
-        daemon still serves; rids may repeat those of before a restart)."""
-        self.next_rid_block = next_block
+    def take_rid_block(self, slot: int) -> int:
+        """The first block for a front that starts in ``slot``. The file is
+        written two blocks ahead before the front is told: the front moves to
+        its next block without waiting for the supervisor, which is then told
+        (``rid_block_used``) and stays one block ahead. A failure to write
+        is logged, not fatal (rids may repeat those of before a restart)."""
+        b = self.rid_blocks.get(slot, 0)
+        self.rid_blocks[slot] = b + 2
         self.persist()
+        return b
+
+    def rid_block_used(self, slot: int, next_block: int) -> None:
+        if next_block + 1 > self.rid_blocks.get(slot, 0):
+            self.rid_blocks[slot] = next_block + 1
+            self.persist()
 
     def persist(self) -> None:
         state = {"format": STATE_FORMAT, "rollouts": self.states}
-        if self.next_rid_block is not None:
-            state["rids"] = {"next_block": self.next_rid_block}
+        if self.rid_blocks:
+            state["rids"] = {"next_block": self.rid_blocks.get(0, 0),
+                             "fronts": {str(k): v for k, v in sorted(self.rid_blocks.items())
+                                        if k}}
         try:
             atomic_write_json(self.path, state)
         except OSError as e:
             log.error("cannot save the rollout state; a restart may not remember a rollback",
                       extra={"path": self.path, "error": str(e)})
 
-    def attach(self) -> None:
-        """Point the stable and candidate queues of each guarded rollout at
-        its guardrail (after start, a reload or a new stage)."""
-        for q in self.app.queues.values():
-            q.observer = None
-        for r in self.app.cfg.rollouts:
-            g = self.guards.get(r.model)
-            if g is None:
-                continue
-            for v in (r.stable, r.candidate):
-                q = self.app.queues.get((r.model, v))
-                if q is not None:
-                    q.observer = g.observe
+    def stage_ids(self) -> dict[str, int]:
+        """The stage each guarded rollout is in now: the fronts tag what they
+        count with it, so evidence of a stage that ended is not added to the next."""
+        return {m: g.stage_id for m, g in self.guards.items()}
 
-    def routed_counts(self) -> dict[str, list]:
-        return {m: g.routed for m, g in self.guards.items()}
-
-    def outcome(self, model: str, lane: str, x: float) -> None:
+    def absorb(self, model: str, stage_id: int, lanes: dict, routed) -> bool:
+        """One front's counts since its last report; dropped (False) when
+        they belong to a stage that has ended."""
         g = self.guards.get(model)
-        if g is not None:
-            g.outcome(lane, x)
+        if g is None or g.stage_id != stage_id:
+            return False
+        g.absorb(lanes, routed)
+        return True
 
     # -- checks ----------------------------------------------------------------
     def start(self) -> None:
@@ -291,13 +303,6 @@ class Rollouts:
                     self.check(model, now)
                 except Exception:  # a bug here must not stop the other checks
                     log.exception("guardrail check failed", extra={"model": model})
-            try:
-                self.app.report_shadows()
-                if time.monotonic() >= self._drift_at:
-                    self._drift_at = time.monotonic() + DRIFT_REPORT_S
-                    self.app.report_drift()
-            except Exception:  # a bug or a full disk here must not stop the guardrails
-                log.exception("shadow or drift report failed")
 
     def _rollout(self, model: str):
         return next(r for r in self.app.cfg.rollouts if r.model == model)
@@ -307,30 +312,30 @@ class Rollouts:
         or crashed max_restarts times (which the hard floor must see)."""
         r = self._rollout(model)
         for v in (r.stable, r.candidate):
-            q = self.app.queues.get((model, v))
-            if q is None:
+            workers = self.app.workers_of(model, v)
+            if workers is None:
                 return False
-            if v == r.candidate and any(w.state == "failed" for w in q.workers):
+            if v == r.candidate and any(w.state == "failed" for w in workers):
                 return True
             # A candidate that crashes while loading is never ready: waiting
             # for it to warm up would keep its canary lane unanswered forever.
             g = self.guards.get(model)
             if (v == r.candidate and g is not None and
-                    sum(w.restarts for w in q.workers) - g.restart_base >= g.cfg.max_restarts):
+                    sum(w.restarts for w in workers) - g.restart_base >= g.cfg.max_restarts):
                 return True
-            if not any(w.state == "ready" for w in q.workers):
+            if not any(w.state == "ready" for w in workers):
                 return False
         return True
 
     def _candidate_restarts(self, model: str, candidate: str) -> int:
-        q = self.app.queues.get((model, candidate))
-        return sum(w.restarts for w in q.workers) if q is not None else 0
+        workers = self.app.workers_of(model, candidate)
+        return sum(w.restarts for w in workers) if workers is not None else 0
 
     def check(self, model: str, now: float) -> str:
         r = self._rollout(model)
         st, g = self.states[model], self.guards[model]
-        q = self.app.queues.get((model, r.candidate))
-        failed = q is not None and any(w.state == "failed" for w in q.workers)
+        workers = self.app.workers_of(model, r.candidate)
+        failed = workers is not None and any(w.state == "failed" for w in workers)
         g.restarts = self._candidate_restarts(model, r.candidate) - g.restart_base
         v = g.check(now, candidate_failed=failed)
         self.verdicts[(model, v.action)] += 1

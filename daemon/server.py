@@ -46,11 +46,12 @@ from .feedback import FeedbackJoin
 from .lifeline import EXIT_BOOT_FAILED
 from .limits import frame_limits, raise_nofile
 from .metadata import default_path
-from .metrics import MetricsServer
+from .figures import front_figures
+from .guardrails import Tally
 from .reqlog import RequestLog, features_hash
 from .protocol import Connection
 from .rids import RidAllocator
-from .rollouts import Rollouts, weight_of
+from .rids import decode as _decode_rid
 from .router import CANARY, STABLE, RoutingTable, UnknownExperiment
 from .shadow import Shadow
 from .port import WorkerPort
@@ -95,20 +96,20 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-HEARTBEAT_S = 1.0
+HEARTBEAT_S = 1.0   # and the figures a dead front leaves behind (daemon/figures.py)
+TALLY_S = 0.25      # how often the guardrails' counts go to the supervisor
+DRIFT_REPORT_S = 1.0  # how often drift flags are compared (and logged when they change)
 
 
 class App:
     def __init__(self, cfg, loop, chan: Channel, slot: int = 0, n_fronts: int = 1,
-                 port: int = 0, workers: dict | None = None, infos: dict | None = None):
+                 port: int = 0, workers: dict | None = None, infos: dict | None = None,
+                 routing: dict | None = None, rid_block: int = 0):
         self.cfg = cfg
         self.loop = loop
         self.chan = chan
         self.slot = slot
-        # One front alone also keeps the machine's own parts: the rollout
-        # controller, the state file, the metrics endpoint (with several,
-        # the supervisor checks that the config uses none of them).
-        self.primary = n_fronts == 1
+        self.n_fronts = n_fronts
         self.port = port
         self.worker_ids = workers or {}
         self.infos = infos or {}
@@ -117,11 +118,16 @@ class App:
         self.deadlines = Deadlines(loop)
         self.queues: dict[tuple[str, str], ModelQueue] = {}
         self._plain: dict[str, ModelQueue] = {}  # see _set_lanes
-        self.rollouts = Rollouts(self)
-        self.router = RoutingTable.from_config(cfg, self.rollouts.apply(cfg, "start"),
-                                               self.rollouts.routed_counts())
+        # The rollouts' weights and stages, as the supervisor decides them.
+        self.routing = routing or {"weights": {}, "stages": {}}
+        self.tallies: dict[str, Tally] = {}
+        self.router = None
+        self._tally_seq = 0
+        self._asks: dict[int, tuple] = {}   # token -> (connection, request id, op)
+        self._ask_tokens = 0
+        self._drift_at = 0.0
+        self.metrics_port = None
         self.shadows: dict[str, Shadow] = {}
-        self.metrics = MetricsServer(self)
         self.reqlog = None
         self.joins = FeedbackJoin(cfg.feedback.window_s, cfg.feedback.max_entries)
         self.access = Access.from_config(cfg)  # None: no auth, no rate limit
@@ -134,8 +140,7 @@ class App:
         self.retiring: list[ModelQueue] = []  # retired by a reload, still draining
         self.reloads: collections.Counter = collections.Counter({"ok": 0, "failed": 0})
         self.default_deadline_ns = cfg.server.deadline_ms * 1_000_000
-        self.rids = RidAllocator(cfg.server.node_id, slot, self.rollouts.rid_block(),
-                                 self.rollouts.save_rid_block)
+        self.rids = RidAllocator(cfg.server.node_id, slot, rid_block, self._rid_block_used)
         # The connection limits (daemon/protocol.py, docs/operations.md "Limits and abuse").
         self.frame_limits = frame_limits(cfg.models)
         self.frame_bytes = 0  # held for unfinished frames, all connections together
@@ -158,36 +163,82 @@ class App:
         for m in self.cfg.models:
             key = (m.name, m.version)
             self.queues[key] = self._make_queue(m, self.worker_ids.get(key, ()))
-        self._set_lanes()
-        self.rollouts.attach()
+        self.reroute(self.routing)
         self._set_shadows()
         self._set_fallbacks()
-        if self.primary:
-            self.rollouts.start()
         self.loop.add_reader(self.chan.fileno(), self._on_ctrl)
         s = self.cfg.server
         self.server = await self.loop.create_server(
             lambda: Connection(self), s.host, self.port, reuse_address=True, reuse_port=True,
             backlog=1024)
-        if self.cfg.metrics.enabled and self.primary:
-            await self.metrics.start(self.cfg.metrics.host, self.cfg.metrics.port)
         self._sweep_soon()
         self._beat()
+        self._tick()
         self.tell({"event": "listening"})
         log.info("front listening", extra={"host": s.host, "port": self.port, "front": self.slot,
                                            "pid": os.getpid()})
 
     # -- the supervisor's channel ------------------------------------------------
     def tell(self, msg: dict) -> None:
+        if self.chan is None:  # an App driven in-process (bench.front, tests): nobody to tell
+            return
         try:
             self.chan.send(msg)
         except (ChannelClosed, OSError):
             pass  # the supervisor is gone: our parent-death signal follows
 
+    def _rid_block_used(self, next_block: int) -> None:
+        self.tell({"event": "rid_block", "next": next_block})
+
     def _beat(self) -> None:
         if not self.stopping:
-            self.tell({"event": "beat"})
+            self.tell({"event": "beat", "figures": front_figures(self)})
             self.loop.call_later(HEARTBEAT_S, self._beat)
+
+    def _tick(self) -> None:
+        """The guardrails' counts to the supervisor, and this front's shadow
+        and drift reports to the decision log (which the supervisor keeps)."""
+        if self.stopping:
+            return
+        self.loop.call_later(TALLY_S, self._tick)
+        self.send_tallies()
+        try:
+            self.report_shadows()
+            if time.monotonic() >= self._drift_at:
+                self._drift_at = time.monotonic() + DRIFT_REPORT_S
+                self.report_drift()
+        except Exception:  # a bug here must not stop the ticks
+            log.exception("shadow or drift report failed")
+
+    def send_tallies(self) -> None:
+        out = {m: t.take() for m, t in self.tallies.items() if not t.empty()}
+        if out:
+            self._tally_seq += 1
+            self.tell({"event": "tally", "seq": self._tally_seq, "tallies": out})
+
+    def decision(self, record: dict) -> None:
+        self.tell({"event": "decision", "record": record})
+
+    def ask(self, conn: Connection, req_id: int, msg: dict, feedback=None) -> None:
+        """An op the supervisor answers (machine-wide stats, a feedback
+        another front joins): its answer comes back as ``answer``."""
+        self._ask_tokens += 1
+        token = self._ask_tokens
+        self._asks[token] = (conn, req_id, feedback)
+        conn.inflight += 1
+        self.tell(dict(msg, token=token))
+
+    def _answered(self, token: int, answer: dict, unjoined: bool = False) -> None:
+        got = self._asks.pop(token, None)
+        if got is None:
+            return
+        conn, req_id, feedback = got
+        if unjoined and feedback is not None:  # no front joined it: counted and logged here
+            self.joins.unjoined += 1
+            if self.reqlog is not None:
+                self.reqlog.feedback(None, feedback[1], None)
+        conn.inflight -= 1
+        conn.send(dict(answer, id=req_id))
 
     def _on_ctrl(self) -> None:
         while True:
@@ -234,16 +285,26 @@ class App:
                 if lost:
                     log.error("worker died with requests of this front in flight", extra={
                         "worker": p.label, "lost_requests": lost, "front": self.slot})
+        elif cmd == "routing":
+            self.send_tallies()  # what was counted under the old stage goes first
+            self.reroute(msg["routing"])
+        elif cmd == "figures":
+            self.tell({"event": "figures", "token": msg["token"], "figures": front_figures(self)})
+        elif cmd == "answer":
+            self._answered(msg["token"], msg["answer"], msg.get("unjoined", False))
+        elif cmd == "join":
+            self.tell({"event": "joined", "token": msg["token"],
+                       "answer": self.join(msg["ref"], msg["outcome"], relayed=True)})
+        elif cmd == "metrics_port":
+            self.metrics_port = msg["port"]
         elif cmd == "prepare":
             self.prepare(msg["cfg"], msg["workers"])
         elif cmd == "switch":
-            self.loop.create_task(self.switch())
+            self.loop.create_task(self.switch(msg["routing"]))
         elif cmd == "abort":
             self.abort(msg["errors"])
         elif cmd == "reload_failed":
             self.reloads["failed"] += 1
-            if self.primary:
-                self.rollouts.log.write(msg["record"])
         elif cmd == "stop":
             self.on_signal(signal.SIGTERM)
 
@@ -304,7 +365,7 @@ class App:
         for sh in self.shadows.values():
             if now - sh.last_report >= sh.cfg.report_interval_s:
                 sh.last_report = now
-                self.rollouts.log.write({"event": "shadow", **sh.snapshot()})
+                self.decision({"event": "shadow", **sh.snapshot()})
 
     def report_drift(self) -> None:
         """Feed what the drift trackers hold; a change in the flagged
@@ -317,7 +378,7 @@ class App:
             flagged = t.monitor.flagged()
             names = [f for f, _ in flagged]
             if names != [f for f, _ in t.last_flagged]:
-                self.rollouts.log.write({"event": "drift", "model": q.name, "version": q.version,
+                self.decision({"event": "drift", "model": q.name, "version": q.version,
                                          "flagged": [{"feature": f, "ks": round(d, 4)}
                                                      for f, d in flagged],
                                          "threshold": t.monitor.threshold,
@@ -325,13 +386,29 @@ class App:
                                          "reference": t.source})
             t.last_flagged = flagged
 
-    def reroute(self) -> None:
-        """A rollout's weight changed (advance, rollback): a new routing
-        table in one assignment; requests already routed keep their queue."""
-        weights = {m: weight_of(st) for m, st in self.rollouts.states.items()}
-        self.router = RoutingTable.from_config(self.cfg, weights, self.rollouts.routed_counts())
+    def reroute(self, routing: dict) -> None:
+        """The supervisor's rollout weights (start, advance, rollback,
+        reload): a new routing table in one assignment; requests already
+        routed keep their queue. Each guarded rollout gets a Tally for its
+        current stage (kept when the stage did not change), which its two
+        versions' queues report their answers to."""
+        self.routing = routing
+        stages = routing["stages"]
+        self.tallies = {m: t if (t := self.tallies.get(m)) is not None and t.stage_id == sid
+                        else Tally(sid) for m, sid in stages.items()}
+        self.router = RoutingTable.from_config(self.cfg, routing["weights"],
+                                               {m: t.routed for m, t in self.tallies.items()})
         self._set_lanes()
-        self.rollouts.attach()
+        for q in self.all_queues():
+            q.observer = None
+        for r in self.cfg.rollouts:
+            t = self.tallies.get(r.model)
+            if t is None:
+                continue
+            for v in (r.stable, r.candidate):
+                q = self.queues.get((r.model, v))
+                if q is not None:
+                    q.observer = t.observe
 
     def _set_lanes(self) -> None:
         """A version's lane, for health/models/stats: canary while it is a
@@ -492,11 +569,13 @@ class App:
             elif op == "health":
                 conn.send(self.health(req_id, msg))
             elif op == "stats":
-                conn.send(self.stats(req_id, msg))
+                model = msg.get("model")
+                self.ask(conn, req_id, {"event": "stats", "model": model if type(model) is str
+                                        else None})
             elif op == "models":
                 conn.send(self.models(req_id, msg))
             elif op == "feedback":
-                conn.send(self.feedback(req_id, msg))
+                self.feedback(conn, req_id, msg)
             elif op == "auth":
                 conn.send({"id": req_id, "status": 0, "client": conn.client,
                            "auth": self.access is not None and self.access.auth})
@@ -655,7 +734,7 @@ class App:
         self.joins.answered(req.rid, q.name, q.version, req.lane, req.arm, req.key)
         return True
 
-    def feedback(self, req_id: int, msg: dict) -> dict:
+    def feedback(self, conn: Connection, req_id: int, msg: dict) -> None:
         ref, outcome = msg.get("ref"), msg.get("outcome")
         if type(ref) is int and ref >= 0 or type(ref) is str and ref:
             pass
@@ -666,12 +745,31 @@ class App:
             raise InvalidArgument(f"feedback needs 'outcome', a finite number of magnitude at "
                                   f"most {MAX_OUTCOME:g} (label, click 0/1, reward), got "
                                   f"{brief(outcome)}")
-        group = self.joins.record(ref, float(outcome))
-        if self.reqlog is not None:
-            self.reqlog.feedback(self.joins.last_rid, float(outcome), group)
-        answer = {"id": req_id, "status": 0, "joined": group is not None}
+        outcome = float(outcome)
+        if self.n_fronts > 1 and not (type(ref) is int and rid_front(ref) == self.slot):
+            answer = self.join(ref, outcome, relayed=True)
+            if not answer["joined"]:
+                # Another front may have given that answer (a client's pool
+                # of connections spans fronts): the supervisor asks it.
+                self.ask(conn, req_id, {"event": "feedback", "ref": ref, "outcome": outcome},
+                         (ref, outcome))
+                return
+        else:
+            answer = self.join(ref, outcome)
+        conn.send(dict(answer, id=req_id))
+
+    def join(self, ref, outcome: float, relayed: bool = False) -> dict:
+        """Join an outcome here: its KPI, the guardrail's tally, the request
+        log. ``relayed``: a miss is not counted (the front that received
+        the feedback counts it once no front joined it)."""
+        group = self.joins.record(ref, outcome, count_miss=not relayed)
+        if self.reqlog is not None and (group is not None or not relayed):
+            self.reqlog.feedback(self.joins.last_rid, outcome, group)
+        answer = {"status": 0, "joined": group is not None}
         if group is not None:
-            self.rollouts.outcome(group[0], group[2], float(outcome))
+            t = self.tallies.get(group[0])
+            if t is not None:
+                t.outcome(group[2], outcome)
             answer.update(model=group[0], version=group[1], lane=group[2], arm=group[3])
         return answer
 
@@ -685,7 +783,7 @@ class App:
                      if q.fallback is not None and (name is None or q.name == name)]
         return {"id": req_id, "status": 0, "live": True, "ready": self.ready(),
                 "degraded": self.degraded(), "draining": self.draining, "models": workers,
-                "fallbacks": fallbacks, "metrics_port": self.metrics.port, "front": self.slot}
+                "fallbacks": fallbacks, "metrics_port": self.metrics_port, "front": self.slot}
 
     def degraded(self) -> bool:
         """Some version is answered by its fallback alone (daemon/fallback.py):
@@ -719,39 +817,6 @@ class App:
             entry["metadata"] = m.metadata.describe() if m.metadata is not None else None
             out.append(entry)
         return {"id": req_id, "status": 0, "models": out}
-
-    def stats(self, req_id: int, msg: dict) -> dict:
-        name = msg.get("model")
-        out = []
-        for q in self.queues.values():
-            if name is not None and q.name != name:
-                continue
-            d = {"name": q.name, "version": q.version, "lane": q.lane,
-                 "queue_depth": q.queued, "in_flight_batches": q.in_flight}
-            d.update(q.stats.snapshot())
-            if q.cache is not None:
-                d["cache"] = dict(d["cache"], **q.cache.snapshot())
-            if q.drift is not None:
-                q.drift.feed()
-                d["drift"] = q.drift.snapshot()
-            d["held"] = sum(q.held.values())
-            if q.fallback is not None:
-                d["fallback"] = q.fallback.snapshot()
-            d["workers"] = [w.stats() for w in q.workers]
-            out.append(d)
-        return {"id": req_id, "status": 0, "uptime_s": round(time.monotonic() - self.started, 3),
-                "front": self.slot, "connections": len(self.conns), "draining": self.draining,
-                "limits": {"max_connections": self.max_conns,
-                           "frame_buffer_bytes": self.frame_bytes,
-                           "closed": dict(self.closed_by)},
-                "rejected": {str(k): v for k, v in sorted(self.rejected.items())},
-                "models": out, "kpis": self.joins.snapshot(name), "reloads": dict(self.reloads),
-                "feedback": {"joined": self.joins.joined, "unjoined": self.joins.unjoined},
-                "access": self.access.snapshot() if self.access is not None else None,
-                "rollouts": self.rollouts.snapshot(name),
-                "shadows": [sh.snapshot() for sh in self.shadows.values()
-                            if name is None or sh.model == name],
-                "request_log": self.reqlog.snapshot() if self.reqlog is not None else None}
 
     # -- signals and shutdown ------------------------------------------------------------
     def on_signal(self, signum: int) -> None:
@@ -799,10 +864,8 @@ class App:
         if self._prepared is not None:
             self._drop_prepared()
         self.reloads["failed"] += 1
-        if self.primary:
-            self.rollouts.log.write({"event": "reload", "ok": False, "errors": errors})
 
-    async def switch(self) -> None:
+    async def switch(self, routing: dict) -> None:
         """Every new worker is warm and attached: switch the routing at once,
         then drain the versions that left and tell the supervisor."""
         prep, self._prepared = self._prepared, None
@@ -817,8 +880,8 @@ class App:
         self.queues = {**keep, **started}
         self.default_deadline_ns = new.server.deadline_ms * 1_000_000
         self._set_limits(new)
-        self.rollouts.apply(new, "reload")
-        self.reroute()
+        self.send_tallies()
+        self.reroute(routing)
         self._set_shadows()
         self._set_fallbacks()
         self.reloads["ok"] += 1
@@ -828,8 +891,6 @@ class App:
                   "s": round(time.monotonic() - prep["t0"], 3)}
         log.info("front switched", extra={"event": "reload", "ok": True, "front": self.slot,
                                           **record})
-        if self.primary:
-            self.rollouts.log.write({"event": "reload", "ok": True, **record})
         await self._retire(retired, new.server.drain_timeout_s)
         self.tell({"event": "retired"})
 
@@ -891,7 +952,6 @@ class App:
                 q.fallback.live = False
         if self._sweeper is not None:
             self._sweeper.cancel()
-        await self.rollouts.stop()
         if self.server is not None:
             self.server.close()
         queues = self.all_queues()
@@ -923,11 +983,17 @@ class App:
         await asyncio.sleep(0.05)  # let the closing answers and FINs leave
         for p in list(self.ports.values()):
             p.close()
-        self.metrics.close()
         if self.reqlog is not None:
             self.reqlog.close()
+        # What was counted since the last report, before the supervisor stops us.
+        self.send_tallies()
+        self.tell({"event": "beat", "figures": front_figures(self)})
         log.info("front stopped", extra={"answered": sum(sum(q.stats.by_status.values())
                                                    for q in queues)})
+
+
+def rid_front(rid: int) -> int:
+    return _decode_rid(rid).front
 
 
 def run_front(chan: Channel) -> int:
@@ -944,7 +1010,7 @@ def run_front(chan: Channel) -> int:
 
     async def main() -> int:
         app = App(msg["cfg"], asyncio.get_running_loop(), chan, msg["slot"], msg["fronts"],
-                  msg["port"], msg["workers"], msg["infos"])
+                  msg["port"], msg["workers"], msg["infos"], msg["routing"], msg["rid_block"])
         try:
             await app.start()
         except OSError as e:
@@ -954,7 +1020,6 @@ def run_front(chan: Channel) -> int:
             return await app.run()
         finally:
             app.stopping = True
-            await app.rollouts.stop()
 
     if sys.version_info >= (3, 12):  # pragma: no cover
         return asyncio.run(main(), loop_factory=uvloop.new_event_loop)

@@ -93,16 +93,13 @@ def spec_for(model_cfg, device: str, threads: int) -> ModelSpec:
 
 # -- starting a worker: shared by the daemon's supervisor and the batch job --
 
-def share_cores(cpu_workers: int) -> int:
+def share_cores(cpu_workers: int, fronts: int = 1) -> int:
     """Torch threads per CPU worker when the config says 0: the cores this
-    process may use, less one for the front (a worker that takes every core
+    process may use, less one for each front (a worker that takes every core
     starves the event loop, or the batch job's reader), shared among the
     CPU workers."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
-    return max(1, (cores - 1) // max(1, cpu_workers))
+    from .cores import usable_cpus
+    return max(1, (usable_cpus() - fronts) // max(1, cpu_workers))
 
 
 def worker_env(config_source: str, workdir: str) -> dict:

@@ -127,6 +127,24 @@ class LatencyWindow:
         """Values in the window (as of the last tick)."""
         return sum(self.cur) + sum(self.prev)
 
+    def merge(self, other: "LatencyWindow") -> None:
+        """Add another process's window (the fronts of one machine: epochs
+        are read from CLOCK_MONOTONIC, which every process shares, so the
+        same epoch is the same 10 s everywhere)."""
+        self.tick()
+        other.tick()
+        d = self.epoch - other.epoch
+        if d == 0:
+            pairs = ((self.cur, other.cur), (self.prev, other.prev))
+        elif d == 1:
+            pairs = ((self.prev, other.cur),)
+        else:
+            return
+        for mine, theirs in pairs:
+            for i, n in enumerate(theirs):
+                if n:
+                    mine[i] += n
+
 
 # Prometheus histogram bounds, in seconds as exported and in us as recorded.
 DURATION_BOUNDS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -157,6 +175,10 @@ class Histogram:
     def cumulative(self) -> list[int]:
         return list(itertools.accumulate(self.counts))
 
+    def merge(self, other: "Histogram") -> None:
+        self.counts = [a + b for a, b in zip(self.counts, other.counts)]
+        self.sum += other.sum
+
 
 class ModelStats:
     def __init__(self, buckets=(1,)):
@@ -174,6 +196,29 @@ class ModelStats:
         self.defaulted: collections.Counter = collections.Counter()
         self.batches = 0
         self.padded_rows = 0
+
+    def merge(self, o: "ModelStats", windows: bool = True) -> None:
+        """Add another front's figures of the same version (the machine's
+        stats and /metrics: daemon/figures.py). ``windows`` False leaves the
+        latency window alone (a dead front's recent latencies are not recent)."""
+        self.by_route.update(o.by_route)
+        if windows:
+            self.latency.merge(o.latency)
+        for lane, h in o.duration.items():
+            mine = self.duration.get(lane)
+            if mine is None:
+                mine = self.duration[lane] = Histogram()
+            mine.merge(h)
+        self.queue_time.merge(o.queue_time)
+        self.compute_time.merge(o.compute_time)
+        if self.batch_hist.bounds == o.batch_hist.bounds:
+            self.batch_hist.merge(o.batch_hist)
+        for mine, theirs in ((self.batch_sizes, o.batch_sizes), (self.dispatch, o.dispatch),
+                             (self.shed, o.shed), (self.cache, o.cache),
+                             (self.defaulted, o.defaulted)):
+            mine.update(theirs)
+        self.batches += o.batches
+        self.padded_rows += o.padded_rows
 
     @property
     def by_status(self) -> collections.Counter:
@@ -246,6 +291,17 @@ class BusyMeter:
             self.buckets[-1][1] += compute_ns
         else:
             self.buckets.append([sec, compute_ns])
+
+    def merge(self, o: "BusyMeter") -> None:
+        """Add another front's share of the same worker's batches."""
+        self.total_ns += o.total_ns
+        self.since = min(self.since, o.since)
+        by_sec = {sec: ns for sec, ns in self.buckets}
+        for sec, ns in o.buckets:
+            by_sec[sec] = by_sec.get(sec, 0) + ns
+        self.buckets.clear()
+        for sec in sorted(by_sec)[-(self.window + 1):]:
+            self.buckets.append([sec, by_sec[sec]])
 
     def fraction(self, now: float | None = None) -> float:
         now = now if now is not None else time.monotonic()

@@ -53,7 +53,11 @@ from ipc.ring import Ring, RingLayout
 
 from .config import ConfigError, load_config, with_overrides
 from .cores import front_count
+from .figures import Figures, MachineView, stats_answer
 from .lifeline import EXIT_BOOT_FAILED, PARENT_ENV
+from .metrics import MetricsServer
+from .rids import decode as decode_rid
+from .rollouts import Rollouts, weight_of
 from .spec import TensorDecl, share_cores, spawn_worker, spec_for, worker_env
 from .worker import EXIT_LOAD_FAILED
 
@@ -61,7 +65,9 @@ log = logging.getLogger("ringserve.supervisor")
 STABLE_AFTER_S = 60.0
 STOP_GRACE_S = 10.0
 HEARTBEAT_S = 1.0        # a front's heartbeat period
+GATHER_TIMEOUT_S = 2.0   # a front that does not send its figures in time is shown as last seen
 _uids = itertools.count(1)
+_tokens = itertools.count(1)
 
 
 class Backoff:
@@ -217,6 +223,10 @@ class WorkerProcess(Child):
     @property
     def label(self) -> str:
         return f"{self.key[0]}@{self.key[1]}/{self.device}#{self.index}"
+
+    @property
+    def restarts(self) -> int:
+        return self.backoff.restarts
 
     def info(self) -> dict:
         return {"state": self.state, "pid": self.pid, "restarts": self.backoff.restarts,
@@ -428,11 +438,15 @@ class FrontProcess(Child):
         self._watch(proc, Channel(parent))
         self.alive, self.listening = True, False
         self.last_beat = time.monotonic()
+        self.tally_seq = 0
         self.send({"cmd": "start", "cfg": sup.cfg, "slot": self.slot, "fronts": sup.n_fronts,
                    "port": sup.port, "workers": sup.worker_ids(),
-                   "infos": {w.uid: w.info() for w in sup.all_workers()}})
+                   "infos": {w.uid: w.info() for w in sup.all_workers()},
+                   "routing": sup.routing(), "rid_block": sup.rollouts.take_rid_block(self.slot)})
+        if sup.preparing is not None:
+            self.send(sup.preparing)
         for w in sup.all_workers():
-            if w.state == "ready":
+            if w.outputs is not None:
                 w.add_front(self)
         log.info("front started", extra={"front": self.label, "pid": self.pid})
 
@@ -441,15 +455,38 @@ class FrontProcess(Child):
             os.close(fd)
         ev = msg.get("event")
         self.last_beat = time.monotonic()
-        if ev == "listening":
+        sup = self.sup
+        if ev == "beat":
+            sup.figures.update(self.slot, msg["figures"])
+        elif ev == "tally":
+            if msg["seq"] > self.tally_seq:  # a front's reports are counted once, in order
+                self.tally_seq = msg["seq"]
+                for model, (stage_id, lanes, routed) in msg["tallies"].items():
+                    sup.rollouts.absorb(model, stage_id, lanes, routed)
+        elif ev == "figures":
+            sup.figures.update(self.slot, msg["figures"])
+            sup.got_figures(msg["token"], self.slot)
+        elif ev == "stats":
+            self.loop.create_task(sup.answer_stats(self, msg))
+        elif ev == "feedback":
+            self.loop.create_task(sup.relay_feedback(self, msg))
+        elif ev == "joined":
+            sup.got_join(msg["token"], msg["answer"])
+        elif ev == "decision":
+            sup.rollouts.log.write(dict(msg["record"], front=self.slot))
+        elif ev == "rid_block":
+            sup.rollouts.rid_block_used(self.slot, msg["next"])
+        elif ev == "listening":
             self.listening = True
             self.backoff.ready_at = time.monotonic()
-            self.sup.front_listening(self)
+            sup.front_listening(self)
         elif ev == "retired" and self.retired is not None and not self.retired.done():
             self.retired.set_result(msg)
 
     def on_exit(self, rc: int) -> None:
         self.alive = self.listening = False
+        self.sup.figures.front_died(self.slot)
+        self.sup.front_gone(self)
         for w in self.sup.all_workers():
             w.front_gone(self)
         if self.stopping or self.sup.stopping:
@@ -522,6 +559,134 @@ class Supervisor:
         self._signals: asyncio.Queue = asyncio.Queue()
         self._listening = asyncio.Event()
         self._beat_task: asyncio.Task | None = None
+        self.preparing: dict | None = None   # a reload's prepare message, for fronts that start
+        self.started = time.monotonic()
+        self.rollouts = Rollouts(self)
+        self.figures = Figures()
+        self.metrics = MetricsServer(self)
+        self._gathers: dict[int, tuple[asyncio.Future, set[int]]] = {}
+        self._joins: dict[int, asyncio.Future] = {}
+
+    # -- what the rollout controller uses (Rollouts' host) ------------------------
+    def workers_of(self, model: str, version: str):
+        return self.workers.get((model, version))
+
+    def routing(self) -> dict:
+        return {"weights": {m: weight_of(st) for m, st in self.rollouts.states.items()},
+                "stages": self.rollouts.stage_ids()}
+
+    def reroute(self) -> None:
+        """A weight changed (advance, rollback): every front switches now."""
+        self.broadcast({"cmd": "routing", "routing": self.routing()})
+
+    # -- the machine's figures ---------------------------------------------------
+    @property
+    def draining(self) -> bool:
+        return self.stopping
+
+    def ready(self) -> bool:
+        """Every front listens and beats, every serving worker is warm and
+        attached to every front, and the daemon is not draining."""
+        if self.stopping or not self.fronts:
+            return False
+        limit = self.cfg.server.front_heartbeat_timeout_s
+        now = time.monotonic()
+        fronts = self.fronts
+        if not all(f.listening and now - f.last_beat <= limit for f in fronts):
+            return False
+        for ws in self.workers.values():
+            for w in ws:
+                if w.state != "ready" or len(set(map(id, w.attached.values()))) < len(fronts):
+                    return False
+        return True
+
+    def degraded(self) -> bool:
+        m = self.figures.merged()
+        return bool(m and m["degraded"])
+
+    def front_list(self) -> list[dict]:
+        return [{"slot": f.slot, "pid": f.pid, "alive": f.alive, "listening": f.listening,
+                 "restarts": f.backoff.restarts,
+                 "connections": self.figures.live.get(f.slot, {}).get("connections", 0)}
+                for f in self.fronts]
+
+    async def gather(self) -> None:
+        """Fresh figures from every listening front (GATHER_TIMEOUT_S at most)."""
+        fronts = [f for f in self.live_fronts() if f.listening]
+        if not fronts:
+            return
+        token = next(_tokens)
+        fut = self.loop.create_future()
+        self._gathers[token] = (fut, {f.slot for f in fronts})
+        for f in fronts:
+            f.send({"cmd": "figures", "token": token})
+        try:
+            await asyncio.wait_for(fut, GATHER_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            self._gathers.pop(token, None)
+
+    def got_figures(self, token: int, slot: int) -> None:
+        g = self._gathers.get(token)
+        if g is not None:
+            g[1].discard(slot)
+            if not g[1] and not g[0].done():
+                g[0].set_result(None)
+
+    def front_gone(self, front: "FrontProcess") -> None:
+        for token, (fut, waiting) in list(self._gathers.items()):
+            self.got_figures(token, front.slot)
+
+    async def view(self) -> MachineView | None:
+        await self.gather()
+        merged = self.figures.merged()
+        if merged is None:
+            return None
+        workers = {w.uid: (w.key, w.device, w.index, w.info()) for w in self.all_workers()}
+        return MachineView(merged, workers, self.rollouts, self.cfg, self.ready(),
+                           self.stopping, self.started)
+
+    async def answer_stats(self, front: "FrontProcess", msg: dict) -> None:
+        view = await self.view()
+        if view is None:
+            answer = {"status": 14, "error": "no front has figures yet; retry"}
+        else:
+            answer = stats_answer(view, 0, msg.get("model"), self.front_list(), front.slot)
+        front.send({"cmd": "answer", "token": msg["token"], "answer": answer})
+
+    async def relay_feedback(self, origin: "FrontProcess", msg: dict) -> None:
+        """An outcome the front that received it could not join: the front
+        that gave the answer joins it (the rid names it; a routing key is
+        tried on each other front in turn until one joins)."""
+        ref = msg["ref"]
+        others = [f for f in self.live_fronts() if f is not origin and f.listening]
+        if type(ref) is int:
+            slot = decode_rid(ref).front
+            others = [f for f in others if f.slot == slot]
+        answer = None
+        for f in others:
+            token = next(_tokens)
+            fut = self.loop.create_future()
+            self._joins[token] = fut
+            f.send({"cmd": "join", "token": token, "ref": ref, "outcome": msg["outcome"]})
+            try:
+                answer = await asyncio.wait_for(asyncio.shield(fut), GATHER_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                answer = None
+            finally:
+                self._joins.pop(token, None)
+            if answer is not None and answer.get("joined"):
+                break
+        if answer is None or not answer.get("joined"):
+            answer = {"status": 0, "joined": False}
+        origin.send({"cmd": "answer", "token": msg["token"], "answer": answer,
+                     "unjoined": not answer["joined"]})
+
+    def got_join(self, token: int, answer: dict) -> None:
+        fut = self._joins.get(token)
+        if fut is not None and not fut.done():
+            fut.set_result(answer)
 
     # -- the children ----------------------------------------------------------
     def all_workers(self) -> list[WorkerProcess]:
@@ -538,8 +703,8 @@ class Supervisor:
             f.send(msg)
 
     def _make_workers(self, cfg) -> dict[tuple[str, str], list[WorkerProcess]]:
-        threads = share_cores(sum(1 for m in cfg.models for d in m.devices if d == "cpu")
-                              + self.n_fronts - 1)
+        threads = share_cores(sum(1 for m in cfg.models for d in m.devices if d == "cpu"),
+                              self.n_fronts)
         out = {}
         for m in cfg.models:
             ws = []
@@ -575,6 +740,8 @@ class Supervisor:
             log.info(note)
         self.lock = PortLock(s.host, s.port)
         self.port = self.lock.port
+        self.rollouts.apply(self.cfg, "start")
+        self.rollouts.start()
         self.workers = self._make_workers(self.cfg)
         self.fronts = [FrontProcess(self, i) for i in range(self.n_fronts)]
         for f in self.fronts:
@@ -585,6 +752,9 @@ class Supervisor:
         if all(f.failed for f in self.fronts):
             return
         self._beat_task = self.loop.create_task(self._watch_beats())
+        if self.cfg.metrics.enabled:
+            await self.metrics.start(self.cfg.metrics.host, self.cfg.metrics.port)
+            self.broadcast({"cmd": "metrics_port", "port": self.metrics.port})
         if self.port_file:
             tmp = self.port_file + ".tmp"
             with open(tmp, "w") as fh:
@@ -657,8 +827,9 @@ class Supervisor:
         except ConfigError as e:
             log.error("reload rejected: invalid config; still serving the previous one",
                       extra={"event": "reload", "ok": False, "error": str(e), "key": e.key})
-            self.broadcast({"cmd": "reload_failed", "record": {"event": "reload", "ok": False,
-                                                               "error": str(e), "key": e.key}})
+            self.rollouts.log.write({"event": "reload", "ok": False, "error": str(e),
+                                     "key": e.key})
+            self.broadcast({"cmd": "reload_failed"})
             return False
         fixed = ("host", "port", "node_id", "fronts")
         if any(getattr(new.server, k) != getattr(old.server, k) for k in fixed):
@@ -677,8 +848,10 @@ class Supervisor:
                 if k in wanted and old_models.get(k) == wanted[k]}
         started = {k: ws for k, ws in self._make_workers(new).items() if k not in keep}
         workers = {**keep, **started}
-        self.broadcast({"cmd": "prepare", "cfg": new,
-                        "workers": {k: [w.uid for w in ws] for k, ws in workers.items()}})
+        t0 = time.monotonic()
+        self.preparing = {"cmd": "prepare", "cfg": new,
+                          "workers": {k: [w.uid for w in ws] for k, ws in workers.items()}}
+        self.broadcast(self.preparing)
         new_workers = [w for ws in started.values() for w in ws]
         self.retiring.extend(new_workers)  # fronts that start now attach them too
         for w in new_workers:
@@ -686,14 +859,17 @@ class Supervisor:
         try:
             failed = await self._wait_warm(new_workers, new.server.start_timeout_s)
         except asyncio.CancelledError:
+            self.preparing = None
             self.broadcast({"cmd": "abort", "errors": ["the daemon is shutting down"]})
             await self._stop_workers(new_workers)
             raise
+        self.preparing = None
         for w in new_workers:
             self.retiring.remove(w)
         if failed:
             log.error("reload rejected: a new model version did not start; still serving the "
                       "previous config", extra={"event": "reload", "ok": False, "errors": failed})
+            self.rollouts.log.write({"event": "reload", "ok": False, "errors": failed})
             self.broadcast({"cmd": "abort", "errors": failed})
             await self._stop_workers(new_workers)
             return False
@@ -701,19 +877,21 @@ class Supervisor:
         self.cfg = new
         self.workers = workers
         self.retiring.extend(retired)
+        self.rollouts.apply(new, "reload")
         fronts = self.live_fronts()
         for f in fronts:
             f.retired = self.loop.create_future()
-        self.broadcast({"cmd": "switch"})
-        log.info("reloaded", extra={"event": "reload", "ok": True,
-                                    "started": [f"{n}@{v}" for n, v in started],
-                                    "retired": sorted({f"{w.key[0]}@{w.key[1]}" for w in retired})})
+        self.broadcast({"cmd": "switch", "routing": self.routing()})
+        record = {"started": [f"{n}@{v}" for n, v in started],
+                  "retired": sorted({f"{w.key[0]}@{w.key[1]}" for w in retired}),
+                  "kept": [f"{n}@{v}" for n, v in keep], "s": round(time.monotonic() - t0, 3)}
+        log.info("reloaded", extra={"event": "reload", "ok": True, **record})
+        self.rollouts.log.write({"event": "reload", "ok": True, **record})
         # Every front drains what it had for the retired versions, then they stop.
-        waits = [asyncio.shield(f.retired) for f in fronts]
-        if waits:
-            await asyncio.wait([asyncio.ensure_future(x) for x in waits] + [
-                asyncio.ensure_future(asyncio.shield(f.exited)) for f in fronts],
-                timeout=new.server.drain_timeout_s + 5.0)
+        for f in fronts:
+            await asyncio.wait([asyncio.shield(f.retired), asyncio.shield(f.exited)],
+                               timeout=new.server.drain_timeout_s + 5.0,
+                               return_when=asyncio.FIRST_COMPLETED)
         await self._stop_workers(retired)
         for w in retired:
             self.retiring.remove(w)
@@ -738,12 +916,14 @@ class Supervisor:
 
     # -- drain -------------------------------------------------------------------
     async def shutdown(self) -> None:
-        self.stopping = True
+        self.stopping = True  # /readyz answers 503 from now: load balancers move away
         if self._beat_task is not None:
             self._beat_task.cancel()
+        await self.rollouts.stop()
         grace = self.cfg.server.drain_timeout_s + 5.0
         await asyncio.gather(*(f.stop(grace) for f in self.fronts))
         await self._stop_workers(self.all_workers())
+        self.metrics.close()
         if self.lock is not None:
             self.lock.close()
         if self.port_file:

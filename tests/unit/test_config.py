@@ -68,7 +68,7 @@ def test_default_toml_loads():
     assert c.source == str(DEFAULT_TOML)
     assert c.server == ServerConfig("127.0.0.1", 7070, 8388608, 1000, 1024, 30.0, 300.0, 30.0,
                                     None, None, 256, 1024, 300.0, 10.0, 65536, 128 * 1024 * 1024,
-                                    False, ("127.0.0.1", "::1"), 0)
+                                    False, ("127.0.0.1", "::1"), 0, "auto", 10.0)
     assert c.logging == LoggingConfig("info")
     (m,) = c.models
     assert (m.name, m.version, m.factory, m.artifact, m.checkpoint) == \
@@ -104,7 +104,8 @@ def test_every_default():
         "decision_log": None, "max_connections_per_client": 256,
         "max_inflight_per_connection": 1024, "idle_timeout_s": 300.0, "header_timeout_s": 10.0,
         "min_frame_bytes_per_s": 65536, "frame_buffer_budget_bytes": 128 * 1024 * 1024,
-        "proxy_protocol": False, "trusted_proxies": ("127.0.0.1", "::1"), "node_id": 0}
+        "proxy_protocol": False, "trusted_proxies": ("127.0.0.1", "::1"), "node_id": 0,
+        "fronts": "auto", "front_heartbeat_timeout_s": 10.0}
     assert dataclasses.asdict(c.feedback) == {"window_s": 3600.0, "max_entries": 1_000_000}
     assert c.auth.timeout_s == 10.0
     assert c.logging.level == "info"

@@ -1,8 +1,9 @@
 """The metrics table of docs/operations.md against what the exporter writes,
 both ways, as docs/config.md is held against SETTINGS: every documented
 family is exported with the documented type, and every exported family is
-documented. The exporter runs in-process on a real (unstarted) App, so
-families appear whether or not they have samples yet; that each one gets
+documented. The exporter runs in-process on the figures of a real
+(unstarted) front App, merged as the supervisor merges them
+(daemon/figures.py), so families appear whether or not they have samples yet; that each one gets
 samples from a real daemon is tests/integration/test_metrics.py's part."""
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.config import load_config
+from daemon.figures import Figures, MachineView, front_figures
+from daemon.metrics import MetricsServer
+from daemon.rollouts import Rollouts
 from daemon.server import App
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
@@ -55,8 +59,13 @@ def exported(tmp_path) -> dict[str, str]:
     cfg = load_config(str(tmp_path / "ringserve.toml"))
     loop = asyncio.new_event_loop()
     try:
-        app = App(cfg, loop)
-        status, _, body = app.metrics.render("/metrics")
+        app = App(cfg, loop, chan=None, workers={("demo", "1"): [1]})
+        for m in cfg.models:
+            app.queues[(m.name, m.version)] = app._make_queue(m, (1,))
+        figures = Figures()
+        figures.update(0, front_figures(app))
+        view = MachineView(figures.merged(), {}, Rollouts(None), cfg, True, False, 0.0)
+        status, _, body = MetricsServer(None).render("/metrics", view)
     finally:
         loop.close()
     assert status == 200
