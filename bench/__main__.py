@@ -2,14 +2,17 @@
 
     python -m bench [--config FILE | --target HOST:PORT [--server-pid PID]]
                     [--connections C] [--depth D] [--duration S] [--warmup S]
-                    [--requests N] [--rate R] [--procs P]
+                    [--requests N] [--rate R] [--procs P] [--fronts N|auto]
                     [--keys N [--key-dist uniform|zipf] [--exp ID]]
                     [--limits] [--compare-batching] [--sweep [--sweep-rates R,R,...]]
                     [--json FILE] [--plot FILE.png]
 
 Without ``--target`` it starts the daemon itself (``--config``, default
-configs/default.toml) on an ephemeral port and stops it afterwards. The runs,
-one after the other so that they never compete for cores:
+configs/default.toml) on an ephemeral port and stops it afterwards; with
+``--fronts N`` it runs a variant of that config with ``[server] fronts = N``
+(written beside it and removed after: bench/variants.py; the file itself is
+not touched). The runs, one after the other so that they never compete for
+cores:
 
 1. the load against the daemon (closed loop, or open loop with ``--rate``);
 2. ``--sweep``: open loop on the same daemon at rising rates (by default
@@ -19,11 +22,20 @@ one after the other so that they never compete for cores:
 4. ``--limits``: run 1 against the echo server (the transport ceiling,
    bench/echo.py), and the model timed in-process at the batch sizes the
    server used (bench/ceiling.py), with the daemon stopped.
+
+Server CPU is the daemon's whole process tree: the supervisor, every front
+and every worker (bench/servers.py). The daemon's batch figures (mean batch,
+batch sizes) come from its ``stats`` op, which each front answers for itself
+for itself only in a daemon before the supervisor answered it for the
+machine: there, with several fronts, the bench holds a connection to each
+front and sums them (bench/fronts.py). A daemon whose ``stats`` lists its
+``fronts`` sums them itself, and is asked once. The report says which.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -33,6 +45,7 @@ import numpy as np
 from clients._core import read_token
 
 from . import report, servers, variants
+from .fronts import FrontStats
 from .keys import DISTRIBUTIONS
 from .load import Plan, run_load
 
@@ -103,6 +116,9 @@ def _args(argv):
     p.add_argument("--rate", type=float, default=None,
                    help="open loop: Poisson arrivals per second, over all connections")
     p.add_argument("--procs", type=int, default=1, help="load-generator processes")
+    p.add_argument("--fronts", type=_fronts, default=None, metavar="N|auto",
+                   help="run the daemon with [server] fronts = N (1 to 32, or auto), in a "
+                        "variant of --config written beside it")
     p.add_argument("--grace", type=float, default=5.0,
                    help="seconds to wait for outstanding answers after sending stops")
     p.add_argument("--keys", type=int, default=None, metavar="N",
@@ -133,6 +149,8 @@ def _args(argv):
     a = p.parse_args(argv)
     if a.target and a.compare_batching:
         p.error("--compare-batching starts daemons from --config; it cannot change a --target's")
+    if a.target and a.fronts is not None:
+        p.error("--fronts starts a daemon from --config; it cannot change a --target's")
     if a.sweep_rates is not None:
         try:
             a.sweep_rates = [float(r) for r in a.sweep_rates.split(",")]
@@ -147,28 +165,113 @@ def _args(argv):
     return a
 
 
+def _fronts(v: str):
+    if v == "auto":
+        return v
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 32:
+        raise argparse.ArgumentTypeError(f'an integer from 1 to 32 or "auto", got {v!r}')
+    return n
+
+
+def config_change(fronts, batching: bool = True):
+    """The change (dict -> dict) and file tag of the config variant a run
+    needs, or (None, None) when it runs the config as it is."""
+    changes, tags = [], []
+    if fronts is not None:
+        changes.append(variants.with_fronts(fronts))
+        tags.append(f"fronts-{fronts}")
+    if not batching:
+        changes.append(variants.without_batching)
+        tags.append("max_batch-1")
+    if not changes:
+        return None, None
+
+    def change(doc):
+        for c in changes:
+            doc = c(doc)
+        return doc
+    return change, ".".join(tags)
+
+
+@contextlib.contextmanager
+def config_for(config: str, fronts=None, batching: bool = True):
+    """The config file to start the daemon with: ``config``, or a variant."""
+    change, tag = config_change(fronts, batching)
+    if change is None:
+        yield config
+    else:
+        with variants.variant(config, change, tag) as path:
+            yield path
+
+
 class _Server:
     """Where runs go: host, port, and the pid whose CPU is measured (if known)."""
 
     def __init__(self, host: str, port: int, pid: int | None, role: str):
         self.host, self.port, self.pid, self.role = host, port, pid, role
+        # Front processes under the pid (0: the root serves itself); None: unknown.
+        self.fronts = servers.fronts(pid) if pid is not None else None
+
+    def _front_stats(self, plan: Plan):
+        """Connections to every front, or None (one front, unknown, or a
+        daemon whose ``stats`` covers the machine), with why not."""
+        first = _stats_or_none(self.host, self.port, plan.token)
+        if first is not None and isinstance(first.get("fronts"), list):
+            return None, "machine"    # the supervisor sums its fronts itself
+        if not self.fronts or self.fronts < 2:
+            return None, None
+        try:
+            return FrontStats(self.host, self.port, self.fronts, plan.request, plan.token), None
+        except (OSError, ValueError) as e:
+            return None, f"cannot reach the fronts one by one: {e}"
+
+    def _fronts_seen(self, probes, why, after: dict | None) -> dict:
+        if probes is not None:
+            return probes.describe()
+        if why == "machine":
+            listed = (after or {}).get("fronts") or []
+            n = sum(1 for f in listed if f.get("alive", True)) or len(listed)
+            return {"count": n, "reached": n, "slots": None, "summed": n > 1, "all": True,
+                    "machine_wide": True, "why_not_all": None}
+        count = None if self.fronts is None else max(1, self.fronts)
+        return {"count": count, "reached": 1, "slots": None, "summed": False,
+                "all": count == 1,
+                "why_not_all": why or (None if count == 1 else
+                                       "the number of fronts is unknown (no --server-pid)")}
 
     def measure(self, plan: Plan, with_stats: bool = True) -> dict:
         """One run at this server, which is sampled (CPU, and ``stats`` if
         ``with_stats``) at the measured window's marks: its figures, with the
-        server's own for the window under ``server_stats``."""
+        server's own for the window under ``server_stats`` (summed over its
+        fronts where there are several: bench/fronts.py)."""
         host, port, pid, role = self.host, self.port, self.pid, self.role
+        plan.host, plan.port = host, port
+        probes, why = self._front_stats(plan) if with_stats else (None, None)
+
+        def stats_now():
+            if probes is not None and probes.conns:
+                return probes.stats()
+            return _stats_or_none(host, port, plan.token)
 
         def mark(label):
             out = {"machine": servers.machine_sample()}
             if pid is not None:
                 out["cpu"] = servers.cpu_sample(pid, role)
             if with_stats:
-                out["stats"] = _stats_or_none(host, port, plan.token)
+                out["stats"] = stats_now()
             return out
 
-        plan.host, plan.port = host, port
-        run = run_load(plan, mark)
+        try:
+            run = run_load(plan, mark)
+            after = stats_now() if with_stats else None
+            seen = self._fronts_seen(probes, why, after) if with_stats else None
+        finally:
+            if probes is not None:
+                probes.close()
         marks = run.pop("marks")
         run["machine_cpu"] = servers.machine_delta(marks["start"]["machine"],
                                                    marks["end"]["machine"])
@@ -178,8 +281,9 @@ class _Server:
             run["server_cpu_us_per_answer"] = (round(cpu["cpu_s"] * 1e6 / run["answers"], 1)
                                                if run["answers"] else None)
         if with_stats:
-            run["server_stats"] = report.server_stats(
-                marks, _stats_or_none(host, port, plan.token), plan.request["model"])
+            run["server_stats"] = report.server_stats(marks, after, plan.request["model"])
+            if run["server_stats"] is not None:
+                run["server_stats"]["fronts"] = seen
         return run
 
 
@@ -203,7 +307,7 @@ def main(argv=None) -> int:
     doc: dict = {"params": {"argv": sys.argv[1:] if argv is None else list(argv),
                             "duration": a.duration, "warmup": a.warmup, "requests": a.requests,
                             "rate": a.rate, "keys": a.keys, "key_dist": a.key_dist,
-                            "exp": a.exp},
+                            "exp": a.exp, "fronts": a.fronts},
                  "ringserve": None, "server_stats": None, "sweep": None, "batching_off": None,
                  "batching": None, "echo": None, "ceiling": None, "ratios": None}
 
@@ -224,15 +328,16 @@ def main(argv=None) -> int:
         doc["params"]["target"] = a.target
         first_runs(_Server(host, int(port), a.server_pid, "server"))
     else:
-        doc["params"]["target"] = f"daemon started with {config}"
-        with servers.daemon(config, a.startup_timeout) as d:
-            first_runs(_Server(d.host, d.port, d.pid, "front"))
+        doc["params"]["target"] = f"daemon started with {config}" + (
+            f", [server] fronts = {a.fronts}" if a.fronts is not None else "")
+        with config_for(config, a.fronts) as path, servers.daemon(path, a.startup_timeout) as d:
+            first_runs(_Server(d.host, d.port, d.pid, d.role))
     ours = doc["ringserve"]
 
     if a.compare_batching:
-        with variants.variant(config, variants.without_batching, "max_batch-1") as path, \
+        with config_for(config, a.fronts, batching=False) as path, \
                 servers.daemon(path, a.startup_timeout) as d:
-            off = doc["batching_off"] = _Server(d.host, d.port, d.pid, "front").measure(plan)
+            off = doc["batching_off"] = _Server(d.host, d.port, d.pid, d.role).measure(plan)
         doc["batching"] = report.batching(ours, doc["server_stats"], off, off["server_stats"])
 
     if a.limits:

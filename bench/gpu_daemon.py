@@ -140,7 +140,7 @@ def serve(model: str, device: str, compile_mode: str, max_batch: int, inprocess_
             request, _, shown = _request(d.host, d.port, model)
             res["request"] = shown
             update(res)
-            server = _Server(d.host, d.port, d.pid, "front")
+            server = _Server(d.host, d.port, d.pid, d.role)
             for b in buckets:
                 need = warmup + duration + 5
                 if time_left() < need:

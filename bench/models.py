@@ -1,5 +1,9 @@
 """Models for the benchmark beside the demo scorer (``daemon.zoo``).
 
+``noop`` computes nothing: the demo's request and answer shapes (float32
+[128] in, [2] out: the first two features, copied), so a run against it is
+the serving machinery alone (``python -m bench.scale --models noop``).
+
 The demo MLP costs a worker about 0.1 ms a batch, so it measures the
 serving machinery. ``encoder`` is its opposite, a model where compute
 dominates: a small transformer encoder over 32 tokens (2 layers, width 64,
@@ -47,3 +51,13 @@ def encoder(seed: int = 0) -> nn.Module:
         for _, p in sorted(model.named_parameters()):
             p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     return model.eval()
+
+
+class Noop(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[..., :2].clone()
+
+
+def noop() -> nn.Module:
+    """float32 [128] in, float32 [2] out (the first two features): no compute."""
+    return Noop().eval()

@@ -194,6 +194,10 @@ def _run_rows(runs: dict[str, dict]) -> list[tuple[str, list[str]]]:
     by_role = [_by_role(r) for r in runs.values()]
     for role in dict.fromkeys(k for d in by_role for k in d):
         rows.append((f"  {role}", [_n(d.get(role), 1) for d in by_role]))
+    totals = [(r.get("server_cpu") or {}).get("by_role") or {} for r in runs.values()]
+    for role in dict.fromkeys(k for t in totals for k, v in t.items() if v["procs"] > 1):
+        rows.append((f"  {role}, all {max(t.get(role, {}).get('procs', 0) for t in totals)}",
+                     [_n(t[role]["cpu_pct"], 1) if role in t else "-" for t in totals]))
     rows.append(("load-gen CPU (% of a core)",
                  [f"{_n(r['loadgen_cpu_pct'], 1)}" + (f" ({'+'.join(_n(x) for x in r['loadgen_cpu_pct_by_proc'])})"
                                                         if r["procs"] > 1 else "")
@@ -229,7 +233,11 @@ def _table(header: list[str], rows: list[tuple[str, list[str]]]) -> list[str]:
 def render(doc: dict) -> str:
     runs = {name: doc[k] for k, name in (("ringserve", "ringserve"), ("batching_off", "max_batch=1"),
                                          ("echo", "echo")) if doc.get(k)}
-    lines = _describe(doc) + [""]
+    lines = _describe(doc)
+    procs = processes(doc["ringserve"])
+    if procs:
+        lines.append(f"server processes (CPU counted over all): {procs}")
+    lines.append("")
     lines += _table([""] + list(runs), _run_rows(runs))
     for name, r in runs.items():
         for e in r.get("errors") or []:
@@ -287,14 +295,44 @@ def render(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def processes(run: dict) -> str | None:
+    """"1 supervisor, 2 front, 1 worker": the server's processes by role."""
+    roles = (run.get("server_cpu") or {}).get("by_role")
+    return ", ".join(f"{r['procs']} {k}" for k, r in roles.items()) if roles else None
+
+
+def fronts_note(s: dict) -> str | None:
+    """Over which fronts the daemon's ``stats`` figures were taken, or None
+    when it has a single front (bench/fronts.py)."""
+    f = s.get("fronts")
+    if not f or f["count"] == 1:
+        return None
+    if f["count"] is None:
+        return ("from the one front this connection reached; the daemon's number of fronts "
+                "is unknown (give --server-pid), and each front answers stats for itself only")
+    if f.get("machine_wide"):
+        return f"for the whole daemon: its supervisor sums all {f['count']} fronts"
+    if f["all"]:
+        return f"summed over all {f['count']} fronts (one connection to each)"
+    if f["reached"] <= 1:
+        return (f"from ONE of {f['count']} fronts only: each front answers stats for itself "
+                f"({f['why_not_all']}); the batch counts are a part of the daemon's")
+    return (f"summed over {f['reached']} of {f['count']} fronts ({f['why_not_all']}); the "
+            "batch counts are a part of the daemon's")
+
+
 def _server_stats_lines(s: dict, label: str) -> list[str]:
-    return ["", f"server stats{label}, measured window (model {s['model']}): {s['batches']:,} "
-                f"batches, mean batch {_n(s['mean_batch'], 2)}, padded rows {s['padded_rows']:,}",
-            f"  queue depth mid-run {_n(s['queue_depth_mid'])}, in-flight batches mid-run "
-            f"{_n(s['in_flight_batches_mid'])}, queue depth after the run "
-            f"{_n(s['queue_depth_after'])}, worker busy {s['worker_busy']}",
-            "  batch sizes (size:batches):",
-            "    " + _wrap([f"{k}:{v:,}" for k, v in s["batch_sizes"].items()])]
+    lines = ["", f"server stats{label}, measured window (model {s['model']}): {s['batches']:,} "
+                 f"batches, mean batch {_n(s['mean_batch'], 2)}, padded rows {s['padded_rows']:,}"]
+    note = fronts_note(s)
+    if note:
+        lines.append(f"  stats {note}")
+    return lines + [
+        f"  queue depth mid-run {_n(s['queue_depth_mid'])}, in-flight batches mid-run "
+        f"{_n(s['in_flight_batches_mid'])}, queue depth after the run "
+        f"{_n(s['queue_depth_after'])}, worker busy {s['worker_busy']}",
+        "  batch sizes (size:batches):",
+        "    " + _wrap([f"{k}:{v:,}" for k, v in s["batch_sizes"].items()])]
 
 
 def _ceiling_rows(by_batch: list[dict]) -> list[tuple[str, list[str]]]:

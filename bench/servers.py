@@ -3,8 +3,10 @@ and sampling their CPU.
 
 A server is a subprocess on an ephemeral port (``--port 0 --port-file F``),
 always stopped with SIGTERM (SIGKILL if it hangs) when the ``with`` block
-ends. Its CPU is sampled over the whole process tree: the daemon's front
-does the networking and its worker processes run the model.
+ends. Its CPU is sampled over the whole process tree: the daemon
+(``python -m daemon``) is a supervisor that touches no request, its fronts
+(``python -m daemon.front``, ``[server] fronts`` of them) do the networking
+and batching, and its workers (``python -m daemon.worker``) run the model.
 """
 
 from __future__ import annotations
@@ -113,7 +115,8 @@ class Server:
 
 
 def daemon(config: str | os.PathLike, timeout: float = 300.0) -> Server:
-    s = Server([sys.executable, "-m", "daemon", "--config", str(config), "--port", "0"], "front")
+    s = Server([sys.executable, "-m", "daemon", "--config", str(config), "--port", "0"],
+               "supervisor")
     try:
         s.start(timeout)
         s.wait_ready(timeout)
@@ -135,12 +138,35 @@ def echo(timeout: float = 60.0) -> Server:
 
 # -- CPU -----------------------------------------------------------------------------------
 
+# A child's role from its command line (``python -m daemon.front ...``).
+_ROLES = {"daemon.front": "front", "daemon.worker": "worker"}
+
+
+def role_of(cmdline: list[str]) -> str | None:
+    """"front" or "worker" for a daemon child's command line, else None."""
+    for i, arg in enumerate(cmdline):
+        if arg == "-m" and i + 1 < len(cmdline) and cmdline[i + 1] in _ROLES:
+            return _ROLES[cmdline[i + 1]]
+        if arg.startswith("-m") and arg[2:] in _ROLES:   # python -mdaemon.front
+            return _ROLES[arg[2:]]
+    return None
+
+
 def _role(p: psutil.Process) -> str:
     try:
-        cmd = " ".join(p.cmdline())
+        return role_of(p.cmdline()) or p.name()
     except psutil.Error:
         return "?"
-    return "worker" if "daemon.worker" in cmd else p.name()
+
+
+def fronts(pid: int) -> int:
+    """How many front processes serve under ``pid`` (a supervisor); 0 for a
+    server without fronts (the echo server, or a daemon that is its own
+    front, as before the supervisor split)."""
+    try:
+        return sum(1 for c in psutil.Process(pid).children(recursive=True) if _role(c) == "front")
+    except psutil.Error:
+        return 0
 
 
 def cpu_sample(pid: int, root_role: str = "server") -> dict:
@@ -171,7 +197,16 @@ def cpu_delta(a: dict, b: dict) -> dict:
         by.append({"pid": pid, "role": role, "cpu_s": round(used, 3),
                    "cpu_pct": round(100 * used / wall, 1)})
     total = sum(p["cpu_s"] for p in by) + (b["reaped"] - a["reaped"])
-    return {"cpu_s": round(total, 3), "cpu_pct": round(100 * total / wall, 1), "by_process": by}
+    roles: dict[str, dict] = {}
+    for p in by:
+        r = roles.setdefault(p["role"], {"procs": 0, "cpu_s": 0.0})
+        r["procs"] += 1
+        r["cpu_s"] += p["cpu_s"]
+    for r in roles.values():
+        r["cpu_s"] = round(r["cpu_s"], 3)
+        r["cpu_pct"] = round(100 * r["cpu_s"] / wall, 1)
+    return {"cpu_s": round(total, 3), "cpu_pct": round(100 * total / wall, 1), "by_process": by,
+            "by_role": roles}
 
 
 def machine_sample() -> dict:

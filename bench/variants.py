@@ -1,5 +1,6 @@
 """Variants of a daemon config for comparison runs: the same file with one
-change, e.g. batching off (``max_batch = 1``) for ``--compare-batching``.
+change, e.g. batching off (``max_batch = 1``) for ``--compare-batching``, or
+``[server] fronts = N`` for ``--fronts N`` and ``python -m bench.scale``.
 
 The variant is written *beside* the original, not in a temporary folder:
 the daemon resolves relative paths (checkpoints, artifacts, model modules
@@ -68,6 +69,32 @@ def without_batching(doc: dict) -> dict:
         models.append(m)
     doc["models"] = models
     return doc
+
+
+MAX_FRONTS = 32   # daemon/config.py: a rid has 5 bits for the front
+
+
+def with_fronts(n: int | str, metrics: bool | None = None):
+    """The change (dict -> dict) setting ``[server] fronts = n`` (1 to 32, or
+    "auto"), keeping every other key of the file.
+
+    ``[metrics]`` is still decided inside one front, so the daemon refuses
+    ``fronts`` above 1 with it on (daemon/cores.py, single_front_parts), and
+    it is on by default. ``metrics=False`` turns it off, ``True`` leaves it
+    on, and None (the default) turns it off where ``n`` is not 1, the
+    benchmark needing no metrics endpoint. A comparison across front
+    counts passes False, so that every count serves the same."""
+    if n != "auto" and not (type(n) is int and 1 <= n <= MAX_FRONTS):
+        raise ValueError(f'fronts: an integer from 1 to {MAX_FRONTS} or "auto", got {n!r}')
+    off = (n != 1) if metrics is None else not metrics
+
+    def change(doc: dict) -> dict:
+        doc = dict(doc)
+        doc["server"] = {**doc.get("server", {}), "fronts": n}
+        if off:
+            doc["metrics"] = {**doc.get("metrics", {}), "enabled": False}
+        return doc
+    return change
 
 
 @contextlib.contextmanager

@@ -100,6 +100,8 @@ def test_fronts_note():
     assert report.fronts_note({"fronts": {"count": 1, "reached": 1, "all": True}}) is None
     assert "all 4 fronts" in report.fronts_note(
         {"fronts": {"count": 4, "reached": 4, "all": True}})
+    assert "supervisor sums all 4 fronts" in report.fronts_note(
+        {"fronts": {"count": 4, "reached": 4, "all": True, "machine_wide": True}})
     assert "ONE of 4 fronts" in report.fronts_note(
         {"fronts": {"count": 4, "reached": 1, "all": False, "why_not_all": "x"}})
     assert "3 of 4 fronts" in report.fronts_note(
