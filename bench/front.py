@@ -107,7 +107,7 @@ async def measure(config: str, requests: int, arrivals: int, warmup: int = 20_00
     app = App(cfg, asyncio.get_running_loop(), chan=None)
     m = cfg.models[0]
     app.queues[(m.name, m.version)] = q = app._make_queue(m, (1,))
-    app._set_lanes()
+    app.reroute(app.routing)
     complete, close = _fake_worker(app, q)
     try:
         conns = []

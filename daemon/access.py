@@ -47,6 +47,9 @@ class Access:
         self._prune_at = PRUNE_ABOVE
         self.refused = {"unauthenticated": 0, "bad_token": 0, "reauthenticate": 0,
                         "rate_limited": 0}
+        # With several fronts: what this front's clients spent since the last
+        # report, which the supervisor passes on to every other front (debit).
+        self.spent: dict[tuple, float] | None = None
 
     @classmethod
     def from_config(cls, cfg) -> "Access | None":
@@ -100,6 +103,8 @@ class Access:
                 if name is None:
                     if self.rate:
                         self.buckets[ip][0] -= 1.0
+                        if self.spent is not None:
+                            self.spent[ip] = self.spent.get(ip, 0.0) + 1.0
                     self.refused["bad_token"] += 1
                     conn.close_after_answer = True
                     raise Unauthenticated("the token is not valid here; check the token "
@@ -137,6 +142,21 @@ class Access:
                                     f"{self.rate:g} requests/s (burst {self.burst:g}); "
                                     f"retry in {wait_ms} ms or slow down")
         b[0] -= 1.0
+        if self.spent is not None:
+            self.spent[ident] = self.spent.get(ident, 0.0) + 1.0
+
+    def take_spent(self) -> dict[tuple, float]:
+        out, self.spent = self.spent or {}, {}
+        return out
+
+    def debit(self, spent: dict[tuple, float], now: float | None = None) -> None:
+        """What the same clients spent on other fronts: taken from their
+        buckets here too (which may go below zero: they then wait for the
+        refill), so a client has one budget on the machine (docs/operations.md,
+        "Authentication and rate limits")."""
+        now = time.monotonic() if now is None else now
+        for ident, n in spent.items():
+            self._bucket(ident, now)[0] -= n
 
     def _bucket(self, ident: tuple[str, str], now: float) -> list[float]:
         """``ident``'s bucket, refilled to ``now``."""

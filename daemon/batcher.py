@@ -387,15 +387,20 @@ class ModelQueue:
         # (name, dtype, shape) of each output, built once: answers only add data
         self._out_meta = [(t.name, t.dtype, list(t.shape)) for t in outputs]
 
-    def complete_batch(self, batch, out_mvs, out_nbytes, status, compute_ns, err, t_sub, bucket):
+    def complete_batch(self, batch, out_mvs, out_nbytes, status, compute_ns, err, t_sub, bucket,
+                       ran: int = 0, ran_bucket: int = 0, lead: bool = True):
         """Answer every request of a finished batch from the result slot.
 
         Output bytes go from shared memory straight into the answer frame:
         each ``data`` is a memoryview slice that msgpack packs as bin, before
-        the slot is released."""
-        n = len(batch)
+        the slot is released. ``ran``/``ran_bucket``: the forward pass it ran
+        in, when the worker merged it with other fronts' batches (its
+        ``timing`` says so); ``lead`` False: another front counts that pass."""
+        n = ran or len(batch)
+        bucket = ran_bucket or bucket
         stats = self.stats
-        stats.batch(n, bucket, compute_ns // 1000)
+        if lead:
+            stats.batch(n, bucket, compute_ns // 1000)
         if status:
             message = f"model {self.name!r} version {self.version!r} failed on this batch: {err}"
             for r in batch:

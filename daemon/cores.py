@@ -57,24 +57,10 @@ def _cgroup_quota(root: str = CGROUP_ROOT) -> float | None:
 
 def single_front_parts(cfg) -> list[str]:
     """What this config uses that is still decided inside one front: with
-    several fronts each would decide alone (the rollout state, the
-    guardrails, the metrics port, the request log's files, a client's rate
-    budget), so they need ``fronts = 1`` until the supervisor holds them
+    several fronts each would keep its own (the drift monitor's reference
+    and its side file), so they need ``fronts = 1`` for now
     (docs/architecture.md, "What is still per front")."""
-    parts = []
-    if cfg.rollouts:
-        parts.append("[[rollouts]]")
-    if cfg.shadows:
-        parts.append("[[shadows]]")
-    if any(m.drift for m in cfg.models):
-        parts.append("models.drift")
-    if cfg.metrics.enabled:
-        parts.append("[metrics] enabled")
-    if cfg.request_log.enabled:
-        parts.append("[request_log] enabled")
-    if cfg.rate_limit.requests_per_s:
-        parts.append("[rate_limit]")
-    return parts
+    return ["models.drift"] if any(m.drift for m in cfg.models) else []
 
 
 def front_count(cfg) -> tuple[int, str | None]:

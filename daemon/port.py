@@ -31,7 +31,6 @@ from .stats import BusyMeter
 
 log = logging.getLogger("ringserve.port")
 _ONE = (1).to_bytes(8, "little")
-STABLE_AFTER_S = 60.0
 UNAVAILABLE = int(Status.UNAVAILABLE)
 
 
@@ -197,11 +196,13 @@ class WorkerPort:
             slot = ring.consumed % depth
             batch, t_sub, bucket = self.inflight.popleft()
             _, n, status, compute_ns, err = ring.result(slot)
-            self.busy.add(compute_ns)
-            self.batches += 1
+            ran, ran_bucket, lead = ring.ran(slot)
+            if lead:  # one front of a merged pass counts it (daemon/worker.py)
+                self.busy.add(compute_ns)
+                self.batches += 1
             try:
                 q.complete_batch(batch, self.out_mv[slot], self.out_nbytes, status, compute_ns,
-                                 err, t_sub, bucket)
+                                 err, t_sub, bucket, ran, ran_bucket or bucket, lead)
             except Exception:
                 # A bug of ours must not leave the slot taken (the next batch
                 # would read this one's results) nor its callers unanswered.

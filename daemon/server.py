@@ -44,7 +44,7 @@ from .drift import DriftTracker
 from .fallback import DEADLINE_NEAR, Fallback, fill_inputs, wire_defaults
 from .feedback import FeedbackJoin
 from .lifeline import EXIT_BOOT_FAILED
-from .limits import frame_limits, raise_nofile
+from .limits import CONN_PAGE_BYTES, frame_limits, raise_nofile
 from .metadata import default_path
 from .figures import front_figures
 from .guardrails import Tally
@@ -98,19 +98,24 @@ def tune_gc() -> None:
 
 HEARTBEAT_S = 1.0   # and the figures a dead front leaves behind (daemon/figures.py)
 TALLY_S = 0.25      # how often the guardrails' counts go to the supervisor
+RATE_SYNC_S = 0.05  # how often rate-limit spend goes to the other fronts (the slack it allows)
 DRIFT_REPORT_S = 1.0  # how often drift flags are compared (and logged when they change)
 
 
 class App:
     def __init__(self, cfg, loop, chan: Channel, slot: int = 0, n_fronts: int = 1,
                  port: int = 0, workers: dict | None = None, infos: dict | None = None,
-                 routing: dict | None = None, rid_block: int = 0):
+                 routing: dict | None = None, rid_block: int = 0, conn_page=None):
         self.cfg = cfg
         self.loop = loop
         self.chan = chan
         self.slot = slot
         self.n_fronts = n_fronts
         self.port = port
+        # Every front's open connections, one u64 each (written by its own
+        # front only), in a page the supervisor shares: max_connections
+        # counts all fronts together.
+        self.conn_page = conn_page
         self.worker_ids = workers or {}
         self.infos = infos or {}
         self.ports: dict[int, WorkerPort] = {}
@@ -121,7 +126,7 @@ class App:
         # The rollouts' weights and stages, as the supervisor decides them.
         self.routing = routing or {"weights": {}, "stages": {}}
         self.tallies: dict[str, Tally] = {}
-        self.router = None
+        self.router: RoutingTable | None = None
         self._tally_seq = 0
         self._asks: dict[int, tuple] = {}   # token -> (connection, request id, op)
         self._ask_tokens = 0
@@ -130,8 +135,9 @@ class App:
         self.shadows: dict[str, Shadow] = {}
         self.reqlog = None
         self.joins = FeedbackJoin(cfg.feedback.window_s, cfg.feedback.max_entries)
-        self.access = Access.from_config(cfg)  # None: no auth, no rate limit
+        self.access = None  # None: no auth, no rate limit
         self.conns: set[Connection] = set()
+        self._set_access(Access.from_config(cfg))
         self.server = None
         self.draining = False
         self.stopping = False
@@ -174,6 +180,8 @@ class App:
         self._sweep_soon()
         self._beat()
         self._tick()
+        if self.n_fronts > 1:
+            self._rate_tick()
         self.tell({"event": "listening"})
         log.info("front listening", extra={"host": s.host, "port": self.port, "front": self.slot,
                                            "pid": os.getpid()})
@@ -209,6 +217,14 @@ class App:
                 self.report_drift()
         except Exception:  # a bug here must not stop the ticks
             log.exception("shadow or drift report failed")
+
+    def _rate_tick(self) -> None:
+        if self.stopping:
+            return
+        self.loop.call_later(RATE_SYNC_S, self._rate_tick)
+        a = self.access
+        if a is not None and a.spent:
+            self.tell({"event": "spent", "spent": a.take_spent()})
 
     def send_tallies(self) -> None:
         out = {m: t.take() for m, t in self.tallies.items() if not t.empty()}
@@ -295,6 +311,9 @@ class App:
         elif cmd == "join":
             self.tell({"event": "joined", "token": msg["token"],
                        "answer": self.join(msg["ref"], msg["outcome"], relayed=True)})
+        elif cmd == "spent":
+            if self.access is not None:
+                self.access.debit(msg["spent"])
         elif cmd == "metrics_port":
             self.metrics_port = msg["port"]
         elif cmd == "prepare":
@@ -433,19 +452,30 @@ class App:
     def expects_proxy_header(self, host: str) -> bool:
         return self.cfg.server.proxy_protocol and self._trusted(host)
 
+    def machine_conns(self) -> int:
+        """Open connections of every front (this one's exact, the others' as
+        they last wrote them: two fronts admitting at the same instant may
+        go over max_connections by one each, never further)."""
+        page = self.conn_page
+        if page is None:
+            return len(self.conns)
+        page[self.slot] = len(self.conns)
+        return sum(page)
+
     def connection_pending(self, conn: Connection) -> None:
         """Accepted from a trusted proxy: waiting for its PROXY header, which
         names the client that the per-client limits are for."""
         self.conns.add(conn)
-        if len(self.conns) > self.max_conns:
+        if self.machine_conns() > self.max_conns:
             self._too_many(conn)
 
     def connection_opened(self, conn: Connection, proxy_failed: bool = False) -> None:
         self.conns.add(conn)
         if proxy_failed:
+            self.machine_conns()
             return
         s = self.cfg.server
-        if len(self.conns) > self.max_conns:
+        if self.machine_conns() > self.max_conns:
             self._too_many(conn)
             return
         if self.per_host[conn.host] >= s.max_connections_per_client:
@@ -467,6 +497,8 @@ class App:
 
     def connection_closed(self, conn: Connection) -> None:
         self.conns.discard(conn)
+        if self.conn_page is not None:
+            self.conn_page[self.slot] = len(self.conns)
         self.frame_bytes -= conn.decoder.buffered
         conn.decoder.drop()
         if conn.counted:
@@ -915,6 +947,8 @@ class App:
         old = self.access
         if access is not None and old is not None:
             access.buckets, access.refused = old.buckets, old.refused
+        if access is not None and access.rate and self.n_fronts > 1:
+            access.spent = (old.spent if old is not None else None) or {}
         self.access = access
         if access is not None and access.auth:
             if old is None or not old.auth or old.tokens != access.tokens:
@@ -1004,13 +1038,19 @@ def run_front(chan: Channel) -> int:
     got = chan.recv()
     if got is None or got[0].get("cmd") != "start":
         return 1
-    msg = got[0]
+    msg, fds = got
+    conn_page = None
+    if fds:
+        import mmap
+        conn_page = memoryview(mmap.mmap(fds[0], CONN_PAGE_BYTES)).cast("Q")
+        os.close(fds[0])
     from . import logs
     logs.setup(msg["cfg"].logging.level)
 
     async def main() -> int:
         app = App(msg["cfg"], asyncio.get_running_loop(), chan, msg["slot"], msg["fronts"],
-                  msg["port"], msg["workers"], msg["infos"], msg["routing"], msg["rid_block"])
+                  msg["port"], msg["workers"], msg["infos"], msg["routing"], msg["rid_block"],
+                  conn_page)
         try:
             await app.start()
         except OSError as e:

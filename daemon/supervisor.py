@@ -50,6 +50,8 @@ import time
 
 from ipc.control import Channel, ChannelClosed, pair
 from ipc.ring import Ring, RingLayout
+from ipc import shm
+from ipc.shm import Segment
 
 from .config import ConfigError, load_config, with_overrides
 from .cores import front_count
@@ -58,6 +60,7 @@ from .lifeline import EXIT_BOOT_FAILED, PARENT_ENV
 from .metrics import MetricsServer
 from .rids import decode as decode_rid
 from .rollouts import Rollouts, weight_of
+from .limits import CONN_PAGE_BYTES
 from .spec import TensorDecl, share_cores, spawn_worker, spec_for, worker_env
 from .worker import EXIT_LOAD_FAILED
 
@@ -439,10 +442,12 @@ class FrontProcess(Child):
         self.alive, self.listening = True, False
         self.last_beat = time.monotonic()
         self.tally_seq = 0
+        sup.conn_counts[self.slot] = 0
         self.send({"cmd": "start", "cfg": sup.cfg, "slot": self.slot, "fronts": sup.n_fronts,
                    "port": sup.port, "workers": sup.worker_ids(),
                    "infos": {w.uid: w.info() for w in sup.all_workers()},
-                   "routing": sup.routing(), "rid_block": sup.rollouts.take_rid_block(self.slot)})
+                   "routing": sup.routing(), "rid_block": sup.rollouts.take_rid_block(self.slot)},
+                  (sup.conn_fd,))
         if sup.preparing is not None:
             self.send(sup.preparing)
         for w in sup.all_workers():
@@ -474,6 +479,10 @@ class FrontProcess(Child):
             sup.got_join(msg["token"], msg["answer"])
         elif ev == "decision":
             sup.rollouts.log.write(dict(msg["record"], front=self.slot))
+        elif ev == "spent":
+            for f in sup.live_fronts():
+                if f is not self:
+                    f.send({"cmd": "spent", "spent": msg["spent"]})
         elif ev == "rid_block":
             sup.rollouts.rid_block_used(self.slot, msg["next"])
         elif ev == "listening":
@@ -485,6 +494,7 @@ class FrontProcess(Child):
 
     def on_exit(self, rc: int) -> None:
         self.alive = self.listening = False
+        self.sup.conn_counts[self.slot] = 0  # its connections are gone with it
         self.sup.figures.front_died(self.slot)
         self.sup.front_gone(self)
         for w in self.sup.all_workers():
@@ -565,6 +575,9 @@ class Supervisor:
         self.figures = Figures()
         self.metrics = MetricsServer(self)
         self._gathers: dict[int, tuple[asyncio.Future, set[int]]] = {}
+        # Every front's open connections (daemon/server.py machine_conns).
+        self.conn_seg, self.conn_fd = Segment.anonymous("ringserve-connections", CONN_PAGE_BYTES)
+        self.conn_counts = self.conn_seg.buf.cast("Q")
         self._joins: dict[int, asyncio.Future] = {}
 
     # -- what the rollout controller uses (Rollouts' host) ------------------------
@@ -601,8 +614,15 @@ class Supervisor:
         return True
 
     def degraded(self) -> bool:
-        m = self.figures.merged()
-        return bool(m and m["degraded"])
+        """Some version with a fallback has no ready worker: its requests are
+        answered by the fallback alone (daemon/fallback.py)."""
+        def ready(name: str, version: str) -> bool:
+            return any(w.state == "ready" for w in self.workers.get((name, version), ()))
+
+        return not self.stopping and any(
+            m.fallback is not None and not ready(m.name, m.version) and
+            (m.fallback.version is None or ready(m.name, m.fallback.version))
+            for m in self.cfg.models)
 
     def front_list(self) -> list[dict]:
         return [{"slot": f.slot, "pid": f.pid, "alive": f.alive, "listening": f.listening,
@@ -738,6 +758,10 @@ class Supervisor:
             raise OSError(str(e)) from None
         if note:
             log.info(note)
+        removed = shm.sweep_stale()  # named segments of a killed process of an older ringserve
+        if removed:
+            log.warning("removed shared memory left by a process that died",
+                        extra={"segments": removed})
         self.lock = PortLock(s.host, s.port)
         self.port = self.lock.port
         self.rollouts.apply(self.cfg, "start")
@@ -833,8 +857,9 @@ class Supervisor:
             return False
         fixed = ("host", "port", "node_id", "fronts")
         if any(getattr(new.server, k) != getattr(old.server, k) for k in fixed):
-            log.warning("server.host, port, node_id and fronts changes need a restart; they "
-                        "stay as they are", extra={"event": "reload"})
+            log.warning("server.host, port, node_id and fronts changes need a restart; still "
+                        "listening on the old address, with the old node_id and fronts",
+                        extra={"event": "reload"})
             new = dataclasses.replace(new, server=dataclasses.replace(
                 new.server, **{k: getattr(old.server, k) for k in fixed}))
         for section in ("metrics", "request_log"):

@@ -133,6 +133,8 @@ class Worker:
         self._changes_lock = threading.Lock()
         self.pinned = False
         self.warmed = False
+        self.buckets: list[int] = []
+        self.stage_in = self.stage_out = None  # staging batch of merged passes, made at the first
 
     def load(self, spec_json: dict) -> None:
         from .runtime import LoadError, ModelSpec, Runner
@@ -243,50 +245,101 @@ class Worker:
             self._changes.append((kind, arg))
         os.write(self.wake_fd, _ONE)
 
+    def _run_one(self, lane: Lane, slot: int, seq: int, n: int, bucket: int) -> None:
+        """A batch of one ring, straight from the ring's memory."""
+        ins = [v[:bucket] for v in lane.in_views[slot]]
+        if n < bucket:
+            for v in ins:
+                v[n:].zero_()  # padding rows are zeros: a padded batch is deterministic
+        t0 = time.perf_counter_ns()
+        try:
+            self.runner.run_batch(ins, lane.out_views[slot], n)
+            status, err = 0, ""
+        except Exception as e:
+            status, err = 13, f"the model raised {type(e).__name__}: {e}"
+            log("error", "batch failed", worker=self.name, error=err, batch=n)
+        lane.ring.complete(slot, seq, n, status, time.perf_counter_ns() - t0, err,
+                           time.monotonic_ns())
+        self._done(lane)
+
+    def _done(self, lane: Lane) -> None:
+        lane.done += 1
+        try:
+            os.write(lane.done_fd, _ONE)  # an eventfd write never blocks
+        except OSError:
+            pass
+
+    def _run_merged(self, group: list) -> None:
+        """Batches of several rings as one forward pass (docs/architecture.md,
+        "Batch size across fronts"): their rows are copied into a staging
+        batch (pinned on CUDA), run at the bucket of the combined size, and
+        each ring's rows copied back into its result slot."""
+        import torch
+        r = self.runner
+        total = sum(n for _, _, _, n in group)
+        bucket = next((b for b in self.buckets if b >= total), total)
+        if self.stage_in is None:
+            pin = r.device.type == "cuda"
+            rows = group[0][0].ring.layout.max_batch
+            self.stage_in = [torch.zeros((rows, *v.shape[1:]), dtype=v.dtype, pin_memory=pin)
+                             for v in group[0][0].in_views[0]]
+            self.stage_out = [torch.zeros((rows, *v.shape[1:]), dtype=v.dtype, pin_memory=pin)
+                              for v in group[0][0].out_views[0]]
+        off = 0
+        for lane, slot, _, n in group:
+            for k, v in enumerate(lane.in_views[slot]):
+                self.stage_in[k][off:off + n].copy_(v[:n])
+            off += n
+        for v in self.stage_in:
+            v[total:bucket].zero_()
+        t0 = time.perf_counter_ns()
+        try:
+            r.run_batch([v[:bucket] for v in self.stage_in], self.stage_out, total)
+            status, err = 0, ""
+        except Exception as e:
+            status, err = 13, f"the model raised {type(e).__name__}: {e}"
+            log("error", "batch failed", worker=self.name, error=err, batch=total)
+        compute_ns = time.perf_counter_ns() - t0
+        now = time.monotonic_ns()
+        off = 0
+        for i, (lane, slot, seq, n) in enumerate(group):
+            if not status:
+                for k, v in enumerate(lane.out_views[slot]):
+                    v[:n].copy_(self.stage_out[k][off:off + n])
+            off += n
+            lane.ring.complete(slot, seq, n, status, compute_ns, err, now, total, bucket, i == 0)
+            self._done(lane)
+
     def serve(self) -> None:
-        run = self.runner.run_batch
         spin_s = self.runner.spec.spin_us * 1e-6
-        perf_ns = time.perf_counter_ns
-        mono_ns = time.monotonic_ns
+        self.buckets = sorted(self.runner.spec.buckets)
         start = 0
         while True:
             if self._changes:
                 self._apply_changes()
             lanes = self.lanes
             n_lanes = len(lanes)
-            ran = False
-            # One batch from each ring in turn, beginning one ring further
-            # each pass: no front's ring waits behind another's backlog.
+            # The rings with a batch waiting, in turn beginning one ring
+            # further each pass: no front's ring waits behind another's backlog.
+            group, total, single = [], 0, None
             for j in range(n_lanes):
                 lane = lanes[(start + j) % n_lanes]
                 ring = lane.ring
-                done = lane.done
-                if ring.submitted() == done:
+                if ring.submitted() == lane.done:
                     continue
-                depth = ring.layout.depth
-                slot = done % depth
+                slot = lane.done % ring.layout.depth
                 seq, n, bucket, _ = ring.request(slot)
-                ins = [v[:bucket] for v in lane.in_views[slot]]
-                if n < bucket:
-                    for v in ins:
-                        v[n:].zero_()  # padding rows are zeros: a padded batch is deterministic
-                t0 = perf_ns()
-                try:
-                    run(ins, lane.out_views[slot], n)
-                    status, err = 0, ""
-                except Exception as e:
-                    status, err = 13, f"the model raised {type(e).__name__}: {e}"
-                    log("error", "batch failed", worker=self.name, error=err, batch=n)
-                t1 = perf_ns()
-                ring.complete(slot, seq, n, status, t1 - t0, err, mono_ns())
-                lane.done = done + 1
-                try:
-                    os.write(lane.done_fd, _ONE)  # an eventfd write never blocks
-                except OSError:
-                    pass
-                ran = True
+                if single is None:
+                    single = (lane, slot, seq, n, bucket)
+                if total + n <= ring.layout.max_batch:
+                    group.append((lane, slot, seq, n))
+                    total += n
             start = start + 1 if n_lanes else 0
-            if ran:
+            if len(group) > 1:
+                self._run_merged(group)
+                continue
+            if single is not None:
+                self._run_one(*single)
                 continue
             if self.stopping:
                 return

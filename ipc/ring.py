@@ -32,7 +32,8 @@ Byte layout (all integers little-endian; offsets in bytes)::
           u64[n_outputs]      bytes of one sample of each output
     slot i at HEADER_BYTES + i * slot_bytes
       0   request header  (REQ: u64 seq, u32 n, u32 bucket, u64 submit_ns)
-      64  result header   (RES: u64 seq, u32 n, u32 status, u64 compute_ns, u32 err_len)
+      64  result header   (RES: u64 seq, u32 n, u32 status, u64 compute_ns, u32 err_len,
+                           u32 ran, u32 ran_bucket, u8 lead: the forward pass it ran in)
       128 input k region:  max_batch * input_nbytes[k], each 64-aligned
           output k region: max_batch * output_nbytes[k], each 64-aligned
           error area:      err_bytes (UTF-8 message when status != 0)
@@ -59,7 +60,7 @@ import struct
 from .shm import Segment
 
 MAGIC = b"RSRG"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 HEADER_BYTES = 4096
 ALIGN = 64
 PAGE = 4096
@@ -68,6 +69,7 @@ DEFAULT_ERR_BYTES = 1024
 _FIXED = struct.Struct("<4sIIIIIQQ")  # magic .. err_bytes, at offset 0
 REQ = struct.Struct("<QIIQ")  # seq, n, bucket, submit_ns
 RES = struct.Struct("<QIIQI")  # seq, n, status, compute_ns, err_len
+RAN = struct.Struct("<IIB")    # ran, ran_bucket, lead: right after RES
 REQ_OFF = 0
 RES_OFF = 64
 DATA_OFF = 128
@@ -269,6 +271,14 @@ class Ring:
             err = bytes(self._buf[off:off + min(err_len, self.layout.err_bytes)]).decode("utf-8", "replace")
         return seq, n, status, compute_ns, err
 
+    def ran(self, slot: int) -> tuple[int, int, bool]:
+        """(rows, bucket, lead) of the forward pass a finished slot ran in: a
+        worker that merged the batches of several rings into one pass
+        (daemon/worker.py) says so here; ``lead`` marks the one ring of the
+        merge whose front counts the pass in its statistics."""
+        ran, bucket, lead = RAN.unpack_from(self._buf, self._res_off[slot] + RES.size)
+        return ran, bucket, bool(lead)
+
     def release(self) -> None:
         """The front has read the oldest finished slot; it may be refilled."""
         self.consumed += 1
@@ -286,13 +296,15 @@ class Ring:
         return REQ.unpack_from(self._buf, self._req_off[slot])
 
     def complete(self, slot: int, seq: int, n: int, status: int, compute_ns: int,
-                 error: str = "", now_ns: int = 0) -> None:
+                 error: str = "", now_ns: int = 0, ran: int = 0, ran_bucket: int = 0,
+                 lead: bool = True) -> None:
         err = b""
         if status:
             err = error.encode("utf-8", "replace")[: self.layout.err_bytes]
             off = self.layout.slot_base(slot) + self.layout.err_offset
             self._buf[off:off + len(err)] = err
         RES.pack_into(self._buf, self._res_off[slot], seq, n, status, compute_ns, len(err))
+        RAN.pack_into(self._buf, self._res_off[slot] + RES.size, ran or n, ran_bucket, lead)
         if now_ns:
             self._u64[_HEARTBEAT] = now_ns
         self._u64[_COMPLETED] = self._u64[_COMPLETED] + 1

@@ -96,3 +96,20 @@ class LinearMagic(nn.Module):
 def linear_magic() -> nn.Module:
     torch.manual_seed(0)
     return LinearMagic()
+
+
+class SlowTwoX(nn.Module):
+    """2 * x after sleeping SLOW_MS per batch: exact in any batch, and slow
+    enough for batches of several fronts to wait together."""
+
+    def __init__(self):
+        super().__init__()
+        self.ms = float(os.environ.get("RINGSERVE_TEST_SLOW_MS", "100"))
+
+    def forward(self, x):
+        time.sleep(self.ms / 1000)
+        return x * 2
+
+
+def slow_two_x() -> nn.Module:
+    return SlowTwoX()

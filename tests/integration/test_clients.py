@@ -548,12 +548,14 @@ class Peer:
         self.thread.start()
 
     def _serve(self):
-        try:
-            conn, _ = self.srv.accept()
-        except OSError:
-            return
-        self.conns.append(conn)
-        if self.behaviour == "close":
+        while True:  # "close": every connection, so that a client's retries meet it too
+            try:
+                conn, _ = self.srv.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            if self.behaviour != "close":
+                return
             conn.recv(65536)
             conn.close()
 
@@ -571,6 +573,10 @@ def test_transport_failures(behaviour, exc):
         with Client(port=peer.port, timeout=0.3) as c:
             with pytest.raises(exc):   # (a client that ignored its timeout would hang here)
                 c.infer("demo", [1.0])
+        if behaviour == "close":
+            # infer is idempotent: a connection lost without an answer is
+            # retried on a new one, within the policy's attempts and the budget
+            assert len(peer.conns) >= 2, peer.conns
 
         async def main():
             peer.thread.join(1)

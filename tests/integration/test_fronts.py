@@ -17,7 +17,7 @@ import numpy as np
 import psutil
 
 from clients.sync import Client
-from tests.conftest import REPO, shm_segments
+from tests.conftest import REPO, segment_creator, shm_segments
 from tests.faults import OK, UNAVAILABLE, X4, model, poll, server, sighup, slow_model
 from tests.wire import WireClient, out_array
 
@@ -94,7 +94,8 @@ def test_kill_9_of_a_front_restarts_it_and_the_other_keeps_serving(daemon_factor
         # A client with retries whose connection dies still gets its answer.
         with Client("127.0.0.1", d.port, timeout=30) as cl:
             assert cl.infer("slow", np.array(X4, dtype=np.float32)).outputs.shape == (2,)
-        assert {s for s in shm_segments() if s.startswith("ringserve-")} == set()
+        ours = {d.proc.pid} | {p.pid for p in d.tree()}
+        assert {s for s in shm_segments() if segment_creator(s) in ours} == set()
         # Both fronts serve again.
         c2, by2 = spread(d, 16)
         for c in c2:
@@ -272,8 +273,215 @@ class socket_refused:
 
 def test_fronts_with_parts_one_front_decides_are_refused(tmp_path):
     cfg = tmp_path / "c.toml"
-    cfg.write_text(server(TWO) + model())  # [metrics] is on by default
+    cfg.write_text(two_fronts(model().replace("threads = 1", "threads = 1\ndrift = true")))
     p = subprocess.run([sys.executable, "-m", "daemon", "--config", str(cfg), "--port", "0"],
                        cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert p.returncode == 1
-    assert "server.fronts = 2, but this config uses [metrics] enabled" in p.stderr
+    assert p.returncode == 1, p.stderr
+    assert "server.fronts = 2, but this config uses models.drift" in p.stderr
+
+
+# -- machine-wide decisions ---------------------------------------------------------------
+
+ROLLOUT_MODELS = """
+[[models]]
+name = "m"
+version = "1"
+factory = "tests.models:two_x"
+input = { dtype = "float32", shape = [3] }
+threads = 1
+
+[[models]]
+name = "m"
+version = "2"
+factory = "tests.models:raises_on_magic"
+input = { dtype = "float32", shape = [3] }
+threads = 1
+
+[[rollouts]]
+model = "m"
+stable = "1"
+candidate = "2"
+salt = "ro"
+stages = [0.5, 1.0]
+
+[[guardrails]]
+model = "m"
+interval_s = 0.2
+min_samples = 50
+hard_min_samples = 20
+"""
+
+
+def decisions(d) -> list[dict]:
+    import json
+    path = d.dir / "ringserve.decisions.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_a_faulty_canary_spread_over_two_fronts_is_rolled_back_once(daemon_factory):
+    d = daemon_factory(server(TWO) + ROLLOUT_MODELS)
+    conns, by = spread(d, 8)
+    try:
+        assert set(by) == {0, 1}
+        # Every front's answers count: the canary fails (777 raises in version 2).
+        sent = [0]
+
+        def rolled_back() -> bool:
+            if machine_stats(d)["rollouts"][0]["status"] == "rolled_back":
+                return True
+            for c in conns:
+                sent[0] += 1
+                c.call({"id": sent[0], "model": "m", "inputs": [777.0, 1.0, 2.0],
+                        "key": f"u{sent[0]}"})
+            return False
+
+        poll(rolled_back, "rollback", log=d.log)
+        backs = [r for r in decisions(d) if r["event"] == "rollback"]
+        assert len(backs) == 1 and backs[0]["model"] == "m", backs
+        # The guard counted both fronts' answers.
+        assert backs[0]["measured"]["window"]["canary"]["errors"] >= 20
+        for slot, cs in by.items():
+            for k in range(40):
+                a = cs[0].call({"id": 100 + k, "model": "m", "inputs": [1.0, 2.0, 3.0],
+                                "key": f"k{k}"})
+                assert (a["status"], a["version"], a["lane"]) == (OK, "1", "stable"), (slot, a)
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_feedback_sent_to_one_front_joins_answers_of_the_other(daemon_factory):
+    d = daemon_factory(two_fronts())
+    conns, by = spread(d, 16)
+    try:
+        a0, a1 = by[0][0], by[1][0]
+        ans = a0.call({"id": 1, "model": "m", "inputs": X4, "key": "user-7"})
+        assert ans["status"] == OK
+        # by rid, on the other front
+        fb = a1.call({"id": 2, "op": "feedback", "ref": ans["rid"], "outcome": 1.0})
+        assert fb["status"] == OK and fb["joined"] is True, fb
+        assert (fb["model"], fb["version"], fb["lane"]) == ("m", "1", "stable")
+        # by routing key, on the other front
+        fb = a1.call({"id": 3, "op": "feedback", "ref": "user-7", "outcome": 0.5})
+        assert fb["joined"] is True, fb
+        # an unknown rid is unjoined, counted once for the machine
+        fb = a1.call({"id": 4, "op": "feedback", "ref": 12345, "outcome": 1.0})
+        assert fb["joined"] is False
+        s = machine_stats(d)
+        assert s["feedback"] == {"joined": 2, "unjoined": 1}, s["feedback"]
+        (kpi,) = s["kpis"]
+        assert (kpi["n"], kpi["mean"]) == (2, 0.75)
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_a_client_spread_over_two_fronts_has_one_rate_budget(daemon_factory):
+    rate, burst = 40, 10
+    d = daemon_factory(two_fronts(lines="") + f"\n[rate_limit]\nrequests_per_s = {rate}\n"
+                       f"burst = {burst}\n")
+    conns, by = spread(d, 12)
+    try:
+        c0, c1 = by[0][0], by[1][0]
+        t0 = time.monotonic()
+        ok = 0
+        i = 0
+        while time.monotonic() - t0 < 2.0:
+            for c in (c0, c1):
+                i += 1
+                if c.call({"id": i, "model": "m", "inputs": X4})["status"] == OK:
+                    ok += 1
+        spent = time.monotonic() - t0
+        # one budget: rate x time + burst, plus the documented slack (each
+        # other front may let through what it spends in one sync, 50 ms)
+        assert ok <= rate * spent * 1.15 + burst + 2 * (rate * 0.05 + burst), (ok, spent)
+        assert ok >= rate * spent * 0.7, (ok, spent)
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_max_connections_counts_every_front(daemon_factory):
+    d = daemon_factory(two_fronts(lines="max_connections = 6\nmax_connections_per_client = 100\n"))
+    conns = []
+    try:
+        for _ in range(6):
+            conns.append(d.client())
+        fronts = {front_of(c, i) for i, c in enumerate(conns[:5])}
+        refused = 0
+        extra = []
+        for _ in range(6):
+            c = d.client()
+            extra.append(c)
+            a = c.recv()
+            if a["id"] == 0 and a["status"] == 8:
+                refused += 1
+        assert refused == 6 and fronts == {0, 1}, (refused, fronts)
+        for c in extra:
+            c.close()
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_metrics_sum_both_fronts_and_never_drop_when_a_front_dies(daemon_factory):
+    import re
+    import urllib.request
+    d = daemon_factory(server(TWO) + model())
+    conns, by = spread(d, 12)
+    port = conns[0].call({"id": 5, "op": "health"})["metrics_port"]
+
+    def requests_ok() -> float:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        m = re.search(rb'ringserve_requests_total\{[^}]*status="OK"[^}]*\} ([0-9.e+]+)', body)
+        return float(m.group(1)) if m else 0.0
+
+    try:
+        for slot, cs in by.items():
+            for k in range(10):
+                assert cs[0].call({"id": 10 + k, "model": "m", "inputs": X4})["status"] == OK
+        assert requests_ok() == 20.0
+        time.sleep(1.5)  # front 1's figures of these answers have been sent unasked
+        victim = front_pid(by[1][0])
+        os.kill(victim, signal.SIGKILL)
+        assert requests_ok() == 20.0  # nothing went down
+        for k in range(5):
+            assert by[0][0].call({"id": 30 + k, "model": "m", "inputs": X4})["status"] == OK
+        assert requests_ok() == 25.0
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_batches_of_two_fronts_run_as_one_forward_pass(daemon_factory):
+    slow = model(name="s", factory="slow_two_x").replace("threads = 1", "threads = 1\n"
+                                                          "max_batch = 8\nwindow_ms = 1.0")
+    d = daemon_factory(two_fronts(slow), env={"RINGSERVE_TEST_SLOW_MS": "300"})
+    conns, by = spread(d, 12)
+    try:
+        c0, c1 = by[0][0], by[1][0]
+        c0.send({"id": 1, "model": "s", "inputs": [9.0, 9.0, 9.0, 9.0]})  # the worker is busy
+        time.sleep(0.1)
+        xs = {c0: [[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]],
+              c1: [[-1.0, -2.0, -3.0, -4.0], [0.5, 0.25, 0.125, 2.0], [3.0, 3.0, 3.0, 3.0]]}
+        for c, rows in xs.items():
+            c.send_raw(b"".join(__import__("ipc.framing", fromlist=["encode_frame"]).encode_frame(
+                {"id": 10 + i, "model": "s", "inputs": x}) for i, x in enumerate(rows)))
+        passes: dict[int, list] = {}  # a forward pass's compute_us is the same for all its rows
+        for c, rows in [(c0, [[9.0, 9.0, 9.0, 9.0]] + xs[c0]), (c1, xs[c1])]:
+            got = sorted((c.recv() for _ in rows), key=lambda a: a["id"])
+            for a, x in zip(got, rows):
+                assert a["status"] == OK, a
+                np.testing.assert_array_equal(out_array(a), np.array(x, np.float32) * 2)
+                passes.setdefault(a["timing"]["compute_us"], []).append((c, a))
+        # The worker ran the two fronts' waiting batches as one pass, and
+        # every answer's timing names the pass it ran in.
+        assert any({c for c, _ in p} == {c0, c1} for p in passes.values()), passes
+        for p in passes.values():
+            assert {a["timing"]["batch"] for _, a in p} == {len(p)}, p
+        s = machine_stats(d)["models"][0]  # a merged pass is counted once, by one front
+        assert s["batches"] == len(passes), (s, passes)
+        assert sum(int(k) * v for k, v in s["batch_sizes"].items()) == 6, s
+    finally:
+        for c in conns:
+            c.close()

@@ -14,7 +14,7 @@ import torch
 from daemon.runtime import weights_hash
 from daemon.zoo import mlp_scorer
 from ipc.framing import encode_frame
-from tests.conftest import demo_config, shm_segments
+from tests.conftest import demo_config, segment_creator, shm_segments
 from tests.wire import out_array, tensor
 
 OK, EXHAUSTED = 0, 8
@@ -187,14 +187,20 @@ def test_a_client_that_does_not_read_does_not_stall_others(daemon_factory):
     lazy.close()
 
 
-def test_front_killed_leaves_no_segment_or_worker(daemon_factory):
+def test_supervisor_killed_leaves_no_memory_or_process(daemon_factory):
     d = daemon_factory(demo_config())
     pid = d.proc.pid
     children = psutil.Process(pid).children(recursive=True)
-    assert children and any(s.startswith(f"ringserve-{pid}-") for s in shm_segments())
+    assert len(children) == 2, children  # one front, one worker
+    # The ring is a memfd, mapped by the front and the worker, named nowhere in /dev/shm:
+    # whoever is killed, nothing can be left there.
+    (worker,) = d.worker_pids()
+    assert "/memfd:ringserve-demo-1-0-" in open(f"/proc/{worker}/maps").read()
+    ours = {pid} | {c.pid for c in children}
+    assert not any(segment_creator(s) in ours for s in shm_segments())
     os.kill(pid, signal.SIGKILL)
     d.proc.wait(10)
-    # each worker sees its control socket close, unlinks its ring and exits
+    # every child dies with the supervisor (parent-death signal; the end of its channel)
     d.children = children
     d.assert_clean(timeout=15)
 

@@ -1,73 +1,63 @@
-"""Shared memory of a front that was killed with SIGKILL (docs/operations.md,
-"Failures" and "Shared memory"): the next daemon start removes it. The
-workers are frozen before the front dies and killed after, so they cannot
-unlink their rings themselves (as they do when they outlive the front):
-the segments are left behind exactly as after a host-wide OOM kill."""
+"""Shared memory after kill -9 (docs/operations.md, "Failures" and "Shared
+memory"). The daemon's rings are memfds: a daemon whose every process is
+killed (its workers frozen first, so that nothing can clean up after itself,
+as after a host-wide OOM kill) leaves nothing in /dev/shm. A named segment
+that a killed process of an older ringserve left there is removed by the
+next start."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 
 import psutil
 
-from tests.conftest import Daemon, left_on_purpose, shm_segments
+from tests.conftest import Daemon, left_on_purpose, segment_creator, shm_segments
 from tests.faults import OK, X4, model, records, server
 
-SWEPT = "removed shared memory left by a front that died"
+SWEPT = "removed shared memory left by a process that died"
 
 
-def _kill_front_and_workers(d) -> tuple[set[str], list[psutil.Process]]:
-    """SIGKILL a daemon so that its segments stay: (its segments, its workers)."""
-    pid = d.proc.pid
-    left = {s for s in shm_segments() if s.startswith(f"ringserve-{pid}-")}
-    assert len(left) == 2  # one ring per worker
-    workers = psutil.Process(pid).children()
-    for w in workers:
-        w.send_signal(signal.SIGSTOP)
-    os.kill(pid, signal.SIGKILL)
-    assert d.proc.wait(30) == -signal.SIGKILL
-    for w in workers:
-        w.kill()
-    _, alive = psutil.wait_procs(workers, timeout=30)
-    assert not alive
-    assert d.stop() == -signal.SIGKILL  # closes its log
-    d.children = workers
-    left_on_purpose(left)   # the leak checks would (rightly) report them otherwise
-    return left, workers
-
-
-def test_segments_of_a_killed_front_are_removed_by_the_next_start(daemon_factory, tmp_path):
+def test_a_daemon_killed_whole_leaves_nothing_and_an_old_segment_is_swept(daemon_factory,
+                                                                          tmp_path):
     config = server() + model(devices='["cpu", "cpu"]')
-    # A daemon of another test run on a shared machine may start in the
-    # moment between the kill and our second start and sweep the segments
-    # itself (any ringserve start does): then the scenario is made again.
-    for attempt in range(4):
-        d1 = daemon_factory(config, sub=f"first{attempt}")
-        left, _ = _kill_front_and_workers(d1)
-        # nobody cleaned up: the front and its workers are dead
-        if not left <= shm_segments():
-            assert not left & shm_segments()  # all or nothing: another start got them
-            continue
-        # The second daemon is started here rather than by daemon_factory,
-        # whose teardown (rightly) reports a start-up sweep of segments that
-        # another daemon of the same test left: that is how a leak would
-        # hide. Here the leftovers are made on purpose and asserted on; this
-        # daemon is stopped and checked for its own leftovers below.
-        d2 = Daemon(tmp_path / f"second{attempt}", config)
-        try:
-            d2.start()
-            assert not left & shm_segments()
-            swept = {s for r in records(d2, SWEPT) for s in r["segments"]}
-            if not left <= swept:
-                assert not left & swept, swept  # all or nothing: another start got them
-                continue
-            mine = {s for s in shm_segments() if s.startswith(f"ringserve-{d2.proc.pid}-")}
-            assert len(mine) == 2  # the new daemon's own rings are untouched
-            with d2.client() as c:
-                assert c.call({"model": "m", "inputs": X4})["status"] == OK
-        finally:
-            assert d2.stop() == 0
-        d2.assert_clean()
-        return
-    raise AssertionError("another daemon's start swept the segments first, four times")
+    d1 = daemon_factory(config, sub="first")
+    pid = d1.proc.pid
+    procs = psutil.Process(pid).children()
+    assert len(procs) == 3  # a front and two workers
+    ours = {pid} | {p.pid for p in procs}
+    for p in procs:
+        p.send_signal(signal.SIGSTOP)
+    os.kill(pid, signal.SIGKILL)
+    assert d1.proc.wait(30) == -signal.SIGKILL
+    for p in procs:
+        p.kill()
+    _, alive = psutil.wait_procs(procs, timeout=30)
+    assert not alive
+    assert d1.stop() == -signal.SIGKILL  # closes its log
+    d1.children = procs
+    assert not {s for s in shm_segments() if segment_creator(s) in ours}
+
+    # a segment in the old naming, its creator gone
+    code = ("import os\nname = f'ringserve-{os.getpid()}-old-ring'\n"
+            "open('/dev/shm/' + name, 'wb').write(b'x')\nprint(name)\n")
+    name = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                          text=True, timeout=60).stdout.strip()
+    left_on_purpose({name})
+    # Started here rather than by daemon_factory, whose teardown (rightly)
+    # reports a start-up sweep of a segment another process of the same test
+    # left: that is how a leak would hide. This one is made on purpose.
+    d2 = Daemon(tmp_path / "second", config)
+    try:
+        d2.start()
+        assert name not in shm_segments()
+        swept = {s for r in records(d2, SWEPT) for s in r["segments"]}
+        # another daemon starting on a shared machine may have swept it first
+        assert name in swept or not swept, swept
+        with d2.client() as c:
+            assert c.call({"model": "m", "inputs": X4})["status"] == OK
+    finally:
+        assert d2.stop() == 0
+    d2.assert_clean()

@@ -61,7 +61,10 @@ def test_kill_9_of_a_worker_holding_two_batches_answers_every_request_once(daemo
         a = answers[i]
         assert a["status"] == UNAVAILABLE and "has no ready worker" in a["error"], a
     (died,) = records(d, "worker died; restarting")
-    assert died["lost_requests"] == len(lost) and died["code"] == -9 and died["pid"] == pid
+    assert died["code"] == -9 and died["pid"] == pid
+    # the front knows what it had in the worker's ring
+    (front,) = records(d, "worker died with requests of this front in flight")
+    assert front["lost_requests"] == len(lost) and front["front"] == 0
     d.children = psutil.Process(d.proc.pid).children(recursive=True)
 
 
