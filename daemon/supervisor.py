@@ -579,6 +579,8 @@ class Supervisor:
         self.conn_seg, self.conn_fd = Segment.anonymous("ringserve-connections", CONN_PAGE_BYTES)
         self.conn_counts = self.conn_seg.buf.cast("Q")
         self._joins: dict[int, asyncio.Future] = {}
+        self._gathering: asyncio.Task | None = None
+        self._gather_next: asyncio.Future | None = None
 
     # -- what the rollout controller uses (Rollouts' host) ------------------------
     def workers_of(self, model: str, version: str):
@@ -631,6 +633,26 @@ class Supervisor:
                 for f in self.fronts]
 
     async def gather(self) -> None:
+        """Fresh figures from every listening front, taken after this call
+        began. Calls that come while a gather is out share the next one, so a
+        flood of stats requests or scrapes costs the fronts one gather at a
+        time, back to back, never one per request."""
+        if self._gather_next is None:
+            self._gather_next = self.loop.create_future()
+            if self._gathering is None or self._gathering.done():
+                self._gathering = self.loop.create_task(self._gather_loop())
+        await asyncio.shield(self._gather_next)
+
+    async def _gather_loop(self) -> None:
+        while self._gather_next is not None:
+            waiting, self._gather_next = self._gather_next, None
+            try:
+                await self._gather_once()
+            finally:
+                if not waiting.done():
+                    waiting.set_result(None)
+
+    async def _gather_once(self) -> None:
         """Fresh figures from every listening front (GATHER_TIMEOUT_S at most)."""
         fronts = [f for f in self.live_fronts() if f.listening]
         if not fronts:

@@ -485,3 +485,23 @@ def test_batches_of_two_fronts_run_as_one_forward_pass(daemon_factory):
     finally:
         for c in conns:
             c.close()
+
+
+def test_a_flood_of_stats_requests_is_answered_without_starving_infer(daemon_factory):
+    from ipc.framing import encode_frame
+    d = daemon_factory(two_fronts())
+    conns, by = spread(d, 8)
+    try:
+        flood = by[0][:2] + by[1][:1]
+        for c in flood:  # each stats request makes the supervisor ask every front
+            c.send_raw(b"".join(encode_frame({"id": i + 1, "op": "stats"}) for i in range(200)))
+        other = by[1][1] if len(by[1]) > 1 else by[0][2]
+        for k in range(20):
+            assert other.call({"id": 1000 + k, "model": "m", "inputs": X4})["status"] == OK
+        for c in flood:
+            got = [c.recv() for _ in range(200)]
+            assert sorted(a["id"] for a in got) == list(range(1, 201))
+            assert all(a["status"] == OK and len(a["fronts"]) == 2 for a in got)
+    finally:
+        for c in conns:
+            c.close()
