@@ -45,7 +45,7 @@ from .shadow import SHADOW
 from .stats import ModelStats
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .supervisor import WorkerHandle
+    from .port import WorkerPort
 
 _monotonic_ns = time.monotonic_ns
 OK = int(Status.OK)
@@ -193,7 +193,7 @@ class ModelQueue:
         self.held: dict = {}  # client -> its unanswered requests here, queued or running
         self.waiting: dict = {}  # client -> when it was last refused for a full queue (ns)
         self._pruned = 0
-        self.workers: list[WorkerHandle] = []
+        self.workers: list[WorkerPort] = []
         self.has_ready = False  # any worker ready: kept by worker_changed, read per request
         self.stats = ModelStats(self.buckets)
         self.window_timer = None
@@ -209,7 +209,7 @@ class ModelQueue:
         self.drift = None  # DriftTracker when the model has drift = true
         self.reqlog = None  # RequestLog, when [request_log] is enabled
         # (input index, dtype, elements per sample, where) of the float inputs
-        # whose NaN/Inf check runs once per batch (WorkerHandle.submit_batch)
+        # whose NaN/Inf check runs once per batch (WorkerPort.submit_batch)
         self.finite_checks: tuple = ()
         self.fallback = None  # Fallback (daemon/fallback.py), when the entry has [models.fallback]
         self.defaults = None  # input name -> wire tensor map of the inputs with a default
@@ -559,7 +559,7 @@ class ModelQueue:
 
     def worker_changed(self) -> None:
         """A worker became ready or went away (the only ways into and out of
-        "ready": WorkerHandle calls this on both)."""
+        "ready": WorkerPort calls this on both)."""
         self.has_ready = any(w.state == "ready" for w in self.workers)
         if not self.has_ready and (self.queued or self.shadow_queued):
             states = ", ".join(sorted({w.state for w in self.workers})) or "none"
