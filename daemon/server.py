@@ -40,21 +40,22 @@ from ipc.tensors import DEFERRABLE, TensorSpec, decode_inputs, input_where
 from .access import Access
 from .batcher import Deadlines, ModelQueue, Pending
 from .cache import ResponseCache
+from .config import MAX_FRONTS
 from .drift import DriftTracker
 from .fallback import DEADLINE_NEAR, Fallback, fill_inputs, wire_defaults
 from .feedback import FeedbackJoin
+from .figures import front_figures
+from .guardrails import Tally
 from .lifeline import EXIT_BOOT_FAILED
 from .limits import CONN_PAGE_BYTES, frame_limits, raise_nofile
 from .metadata import default_path
-from .figures import front_figures
-from .guardrails import Tally
-from .reqlog import RequestLog, features_hash
+from .port import WorkerPort
 from .protocol import Connection
+from .reqlog import RequestLog, features_hash
 from .rids import RidAllocator
 from .rids import decode as _decode_rid
 from .router import CANARY, STABLE, RoutingTable, UnknownExperiment
 from .shadow import Shadow
-from .port import WorkerPort
 
 log = logging.getLogger("ringserve.server")
 PROTOCOL_VERSIONS = (1,)
@@ -1042,7 +1043,7 @@ def run_front(chan: Channel) -> int:
     conn_page = None
     if fds:
         import mmap
-        conn_page = memoryview(mmap.mmap(fds[0], CONN_PAGE_BYTES)).cast("Q")
+        conn_page = memoryview(mmap.mmap(fds[0], CONN_PAGE_BYTES)).cast("Q")[:MAX_FRONTS]
         os.close(fds[0])
     from . import logs
     logs.setup(msg["cfg"].logging.level)

@@ -48,19 +48,19 @@ import sys
 import tempfile
 import time
 
+from ipc import shm
 from ipc.control import Channel, ChannelClosed, pair
 from ipc.ring import Ring, RingLayout
-from ipc import shm
 from ipc.shm import Segment
 
 from .config import ConfigError, load_config, with_overrides
 from .cores import front_count
 from .figures import Figures, MachineView, stats_answer
 from .lifeline import EXIT_BOOT_FAILED, PARENT_ENV
+from .limits import CONN_PAGE_BYTES
 from .metrics import MetricsServer
 from .rids import decode as decode_rid
 from .rollouts import Rollouts, weight_of
-from .limits import CONN_PAGE_BYTES
 from .spec import TensorDecl, share_cores, spawn_worker, spec_for, worker_env
 from .worker import EXIT_LOAD_FAILED
 
