@@ -583,7 +583,7 @@ class Call:
         self.budget_at = self.timeout_at if dl is None else min(self.timeout_at, self.deadline_at)
         self.deadline_ms = dl       # what the attempt in flight carries
         self.attempts = 0
-        self.last_error: RingserveError | None = None
+        self.last_error: RingserveError | ConnectionLost | None = None
         self.sent = None            # the transport's handle on the attempt in flight
 
     def begin_attempt(self, now: float) -> None:
@@ -591,6 +591,8 @@ class Call:
         if self.attempts and self.deadline_at is not None:
             left_ms = math.floor((self.deadline_at - now) * 1000)
             if left_ms < 1:   # the backoff sleep overran what was left
+                # A retry follows failed() or lost(), which set last_error.
+                assert self.last_error is not None
                 raise self.last_error
             self.deadline_ms = left_ms
         self.attempts += 1
@@ -606,6 +608,7 @@ class Call:
         leaves its connections so; the others on the port take the retry."""
         if not self.idempotent:
             raise error
+        self.last_error = error
         p = self.policy
         if p is not None and self.attempts < p.attempts:
             delay = p.delay(self.attempts, self.rng)

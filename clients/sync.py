@@ -368,7 +368,7 @@ class Client(_core.ClientOptions):
             return
         try:
             call.begin_attempt(_monotonic())
-        except RingserveError as e:   # out of budget: the last answer's error is final
+        except (RingserveError, ConnectionLost) as e:   # out of budget: the last error is final
             _settle(fut, exc=e)
             return
         try:

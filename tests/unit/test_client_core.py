@@ -439,6 +439,17 @@ def test_a_backoff_that_would_not_fit_is_not_taken():
         call.begin_attempt(0.1)
 
 
+def test_a_lost_connection_whose_retry_overran_the_deadline_is_final():
+    call = Call({"model": "m", "inputs": [1], "deadline_ms": 100}, infer_result,
+                policy=RetryPolicy(base_delay=0.01, max_delay=0.01), timeout=30.0, now=0.0)
+    call.begin_attempt(0.0)
+    lost = errors.ConnectionLost("the server closed the connection")
+    assert isinstance(call.lost(lost, 0.0), Retry)
+    with pytest.raises(errors.ConnectionLost) as ei:   # the last error, not a TypeError
+        call.begin_attempt(0.1)
+    assert ei.value is lost
+
+
 def test_timed_out_error():
     call = Call({"op": "health"}, plain_answer, policy=None, timeout=2.5, now=0.0)
     call.begin_attempt(0.0)
