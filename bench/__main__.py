@@ -59,7 +59,8 @@ def _sample(decl: dict) -> dict:
     dtype, shape = decl["dtype"], [int(x) for x in decl["shape"]]
     rng = np.random.default_rng(0)
     if dtype == "bfloat16":   # numpy has none: the top half of float32
-        data = (rng.standard_normal(shape).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        data = ((rng.standard_normal(shape).astype(np.float32).view(np.uint32) >> 16)
+                .astype(np.uint16))
     elif dtype.startswith("float"):
         data = rng.standard_normal(shape).astype(dtype)
     elif dtype == "bool":
@@ -101,7 +102,8 @@ def _token(path: str | None) -> str | None:
 
 def _args(argv):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=None, help=f"daemon config (default {servers.DEFAULT_CONFIG})")
+    p.add_argument("--config", default=None,
+                   help=f"daemon config (default {servers.DEFAULT_CONFIG})")
     p.add_argument("--target", default=None, metavar="HOST:PORT",
                    help="load a server that is already running instead of starting one")
     p.add_argument("--server-pid", type=int, default=None,

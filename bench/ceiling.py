@@ -37,7 +37,8 @@ def measure(config_path: str, model: str, batch_sizes: dict, min_time_s: float =
             x = torch.randn((bucket, *s.shape), generator=gen) if dt.is_floating_point else \
                 torch.zeros((bucket, *s.shape))
             ins.append(x.to(dt))
-        outs = [torch.empty((bucket, *o.shape), dtype=TORCH_DTYPES[o.dtype]) for o in runner.outputs]
+        outs = [torch.empty((bucket, *o.shape), dtype=TORCH_DTYPES[o.dtype])
+                for o in runner.outputs]
         for _ in range(20):   # warm caches and the allocator
             runner.run_batch(ins, outs, bucket)
         best = float("inf")

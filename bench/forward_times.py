@@ -123,19 +123,20 @@ def _group(model: str, device: str, mode: str, dtype: str, buckets: list[int],
             ref = refs.get(b)
             if runner.h2d is not None:
                 runner.h2d.reset()
-            run_us = _best_us(lambda: runner.run_batch(ins, outs, b), min_time_s)
+            run_us = _best_us(lambda ins=ins, outs=outs, b=b: runner.run_batch(ins, outs, b),
+                              min_time_s)
             h2d = runner.h2d.snapshot()["mean_us"] if runner.h2d is not None else None
             xs = [x.to(device) for x in ins]
             for _ in range(3):
                 runner.infer(xs)
             if cuda:
-                def rounds(k=20):
+                def rounds(k=20, xs=xs):
                     for _ in range(k):
                         runner.infer(xs)
                     torch.cuda.synchronize()
                 fwd_us = _best_us(rounds, min_time_s, per_call=20)
             else:
-                fwd_us = _best_us(lambda: runner.infer(xs), min_time_s)
+                fwd_us = _best_us(lambda xs=xs: runner.infer(xs), min_time_s)
             emit({**cell, "status": "ok", "compile": runner.compile_mode,
                   "load_s": round(load_s, 3), "first_calls_s": round(first_s, 3),
                   "run_batch_us": round(run_us, 2), "samples_per_s": round(b / run_us * 1e6, 1),

@@ -27,7 +27,6 @@ from ipc.ring import Ring, RingLayout
 
 from .servers import DEFAULT_CONFIG
 
-
 _OK = b"\xa6status\x00"  # "status": 0 as msgpack writes it
 
 
@@ -128,7 +127,7 @@ async def measure(config: str, requests: int, arrivals: int, warmup: int = 20_00
             # Steady state: a round's requests queue while the previous
             # batch is out; finishing it hands them over as the next batch.
             for _ in range(rounds):
-                for c, f in zip(conns, frames):
+                for c, f in zip(conns, frames, strict=True):
                     c.data_received(f)
                 complete()
 

@@ -315,7 +315,8 @@ def step_cuda_tests(rec: Record, ctx: dict) -> dict:
     counts = {k.rstrip("s") if k.startswith("error") else k: int(n)
               for n, k in _COUNTS.findall(last[-1] if last else "")}
     res = {"files": files, "require": env.get("RINGSERVE_REQUIRE"), "rc": rc,
-           "timed_out": timed_out, "counts": counts, "summary": last[-1].strip("= ") if last else None,
+           "timed_out": timed_out, "counts": counts,
+           "summary": last[-1].strip("= ") if last else None,
            "elapsed_s": round(time.monotonic() - t0, 1)}
     if timed_out:
         return {**res, "status": "failed", "reason": "time limit", "log": text[-3000:]}
@@ -379,7 +380,8 @@ def step_inprocess(rec: Record, ctx: dict, model: str) -> dict:
     errors = [f"{c['mode']}/{c['dtype']}/{c['bucket']}: {c['error']}"
               for c in res["cells"] if c["status"] == "error"]
     if rc not in (0, None) and not timed_out:
-        errors.append(f"forward_times exited with {rc}: {_tail(ctx['dir'] / f'forward-{model}.log', 1500)}")
+        tail = _tail(ctx['dir'] / f'forward-{model}.log', 1500)
+        errors.append(f"forward_times exited with {rc}: {tail}")
     status = ("failed" if errors else "ok" if all(s == "ok" for s in statuses) else "partial")
     return {"status": status, "errors": errors[:10], "timed_out": timed_out}
 
@@ -699,7 +701,8 @@ def render(doc: dict) -> str:
                     for b, v in h2d["by_bucket"].items()))
     k = doc["steps"].get("kill9", {})
     if "checks" in k:
-        out.append(f"\nkill9: {k['status']}: " + ", ".join(f"{n} {v}" for n, v in k["checks"].items())
+        out.append(f"\nkill9: {k['status']}: "
+                   + ", ".join(f"{n} {v}" for n, v in k["checks"].items())
                    + f"; load {k['load']['statuses']}, restart after "
                      f"{(k.get('restart') or {}).get('seconds_after_kill')} s")
     out.append("\nsteps: " + ", ".join(f"{n} {st}" for n, st in s["steps"].items()))

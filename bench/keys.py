@@ -17,8 +17,8 @@ keys a frame per id is packed once and reused.
 
 from __future__ import annotations
 
-import numpy as np
 import msgpack
+import numpy as np
 
 from ipc.framing import HEADER, encode_body, encode_frame
 

@@ -133,7 +133,8 @@ def latency_summary(us: np.ndarray) -> dict | None:
     if len(us) == 0:
         return None
     ps = np.percentile(us, [50, 90, 95, 99, 99.9])
-    out = {k: round(float(v), 1) for k, v in zip(("p50", "p90", "p95", "p99", "p99.9"), ps)}
+    out = {k: round(float(v), 1)
+           for k, v in zip(("p50", "p90", "p95", "p99", "p99.9"), ps, strict=True)}
     out["max"] = round(float(us.max()), 1)
     out["mean"] = round(float(us.mean()), 1)
     return out
@@ -241,7 +242,8 @@ class _Conn(asyncio.Protocol):
         """Record the answers in ``data``; the ids they free."""
         run = self.run
         t0, t1 = run.t0, run.t1
-        sent, statuses, lat, lat_at, routes = self.sent, run.statuses, run.lat, run.lat_at, run.routes
+        sent, statuses, lat, lat_at = self.sent, run.statuses, run.lat, run.lat_at
+        routes = run.routes
         rids = []
         for msg in self.decoder.feed(data):
             try:
@@ -489,7 +491,8 @@ def _recv(pipe, proc, timeout: float | None, what: str):
         msg = pipe.recv()
     except EOFError:
         proc.join(1)
-        raise RuntimeError(f"load process {proc.pid} exited ({proc.exitcode}) before {what}") from None
+        raise RuntimeError(f"load process {proc.pid} exited ({proc.exitcode}) "
+                           f"before {what}") from None
     if isinstance(msg, dict) and "error" in msg:
         raise RuntimeError(f"load process {proc.pid} failed:\n{msg['error']}")
     return msg
@@ -520,7 +523,7 @@ def run_load(plan: Plan, mark=None) -> dict:
             theirs.close()
             procs.append(p)
             pipes.append(mine)
-        for p, pipe in zip(procs, pipes):
+        for p, pipe in zip(procs, pipes, strict=True):
             _recv(pipe, p, 120, "connecting")
         # Start a little later than now, so every process begins together.
         t_start = clock() + 100_000_000
@@ -536,7 +539,7 @@ def run_load(plan: Plan, mark=None) -> dict:
             _sleep_until(t1)
             marks["end"] = mark("end")
         headers, blobs = [], []
-        for p, pipe in zip(procs, pipes):
+        for p, pipe in zip(procs, pipes, strict=True):
             headers.append(_recv(pipe, p, None if t1 is None else plan.grace + 60, "its figures"))
             blobs.append([np.frombuffer(pipe.recv_bytes(), dtype=np.float64) for _ in range(3)])
         if t1 is None:
@@ -548,7 +551,7 @@ def run_load(plan: Plan, mark=None) -> dict:
             if p.is_alive():
                 p.kill()
                 p.join(30)
-    lat, lag, at = (np.concatenate(b) for b in zip(*blobs))
+    lat, lag, at = (np.concatenate(b) for b in zip(*blobs, strict=True))
     return _merge(plan, headers, lat, lag, at, t0, t1, marks)
 
 

@@ -55,7 +55,8 @@ def ensure_tables(directory: str, rows: int, formats: list[str], seed: int = 0) 
     if "parquet" in todo:
         import pyarrow as pa
         import pyarrow.parquet as pq
-        schema = pa.schema([("id", pa.int64())] + [(f"f{i}", pa.float32()) for i in range(FEATURES)])
+        schema = pa.schema([("id", pa.int64())]
+                           + [(f"f{i}", pa.float32()) for i in range(FEATURES)])
         pq_w = pq.ParquetWriter(tmp["parquet"], schema)
     if csv_f:
         csv_f.write(header + "\n")
@@ -64,10 +65,12 @@ def ensure_tables(directory: str, rows: int, formats: list[str], seed: int = 0) 
         m = min(step, rows - s)
         idx = rng.integers(0, text.size, (m, FEATURES))
         if csv_f:
-            csv_f.write("".join(f"{s + i},{','.join(r)}\n" for i, r in enumerate(text[idx].tolist())))
+            csv_f.write("".join(f"{s + i},{','.join(r)}\n"
+                                for i, r in enumerate(text[idx].tolist())))
         if pq_w:
             x = values[idx]
-            cols = [pa.array(np.arange(s, s + m, dtype=np.int64))] + [pa.array(x[:, i]) for i in range(FEATURES)]
+            cols = ([pa.array(np.arange(s, s + m, dtype=np.int64))]
+                    + [pa.array(x[:, i]) for i in range(FEATURES)])
             pq_w.write_table(pa.Table.from_arrays(cols, schema=schema))
     if csv_f:
         csv_f.close()
@@ -157,7 +160,8 @@ def _ratios(parse: dict, ceil: dict, run: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.offline", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.offline",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--formats", default="csv,parquet", help="comma-separated: csv, parquet")
     p.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "ringserve-bench-offline"),
@@ -177,7 +181,8 @@ def main(argv=None) -> int:
     formats = [f.strip() for f in a.formats.split(",") if f.strip()]
     t = time.perf_counter()
     paths = ensure_tables(a.dir, a.rows, formats)
-    print(f"tables ready in {time.perf_counter() - t:.1f} s: {', '.join(paths.values())}", flush=True)
+    print(f"tables ready in {time.perf_counter() - t:.1f} s: {', '.join(paths.values())}",
+          flush=True)
     rounds = []
     for i in range(a.repeat):
         ceil = ceiling(model, a.rows, a.batch_size)
@@ -196,14 +201,16 @@ def main(argv=None) -> int:
         rounds.append(r)
     best = lambda xs: max(xs, key=lambda d: d["rows_per_s"])  # noqa: E731
     doc = {"rows": a.rows, "batch_size": a.batch_size, "cores": len(os.sched_getaffinity(0)),
-           "rounds": rounds, "best": {"ceiling": best([r["ceiling"] for r in rounds]), "formats": {}}}
+           "rounds": rounds,
+           "best": {"ceiling": best([r["ceiling"] for r in rounds]), "formats": {}}}
     ceil = doc["best"]["ceiling"]
     if a.repeat > 1:
         print(f"best of {a.repeat}: in-process ceiling {ceil['rows_per_s']:>10,.0f} rows/s")
     for fmt in formats:
         parse = best([r["formats"][fmt]["parse_only"] for r in rounds])
         run = best([r["formats"][fmt]["batch"] for r in rounds])
-        doc["best"]["formats"][fmt] = {"parse_only": parse, "batch": run, **_ratios(parse, ceil, run)}
+        doc["best"]["formats"][fmt] = {"parse_only": parse, "batch": run,
+                                       **_ratios(parse, ceil, run)}
         if a.repeat > 1:
             b = doc["best"]["formats"][fmt]
             print(f"{fmt:>9}: parse-only {parse['rows_per_s']:>10,.0f}  batch "

@@ -133,7 +133,8 @@ def loadgen_note(run: dict) -> str | None:
 
 def ratios(ours: dict, echo: dict | None, ceiling: dict | None) -> dict:
     return {
-        "throughput_ours_over_echo": _ratio(ours["throughput_rps"], (echo or {}).get("throughput_rps")),
+        "throughput_ours_over_echo": _ratio(ours["throughput_rps"],
+                                            (echo or {}).get("throughput_rps")),
         "cpu_per_answer_ours_over_echo": _ratio(ours.get("server_cpu_us_per_answer"),
                                                 (echo or {}).get("server_cpu_us_per_answer")),
         # = the share of the window one worker would spend computing these
@@ -177,15 +178,18 @@ def _run_rows(runs: dict[str, dict]) -> list[tuple[str, list[str]]]:
     rows += [(f"latency {k} (us)", lat(k)) for k in ("p50", "p90", "p95", "p99", "p99.9", "max")]
     if any(r["send_lag_us"] for r in runs.values()):
         rows.append(("  of which send lag p50/p99",
-                     [f"{_n((r['send_lag_us'] or {}).get('p50'))}/{_n((r['send_lag_us'] or {}).get('p99'))}"
+                     [f"{_n((r['send_lag_us'] or {}).get('p50'))}/"
+                      f"{_n((r['send_lag_us'] or {}).get('p99'))}"
                       for r in runs.values()]))
     rows += [("statuses (measured)", [statuses(r) for r in runs.values()])]
     # Routing shows only where there is some: a lane other than stable, or an arm.
     if any(set(r.get("routes") or {}) - {"stable/-", "None/-"} for r in runs.values()):
         rows.append(("lane/arm (measured)", [" ".join(f"{k}:{v:,}" for k, v in r["routes"].items())
                                              or "-" for r in runs.values()]))
-    rows += [("unanswered / dropped", [f"{r['unanswered']} / {r['dropped']}" for r in runs.values()]),
-             ("server CPU us per answer", [_n(r.get("server_cpu_us_per_answer"), 1) for r in runs.values()]),
+    rows += [("unanswered / dropped",
+              [f"{r['unanswered']} / {r['dropped']}" for r in runs.values()]),
+             ("server CPU us per answer",
+              [_n(r.get("server_cpu_us_per_answer"), 1) for r in runs.values()]),
              ("  = CPU s per 1,000 answers", [_n(r["server_cpu_us_per_answer"] / 1000, 3)
                                               if r.get("server_cpu_us_per_answer") else "-"
                                               for r in runs.values()]),
@@ -199,13 +203,15 @@ def _run_rows(runs: dict[str, dict]) -> list[tuple[str, list[str]]]:
         rows.append((f"  {role}, all {max(t.get(role, {}).get('procs', 0) for t in totals)}",
                      [_n(t[role]["cpu_pct"], 1) if role in t else "-" for t in totals]))
     rows.append(("load-gen CPU (% of a core)",
-                 [f"{_n(r['loadgen_cpu_pct'], 1)}" + (f" ({'+'.join(_n(x) for x in r['loadgen_cpu_pct_by_proc'])})"
-                                                        if r["procs"] > 1 else "")
+                 [f"{_n(r['loadgen_cpu_pct'], 1)}"
+                  + (f" ({'+'.join(_n(x) for x in r['loadgen_cpu_pct_by_proc'])})"
+                     if r["procs"] > 1 else "")
                   for r in runs.values()]))
     cores = max((r.get("machine_cpu") or {}).get("cores", 0) for r in runs.values())
     rows.append((f"machine CPU busy (% of a core, {cores} cores)",
                  [_n((r.get("machine_cpu") or {}).get("busy_pct"), 1) for r in runs.values()]))
-    rows.append(("  of which other work (% of a core)", [_n(_others_cpu(r), 1) for r in runs.values()]))
+    rows.append(("  of which other work (% of a core)",
+                 [_n(_others_cpu(r), 1) for r in runs.values()]))
     return rows
 
 
@@ -224,15 +230,18 @@ def _by_role(run: dict) -> dict[str, float]:
 def _table(header: list[str], rows: list[tuple[str, list[str]]]) -> list[str]:
     w0 = max(len(h) for h in [header[0]] + [r[0] for r in rows])
     ws = [max(len(header[i + 1]), *(len(r[1][i]) for r in rows)) for i in range(len(header) - 1)]
-    out = [header[0].ljust(w0) + "".join("  " + h.rjust(w) for h, w in zip(header[1:], ws))]
+    out = [header[0].ljust(w0)
+           + "".join("  " + h.rjust(w) for h, w in zip(header[1:], ws, strict=True))]
     out.append("-" * len(out[0]))
-    out += [name.ljust(w0) + "".join("  " + c.rjust(w) for c, w in zip(cells, ws)) for name, cells in rows]
+    out += [name.ljust(w0) + "".join("  " + c.rjust(w) for c, w in zip(cells, ws, strict=False))
+            for name, cells in rows]
     return out
 
 
 def render(doc: dict) -> str:
-    runs = {name: doc[k] for k, name in (("ringserve", "ringserve"), ("batching_off", "max_batch=1"),
-                                         ("echo", "echo")) if doc.get(k)}
+    runs = {name: doc[k]
+            for k, name in (("ringserve", "ringserve"), ("batching_off", "max_batch=1"),
+                            ("echo", "echo")) if doc.get(k)}
     lines = _describe(doc)
     procs = processes(doc["ringserve"])
     if procs:
@@ -270,7 +279,8 @@ def render(doc: dict) -> str:
                                      _n(p["send_lag_p99_us"]), _n(p["others_cpu_pct"])])
              for p in sw["points"]])]
         k = sw["knee"]
-        lines.append(f"  knee: {_n(k['offered_rps'])}/s offered, {_n(k['throughput_rps'])}/s answered, "
+        lines.append(f"  knee: {_n(k['offered_rps'])}/s offered, "
+                     f"{_n(k['throughput_rps'])}/s answered, "
                      f"p99 {_n(k['p99_us'])} us (the last rate that delivered >= "
                      f"{KNEE_DELIVERED:.0%} with p99 <= {KNEE_P99_FACTOR:g}x the lowest rate's)"
                      if k else "  knee: below the lowest rate")
@@ -288,9 +298,12 @@ def render(doc: dict) -> str:
     q = doc.get("ratios")
     if q:
         lines += ["", "limits:",
-                  f"  throughput, ours / echo:               {_n(q['throughput_ours_over_echo'], 3)}",
-                  f"  CPU per answer, ours / echo:           {_n(q['cpu_per_answer_ours_over_echo'], 2)}",
-                  f"  throughput, ours / in-process ceiling: {_n(q['throughput_ours_over_model_ceiling'], 3)}"
+                  "  throughput, ours / echo:               "
+                  f"{_n(q['throughput_ours_over_echo'], 3)}",
+                  "  CPU per answer, ours / echo:           "
+                  f"{_n(q['cpu_per_answer_ours_over_echo'], 2)}",
+                  "  throughput, ours / in-process ceiling: "
+                  f"{_n(q['throughput_ours_over_model_ceiling'], 3)}"
                   "  (share of the window the model alone would need)"]
     return "\n".join(lines)
 
@@ -346,7 +359,8 @@ def _ceiling_rows(by_batch: list[dict]) -> list[tuple[str, list[str]]]:
         us = rs[0]["us_per_batch"]
         lo, hi = rs[0]["batch"], rs[-1]["batch"]
         rows.append((str(lo) if lo == hi else f"{lo}-{hi}",
-                     [str(bucket), _n(batches), _n(us, 1), _n(mean_n / us * 1e6), _n(bucket / us * 1e6)]))
+                     [str(bucket), _n(batches), _n(us, 1), _n(mean_n / us * 1e6),
+                      _n(bucket / us * 1e6)]))
     return rows
 
 

@@ -38,7 +38,7 @@ import tempfile
 from pathlib import Path
 
 from . import report, servers, variants
-from .__main__ import _Server, _request
+from .__main__ import _request, _Server
 from .load import Plan
 
 CONFIGS = {"default": servers.DEFAULT_CONFIG,
@@ -143,7 +143,8 @@ def render(doc: dict) -> str:
     lines += report._table(["model", "fronts", "answers/s", "x first", "CPU us/answer", "x first",
                             "mean batch", "p50 us", "p99 us", "daemon CPU %", "load-gen %",
                             "machine %"], rows)
-    lines.append(f"(\"x first\": over the same model's run at {doc['params']['fronts'][0]} front(s); "
+    lines.append(f"(\"x first\": over the same model's run at "
+                 f"{doc['params']['fronts'][0]} front(s); "
                  "CPU is the daemon's whole tree; % are of one core)")
     for r in doc["runs"]:
         f = r["stats_fronts"] or {}

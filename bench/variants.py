@@ -53,7 +53,8 @@ def dumps(doc: dict) -> str:
             out += ["", f"[{_key(k)}]"] + [f"{_key(a)} = {_value(b)}" for a, b in v.items()]
         elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
             for item in v:
-                out += ["", f"[[{_key(k)}]]"] + [f"{_key(a)} = {_value(b)}" for a, b in item.items()]
+                out += ["", f"[[{_key(k)}]]"]
+                out += [f"{_key(a)} = {_value(b)}" for a, b in item.items()]
         else:
             top.append(f"{_key(k)} = {_value(v)}")   # must come before the first table
     return "\n".join(top + out).lstrip("\n") + "\n"

@@ -15,9 +15,20 @@ per wire status (``clients.errors``).
 from . import errors
 from ._core import InferResult, RetryPolicy
 from .aio import AsyncClient
-from .errors import (ClientError, ClientTimeout, ConnectFailed, ConnectionLost, DeadlineExceeded,
-                     Internal, InvalidArgument, NotFound, ResourceExhausted, RingserveError,
-                     Unauthenticated, Unavailable)
+from .errors import (
+    ClientError,
+    ClientTimeout,
+    ConnectFailed,
+    ConnectionLost,
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    RingserveError,
+    Unauthenticated,
+    Unavailable,
+)
 from .pool import AsyncClientPool, ClientPool
 from .sync import Client
 

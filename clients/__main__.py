@@ -20,14 +20,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from ipc.status import Status
 
-from ._core import RetryPolicy, decode_outputs, read_token
+from ._core import InferResult, RetryPolicy, decode_outputs, read_token
 from .errors import ClientError, RingserveError
 from .sync import Client
+
+if TYPE_CHECKING:
+    from numpy.typing import NDArray
 
 EXIT_OK, EXIT_SERVER_ERROR, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
 
@@ -74,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _inputs(args, p: argparse.ArgumentParser):
+def _inputs(args: argparse.Namespace, p: argparse.ArgumentParser) -> object:
     if args.json_input is not None:
         try:
             value = json.loads(args.json_input)
@@ -83,7 +88,7 @@ def _inputs(args, p: argparse.ArgumentParser):
         if not isinstance(value, (list, dict)):
             p.error("--json: give a list of numbers, or a map of input name to list")
         return value
-    named = {}
+    named: dict[str, Any] = {}
     for item in args.npy:
         name, sep, path = item.rpartition("=")
         try:
@@ -100,10 +105,11 @@ def _inputs(args, p: argparse.ArgumentParser):
 
 # --- text output ---------------------------------------------------------------------
 
-def _table(headers: list[str], rows: list[list]) -> str:
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
     cells = [headers] + [["-" if v is None else str(v) for v in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip()
+                     for r in cells)
 
 
 def _pairs(pairs: list[tuple[str, object]]) -> str:
@@ -111,21 +117,21 @@ def _pairs(pairs: list[tuple[str, object]]) -> str:
     return "\n".join(f"{k.ljust(w)}  {'-' if v is None else v}" for k, v in pairs)
 
 
-def _yes(v) -> str:
+def _yes(v: object) -> str:
     return "yes" if v else "no"
 
 
-def _spec(s: dict | None) -> str | None:
+def _spec(s: dict[str, Any] | None) -> str | None:
     return None if s is None else f"{s['dtype']}[{', '.join(map(str, s['shape']))}]"
 
 
-def _specs(one: dict | None, many: dict | None) -> str | None:
+def _specs(one: dict[str, Any] | None, many: dict[str, Any] | None) -> str | None:
     if many:
         return ", ".join(f"{n}: {_spec(s)}" for n, s in many.items())
     return _spec(one)
 
 
-def _status_counts(counts: dict) -> str:
+def _status_counts(counts: dict[str, Any]) -> str:
     def name(code: str) -> str:
         try:
             return Status(int(code)).name
@@ -135,7 +141,7 @@ def _status_counts(counts: dict) -> str:
                      ) or "-"
 
 
-def show_health(a: dict) -> str:
+def show_health(a: dict[str, Any]) -> str:
     rows, errors = [], []
     for m in a.get("models", []):
         rows.append([m.get("name"), m.get("version"), m.get("lane"), m.get("device"),
@@ -152,7 +158,7 @@ def show_health(a: dict) -> str:
     return "\n".join(out)
 
 
-def show_models(a: dict) -> str:
+def show_models(a: dict[str, Any]) -> str:
     rows = []
     for m in a.get("models", []):
         b = m.get("batching", {})
@@ -165,7 +171,7 @@ def show_models(a: dict) -> str:
                    "MAX_BATCH", "WINDOW_MS", "QUEUE_LIMIT"], rows)
 
 
-def show_stats(a: dict) -> str:
+def show_stats(a: dict[str, Any]) -> str:
     rows = []
     for m in a.get("models", []):
         lat = m.get("latency_us", {})
@@ -182,29 +188,34 @@ def show_stats(a: dict) -> str:
          "P99_US", "BATCHES", "BUSY"], rows)])
 
 
-def _array_text(a: np.ndarray) -> str:
+def _array_text(a: NDArray[Any]) -> str:
     return np.array2string(a, precision=6, threshold=64, max_line_width=100,
                            separator=", ").replace("\n", "\n" + " " * 4)
 
 
-def show_infer(r) -> str:
+def show_infer(r: InferResult) -> str:
     t = r.timing
     timing = ", ".join(f"{k.removesuffix('_us')} {v} us" if k.endswith("_us") else f"{k} {v}"
                        for k, v in t.items())
-    outs = r.outputs if isinstance(r.outputs, dict) else {"output": r.outputs}
-    pairs = [("model", r.model), ("version", r.version), ("lane", r.lane), ("arm", r.arm),
-             ("rid", r.rid), ("timing", timing or None)]
+    # numpy arrays: the command line never asks for torch outputs
+    outputs = cast("NDArray[Any] | dict[str, NDArray[Any]]", r.outputs)
+    outs = outputs if isinstance(outputs, dict) else {"output": outputs}
+    pairs: list[tuple[str, object]] = [
+        ("model", r.model), ("version", r.version), ("lane", r.lane), ("arm", r.arm),
+        ("rid", r.rid), ("timing", timing or None)]
     pairs += [(name, f"{a.dtype}{list(a.shape)}  {_array_text(a)}") for name, a in outs.items()]
     return _pairs(pairs)
 
 
 # --- JSON output ---------------------------------------------------------------------------
 
-def _jsonable(answer: dict) -> dict:
+def _jsonable(answer: dict[str, Any]) -> dict[str, Any]:
     out = dict(answer)
     if "outputs" in out:
         outs = decode_outputs(out["outputs"])
-        as_json = (lambda a: {"dtype": str(a.dtype), "shape": list(a.shape), "values": a.tolist()})
+
+        def as_json(a: NDArray[Any]) -> dict[str, Any]:
+            return {"dtype": str(a.dtype), "shape": list(a.shape), "values": a.tolist()}
         out["outputs"] = ({k: as_json(v) for k, v in outs.items()} if isinstance(outs, dict)
                           else as_json(outs))
     return out
@@ -225,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         token = read_token(getattr(args, "token_file", None))
     except ValueError as e:
         p.error(str(e))
+    text: Callable[[dict[str, Any]], str]
     try:
         with Client(host, port, timeout=timeout, connect_timeout=min(timeout, 5.0),
                     retry=retry, token=token) as c:
@@ -238,7 +250,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 r = c.infer(args.model, inputs, key=args.key, exp=args.exp, version=args.version,
                             deadline_ms=args.deadline_ms)
-                answer, text = r.answer, (lambda _a, r=r: show_infer(r))
+
+                def infer_text(_a: dict[str, Any], r: InferResult = r) -> str:
+                    return show_infer(r)
+                answer, text = r.answer, infer_text
     except RingserveError as e:
         if json_out:
             print(json.dumps(e.answer, indent=2))

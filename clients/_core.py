@@ -25,7 +25,9 @@ import itertools
 import math
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, overload
 
 import msgpack
 
@@ -34,6 +36,10 @@ from ipc.status import ProtocolError, Status, brief
 from ipc.tensors import from_array, to_numpy, to_torch
 
 from .errors import ClientError, ClientTimeout, ConnectionLost, RingserveError, error_class
+
+if TYPE_CHECKING:
+    import torch
+    from numpy.typing import NDArray
 
 __all__ = [
     "CLOSING", "DEFAULT_RETRY", "MAX_ANSWER_BYTES", "MAX_DEADLINE_MS", "RETRYABLE", "Call",
@@ -78,13 +84,13 @@ IDEMPOTENT_OPS = frozenset(("infer",) + _OPS)
 
 # --- building requests ------------------------------------------------------------
 
-def _opt_str(name: str, value) -> str | None:
+def _opt_str(name: str, value: object) -> str | None:
     if value is None or type(value) is str:
         return value
     raise TypeError(f"{name} must be a str or None, got {type(value).__name__}")
 
 
-def _model_name(model) -> str:
+def _model_name(model: object) -> str:
     if type(model) is not str:
         raise TypeError(f"model must be a str, got {type(model).__name__}")
     if not model:
@@ -92,7 +98,7 @@ def _model_name(model) -> str:
     return model
 
 
-def _check_deadline(deadline_ms) -> None:
+def _check_deadline(deadline_ms: object) -> None:
     if deadline_ms is None:
         return
     if type(deadline_ms) is not int:
@@ -102,13 +108,13 @@ def _check_deadline(deadline_ms) -> None:
         raise ValueError(f"deadline_ms must be from 1 to {MAX_DEADLINE_MS}, got {deadline_ms}")
 
 
-def _is_wire_tensor(obj: dict) -> bool:
+def _is_wire_tensor(obj: dict[Any, Any]) -> bool:
     # The server's own test (ipc.tensors.decode_inputs): a map with "data"
     # and "dtype" is a tensor, not a map of named inputs.
     return "data" in obj and "dtype" in obj
 
 
-def _tensor(value):
+def _tensor(value: object) -> object:
     """One input -> what goes on the wire.
 
     Arrays and tensors become the binary form through ``from_array``, whose
@@ -125,13 +131,13 @@ def _tensor(value):
     return from_array(value)   # TypeError/ValueError for what has no wire form
 
 
-def encode_inputs(inputs):
+def encode_inputs(inputs: object) -> object:
     """The request's ``inputs``: one tensor, or a map of name -> tensor."""
     if type(inputs) is dict and not _is_wire_tensor(inputs):
         if not inputs:
             raise ValueError("inputs is an empty map; send a tensor, or a map of input "
                              "name -> tensor")
-        out = {}
+        out: dict[str, object] = {}
         for name, value in inputs.items():
             if type(name) is not str:
                 raise TypeError(f"input names must be str, got {type(name).__name__}")
@@ -143,13 +149,15 @@ def encode_inputs(inputs):
     return _tensor(inputs)
 
 
-def infer_request(model, inputs, key=None, exp=None, version=None, deadline_ms=None) -> dict:
+def infer_request(model: str, inputs: object, key: str | None = None, exp: str | None = None,
+                  version: str | int | None = None,
+                  deadline_ms: int | None = None) -> dict[str, Any]:
     """The map of an ``infer`` request (no ``id`` yet).
 
     ``version`` may be given as an int (read as its decimal string, as the
     config does).
     """
-    msg = {"model": _model_name(model), "inputs": encode_inputs(inputs)}
+    msg: dict[str, Any] = {"model": _model_name(model), "inputs": encode_inputs(inputs)}
     if type(version) is int:
         version = str(version)
     for name, value in (("key", key), ("exp", exp), ("version", version)):
@@ -161,17 +169,18 @@ def infer_request(model, inputs, key=None, exp=None, version=None, deadline_ms=N
     return msg
 
 
-def op_request(op: str, model=None) -> dict:
+def op_request(op: str, model: str | None = None) -> dict[str, Any]:
     """``health``, ``models`` or ``stats``, optionally for one model."""
     if op not in _OPS:
         raise ValueError(f"unknown op {brief(op)}; ops: {', '.join(_OPS)} (and infer, feedback)")
-    msg = {"op": op}
+    msg: dict[str, Any] = {"op": op}
     if _opt_str("model", model) is not None:
         msg["model"] = model
     return msg
 
 
-def feedback_request(ref, outcome, model=None) -> dict:
+def feedback_request(ref: int | str, outcome: float,
+                     model: str | None = None) -> dict[str, Any]:
     """Report ``outcome`` (a number) for ``ref`` (an answer's ``rid``, or a routing key)."""
     if type(ref) is int or type(ref) is str:
         if ref == "" or type(ref) is int and ref < 0:
@@ -182,10 +191,14 @@ def feedback_request(ref, outcome, model=None) -> dict:
                         f"got {type(ref).__name__}")
     if type(outcome) not in (int, float) or not math.isfinite(outcome):
         raise TypeError(f"outcome must be a finite int or float, got {brief(outcome)}")
-    msg = {"op": "feedback", "ref": ref, "outcome": outcome}
+    msg: dict[str, Any] = {"op": "feedback", "ref": ref, "outcome": outcome}
     if _opt_str("model", model) is not None:
         msg["model"] = model
     return msg
+
+
+# What Packed.frame gives: one buffer, or the head and the kept entries.
+Frame = tuple[bytes] | tuple[bytes, memoryview]
 
 
 class Packed:
@@ -203,7 +216,7 @@ class Packed:
 
     __slots__ = ("count", "entries")
 
-    def __init__(self, msg: dict):
+    def __init__(self, msg: dict[str, Any]):
         if "id" in msg or "deadline_ms" in msg:
             raise ValueError("id and deadline_ms are added per attempt")
         body = encode_body(msg)
@@ -212,7 +225,7 @@ class Packed:
         self.count = body[0] & 0x0F
         self.entries = memoryview(body)[1:]
 
-    def frame(self, rid: int, deadline_ms: int | None = None) -> tuple:
+    def frame(self, rid: int, deadline_ms: int | None = None) -> Frame:
         """The whole frame (protocol.md "Frames"), as one or two buffers to write in order."""
         if deadline_ms is None:
             head = bytes((0x80 | (self.count + 1),)) + _ID_KEY + _packb(rid)
@@ -263,7 +276,10 @@ _DEADLINE_KEY = _packb("deadline_ms")
 
 # --- matching answers to requests ----------------------------------------------------
 
-class InFlight:
+W = TypeVar("W")   # what a transport waits with: a callback, a future
+
+
+class InFlight(Generic[W]):
     """The requests of one connection that await their answers.
 
     Ids are allocated here, from 1 up: 0 is what the server puts on answers
@@ -285,16 +301,16 @@ class InFlight:
 
     _WRAP = 2**64   # ids are msgpack uints
 
-    def __init__(self):
-        self._waiting: dict[int, object] = {}
+    def __init__(self) -> None:
+        self._waiting: dict[int, W] = {}
         self._next = 1
-        self.refusal: dict | None = None
+        self.refusal: dict[str, Any] | None = None
         self.closing = False
 
     def __len__(self) -> int:
         return len(self._waiting)
 
-    def add(self, waiter) -> int:
+    def add(self, waiter: W) -> int:
         """A fresh id, with ``waiter`` remembered for its answer."""
         rid = self._next
         while rid in self._waiting:   # only after a wrap-around
@@ -303,7 +319,7 @@ class InFlight:
         self._waiting[rid] = waiter
         return rid
 
-    def match(self, answer: dict):
+    def match(self, answer: dict[str, Any]) -> W | None:
         """The waiter of ``answer`` (removed), or None: unknown or abandoned id,
         or an id-0 answer, which is kept as the connection's ``refusal``."""
         rid = answer.get("id")
@@ -325,7 +341,7 @@ class InFlight:
         """Forget a request whose caller stopped waiting; its late answer is ignored."""
         self._waiting.pop(rid, None)
 
-    def clear(self) -> list:
+    def clear(self) -> list[W]:
         """Every waiter (removed), when the connection is gone."""
         waiters = list(self._waiting.values())
         self._waiting.clear()
@@ -364,8 +380,8 @@ class InferResult:
     lane: str | None
     arm: str | None
     rid: int | str | None
-    timing: dict
-    answer: dict = field(default_factory=dict)   # the raw answer map
+    timing: dict[str, Any]
+    answer: dict[str, Any] = field(default_factory=dict)   # the raw answer map
     attempts: int = 1                             # tries it took (retries + 1)
     # Given by the fallback of the version the router chose (protocol.md,
     # "Fallback answers"): why (no_worker, queue_full, deadline_near,
@@ -381,14 +397,22 @@ class InferResult:
                 f"outputs={_describe(self.outputs)}, timing={brief(self.timing, 200)})")
 
 
-def _describe(outputs) -> str:
+def _describe(outputs: object) -> str:
     if isinstance(outputs, dict):
         return "{" + ", ".join(f"{k!r}: {_describe(v)}" for k, v in outputs.items()) + "}"
     dtype = str(getattr(outputs, "dtype", "?")).removeprefix("torch.")
     return f"{dtype}{list(getattr(outputs, 'shape', []))}"
 
 
-def decode_outputs(obj, as_torch: bool = False):
+@overload
+def decode_outputs(obj: object,
+                   as_torch: Literal[False] = False) -> NDArray[Any] | dict[str, NDArray[Any]]: ...
+@overload
+def decode_outputs(obj: object,
+                   as_torch: Literal[True]) -> torch.Tensor | dict[str, torch.Tensor]: ...
+@overload
+def decode_outputs(obj: object, as_torch: bool = False) -> object: ...
+def decode_outputs(obj: object, as_torch: bool = False) -> object:
     """An answer's ``outputs`` -> one array, or a dict name -> array."""
     convert = to_torch if as_torch else to_numpy
     try:
@@ -399,23 +423,23 @@ def decode_outputs(obj, as_torch: bool = False):
         raise ClientError(f"the server's answer holds a malformed tensor: {e}") from None
 
 
-def error_from_answer(answer: dict) -> RingserveError:
+def error_from_answer(answer: dict[str, Any]) -> RingserveError:
     """The exception for an answer whose status is not OK."""
-    status = answer.get("status")
+    status: Any = answer.get("status")   # as the server sent it: an int, unless it is broken
     message = answer.get("error")
     if type(message) is not str:
         message = "(the server gave no message)"
     return error_class(status)(status, message, answer)
 
 
-def _status_name(status) -> str:
+def _status_name(status: Any) -> str:   # Any: whatever the server sent; Status() refuses junk
     try:
         return Status(status).name
     except (ValueError, TypeError):
         return f"status {brief(status)}"
 
 
-def _check_status(answer: dict) -> None:
+def _check_status(answer: dict[str, Any]) -> None:
     status = answer.get("status")
     if type(status) is not int:
         raise ClientError(f"the server's answer has no integer 'status'; its keys: "
@@ -424,7 +448,8 @@ def _check_status(answer: dict) -> None:
         raise error_from_answer(answer)
 
 
-def infer_result(answer: dict, attempts: int = 1, as_torch: bool = False) -> InferResult:
+def infer_result(answer: dict[str, Any], attempts: int = 1,
+                 as_torch: bool = False) -> InferResult:
     """An OK ``infer`` answer -> ``InferResult``; any other raises its ``RingserveError``."""
     _check_status(answer)
     defaulted = answer.get("defaulted")
@@ -435,7 +460,7 @@ def infer_result(answer: dict, attempts: int = 1, as_torch: bool = False) -> Inf
                        tuple(defaulted) if type(defaulted) is list else ())
 
 
-def plain_answer(answer: dict, attempts: int = 1) -> dict:
+def plain_answer(answer: dict[str, Any], attempts: int = 1) -> dict[str, Any]:
     """An OK answer of the other ops, as the map it is; else raises."""
     _check_status(answer)
     return answer
@@ -471,7 +496,7 @@ class RetryPolicy:
     multiplier: float = 2.0
     jitter: float = 0.5
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if type(self.attempts) is not int or self.attempts < 1:
             raise ValueError(f"attempts must be an int >= 1, got {brief(self.attempts)}")
         if not (self.base_delay > 0 and math.isfinite(self.base_delay)):
@@ -505,7 +530,8 @@ class RetryPolicy:
 DEFAULT_RETRY = RetryPolicy()
 
 
-def check_options(connect_timeout, timeout, retry, connections, token=None) -> None:
+def check_options(connect_timeout: float, timeout: float, retry: RetryPolicy | None,
+                  connections: int, token: str | None = None) -> None:
     """The constructor arguments both clients share."""
     if token is not None and (type(token) is not str or not token):
         raise TypeError("token must be a non-empty str (the server's [auth] token) or None")
@@ -518,7 +544,10 @@ def check_options(connect_timeout, timeout, retry, connections, token=None) -> N
         raise ValueError(f"connections must be an int >= 1, got {brief(connections)}")
 
 
-class ClientOptions:
+L = TypeVar("L")   # a client's connection
+
+
+class ClientOptions(Generic[L]):
     """What ``Client`` and ``AsyncClient`` share from their constructors:
     the checked options, and the slots of their connections (each opened by
     the subclass, in its own way)."""
@@ -532,7 +561,7 @@ class ClientOptions:
         self.retry = retry
         self.token = token
         self._closed = False
-        self._links: list = [None] * connections
+        self._links: list[L | None] = [None] * connections
         self._turn = itertools.count()
 
 
@@ -543,7 +572,16 @@ class Retry:
     delay: float
 
 
-class Call:
+T = TypeVar("T")   # what a call's decode makes of an OK answer
+
+
+class _Attempt(Protocol):
+    """The connection an attempt was sent on (``Call.sent``)."""
+
+    def drop(self, rid: int) -> None: ...
+
+
+class Call(Generic[T]):
     """One call (an infer or another op) across its attempts.
 
     The clients drive it::
@@ -566,8 +604,9 @@ class Call:
     __slots__ = ("packed", "decode", "policy", "rng", "timeout", "timeout_at", "deadline_at",
                  "budget_at", "deadline_ms", "attempts", "last_error", "sent", "idempotent")
 
-    def __init__(self, msg: dict, decode, *, policy: RetryPolicy | None, timeout: float,
-                 now: float, rng: random.Random | None = None):
+    def __init__(self, msg: dict[str, Any], decode: Callable[[dict[str, Any], int], T], *,
+                 policy: RetryPolicy | None, timeout: float, now: float,
+                 rng: random.Random | None = None):
         msg = dict(msg)
         dl = msg.pop("deadline_ms", None)
         # May run twice without harm: a connection lost without an answer
@@ -579,23 +618,29 @@ class Call:
         self.rng = rng
         self.timeout = timeout
         self.timeout_at = now + timeout
-        self.deadline_at = None if dl is None else now + dl / 1000
-        self.budget_at = self.timeout_at if dl is None else min(self.timeout_at, self.deadline_at)
+        self.deadline_at: float | None = None
+        self.budget_at = self.timeout_at
+        if dl is not None:
+            self.deadline_at = now + dl / 1000
+            self.budget_at = min(self.timeout_at, self.deadline_at)
         self.deadline_ms = dl       # what the attempt in flight carries
         self.attempts = 0
-        self.last_error: RingserveError | None = None
-        self.sent = None            # the transport's handle on the attempt in flight
+        self.last_error: RingserveError | ConnectionLost | None = None
+        # the transport's handle on the attempt in flight: (connection, id or None)
+        self.sent: tuple[_Attempt, int | None] | None = None
 
     def begin_attempt(self, now: float) -> None:
         """Count the next attempt; a retry's ``deadline_ms`` is what is left of the caller's."""
         if self.attempts and self.deadline_at is not None:
             left_ms = math.floor((self.deadline_at - now) * 1000)
             if left_ms < 1:   # the backoff sleep overran what was left
+                # A retry follows failed() or lost(), which set last_error.
+                assert self.last_error is not None
                 raise self.last_error
             self.deadline_ms = left_ms
         self.attempts += 1
 
-    def frame(self, rid: int) -> tuple:
+    def frame(self, rid: int) -> Frame:
         """The attempt's frame, with id ``rid``."""
         return self.packed.frame(rid, self.deadline_ms)
 
@@ -606,6 +651,7 @@ class Call:
         leaves its connections so; the others on the port take the retry."""
         if not self.idempotent:
             raise error
+        self.last_error = error
         p = self.policy
         if p is not None and self.attempts < p.attempts:
             delay = p.delay(self.attempts, self.rng)
@@ -617,7 +663,7 @@ class Call:
         """How long the attempt in flight may still wait for its answer."""
         return max(0.0, self.timeout_at - now)
 
-    def answer(self, answer: dict, now: float):
+    def answer(self, answer: dict[str, Any], now: float) -> T | Retry:
         """The attempt's answer -> the result, or ``Retry``; raises the final error."""
         try:
             return self.decode(answer, self.attempts)

@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections.abc import Callable
 from functools import partial
+from typing import Any, TypeVar, cast
 
 from ipc.framing import FrameDecoder
 
@@ -27,14 +29,15 @@ from .errors import ConnectFailed, ConnectionLost, RingserveError
 __all__ = ["AsyncClient"]
 
 _monotonic = time.monotonic
+T = TypeVar("T")
 
 
 class _Link(asyncio.Protocol):
     """One TCP connection and the requests in flight on it."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.decoder = FrameDecoder(_core.MAX_ANSWER_BYTES)
-        self.inflight = InFlight()
+        self.inflight: InFlight[asyncio.Future[dict[str, Any]]] = InFlight()
         self.transport: asyncio.Transport | None = None
         self.alive = False
         self._writable = asyncio.Event()
@@ -43,8 +46,9 @@ class _Link(asyncio.Protocol):
         self._closing = False
 
     # -- asyncio.Protocol ------------------------------------------------------------
-    def connection_made(self, transport) -> None:
-        self.transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # create_connection makes a stream transport: an asyncio.Transport
+        self.transport = cast(asyncio.Transport, transport)
         self.alive = True
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -58,6 +62,7 @@ class _Link(asyncio.Protocol):
         for item in self.decoder.feed(data):
             if type(item) is not dict:
                 self._fail(f"the server sent a malformed frame ({item}); connection dropped")
+                assert self.transport is not None   # data comes after connection_made
                 self.transport.abort()
                 return
             fut = inflight.match(item)
@@ -66,13 +71,14 @@ class _Link(asyncio.Protocol):
                     fut.set_result(item)
             elif inflight.closing:   # the server's last word: drop the connection now
                 self._fail(inflight.closing_reason())
+                assert self.transport is not None
                 self.transport.abort()
                 return
 
     def eof_received(self) -> bool:
         return False   # close our side too
 
-    def connection_lost(self, exc) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         if self._closing:
             reason = "the client was closed"
         elif exc is None:
@@ -95,7 +101,7 @@ class _Link(asyncio.Protocol):
                 fut.set_exception(self.inflight.lost_error(reason))
         self._writable.set()   # wake writers so that they see the connection is gone
 
-    async def send(self, call: Call) -> tuple[int, asyncio.Future] | None:
+    async def send(self, call: Call[Any]) -> tuple[int, asyncio.Future[dict[str, Any]]] | None:
         """Write ``call``'s next frame under a fresh id; return the id and the
         answer's future. None, with nothing written, if the connection is
         gone (the caller takes another)."""
@@ -103,7 +109,8 @@ class _Link(asyncio.Protocol):
             await self._writable.wait()
         if not self.alive:
             return None
-        fut = self._loop.create_future()
+        assert self.transport is not None   # alive: connection_made has run
+        fut: asyncio.Future[dict[str, Any]] = self._loop.create_future()
         rid = self.inflight.add(fut)
         chunks = call.frame(rid)
         if len(chunks) == 1:
@@ -119,7 +126,7 @@ class _Link(asyncio.Protocol):
         self._fail("the client was closed")
 
 
-class AsyncClient(_core.ClientOptions):
+class AsyncClient(_core.ClientOptions[_Link]):
     """An asyncio ringserve client; pipelined by concurrency.
 
     Open it with ``client = await AsyncClient.connect(host, port, ...)`` or
@@ -136,7 +143,8 @@ class AsyncClient(_core.ClientOptions):
         self._dial_lock: asyncio.Lock | None = None
 
     @classmethod
-    async def connect(cls, host: str = "127.0.0.1", port: int = 7070, **options) -> "AsyncClient":
+    async def connect(cls, host: str = "127.0.0.1", port: int = 7070,
+                      **options: Any) -> "AsyncClient":
         """A client with its connections open (``ConnectFailed`` if they cannot be)."""
         self = cls(host, port, **options)
         await self._open()
@@ -145,7 +153,8 @@ class AsyncClient(_core.ClientOptions):
     async def _open(self) -> None:
         try:
             for i in range(len(self._links)):
-                if self._links[i] is None or not self._links[i].alive:
+                link = self._links[i]
+                if link is None or not link.alive:
                     self._links[i] = await self._dial()
         except BaseException:
             await self.close()
@@ -155,28 +164,30 @@ class AsyncClient(_core.ClientOptions):
         await self._open()
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     # -- the API ---------------------------------------------------------------------
-    async def infer(self, model: str, inputs, *, key: str | None = None, exp: str | None = None,
-                    version: str | None = None, deadline_ms: int | None = None,
+    async def infer(self, model: str, inputs: object, *, key: str | None = None,
+                    exp: str | None = None, version: str | None = None,
+                    deadline_ms: int | None = None,
                     as_torch: bool = False) -> _core.InferResult:
         """Run ``model`` on one sample; return its ``InferResult`` or raise."""
         msg = _core.infer_request(model, inputs, key, exp, version, deadline_ms)
         return await self._call(msg, partial(_core.infer_result, as_torch=as_torch))
 
-    async def feedback(self, ref, outcome, *, model: str | None = None) -> dict:
+    async def feedback(self, ref: int | str, outcome: float, *,
+                       model: str | None = None) -> dict[str, Any]:
         """Report ``outcome`` for ``ref`` (an earlier answer's ``rid``, or a routing key)."""
         return await self._call(_core.feedback_request(ref, outcome, model), _core.plain_answer)
 
-    async def health(self, model: str | None = None) -> dict:
+    async def health(self, model: str | None = None) -> dict[str, Any]:
         return await self._call(_core.op_request("health", model), _core.plain_answer)
 
-    async def models(self) -> dict:
+    async def models(self) -> dict[str, Any]:
         return await self._call(_core.op_request("models"), _core.plain_answer)
 
-    async def stats(self, model: str | None = None) -> dict:
+    async def stats(self, model: str | None = None) -> dict[str, Any]:
         return await self._call(_core.op_request("stats", model), _core.plain_answer)
 
     async def close(self) -> None:
@@ -199,7 +210,7 @@ class AsyncClient(_core.ClientOptions):
         return f"<{type(self).__name__} {self.host}:{self.port} {state}>"
 
     # -- one call -----------------------------------------------------------------------
-    async def _call(self, msg: dict, decode):
+    async def _call(self, msg: dict[str, Any], decode: Callable[[dict[str, Any], int], T]) -> T:
         if self._closed:
             raise ValueError("the client is closed")
         call = Call(msg, decode, policy=self.retry, timeout=self.timeout, now=_monotonic())
@@ -207,6 +218,7 @@ class AsyncClient(_core.ClientOptions):
             call.begin_attempt(_monotonic())
             link = await self._link()
             rid = None
+            step: T | Retry
             try:
                 # The timeout covers the write too: it waits while the server
                 # does not read.
@@ -246,6 +258,7 @@ class AsyncClient(_core.ClientOptions):
             raise ConnectFailed(f"cannot connect to ringserve at {self.host}:{self.port}: "
                                 f"{what}") from e
         if self.token is not None:
+            assert link.transport is not None   # connected
             link.transport.write(_core.auth_frame(self.token))
         return link
 

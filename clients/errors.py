@@ -17,6 +17,8 @@ ordinary ``TypeError``/``ValueError``, never one of these.
 
 from __future__ import annotations
 
+from typing import Any
+
 from ipc.status import Status
 
 __all__ = [
@@ -32,7 +34,7 @@ class RingserveError(Exception):
 
     status: Status | int = Status.INTERNAL
 
-    def __init__(self, status: Status | int, message: str, answer: dict | None = None):
+    def __init__(self, status: Status | int, message: str, answer: dict[str, Any] | None = None):
         super().__init__(message)
         try:
             status = Status(status)
@@ -44,7 +46,7 @@ class RingserveError(Exception):
         self.attempts = 1
 
     @property
-    def rid(self):
+    def rid(self) -> Any:
         """The server's request id, when the request was accepted (else None)."""
         return self.answer.get("rid")
 
@@ -52,7 +54,8 @@ class RingserveError(Exception):
         name = self.status.name if isinstance(self.status, Status) else f"status {self.status}"
         return f"{name}: {self.message}"
 
-    def __reduce__(self):   # picklable, e.g. across a process pool
+    # picklable, e.g. across a process pool
+    def __reduce__(self) -> tuple[type[RingserveError], tuple[Status | int, str, dict[str, Any]]]:
         return (type(self), (self.status, self.message, self.answer))
 
 

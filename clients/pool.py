@@ -9,6 +9,8 @@ round-robin order; a broken connection is replaced at its next turn.
 
 from __future__ import annotations
 
+from typing import Any
+
 from .aio import AsyncClient
 from .sync import Client
 
@@ -21,14 +23,14 @@ class ClientPool(Client):
     """``Client`` over ``size`` connections (``Client(..., connections=size)``)."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 7070, *, size: int = DEFAULT_SIZE,
-                 **options):
+                 **options: Any):
         super().__init__(host, port, connections=size, **options)
 
 
 class AsyncClientPool(AsyncClient):
-    """``AsyncClient`` over ``size`` connections; open it with ``await AsyncClientPool.connect(...)``
-    or ``async with``."""
+    """``AsyncClient`` over ``size`` connections; open it with
+    ``await AsyncClientPool.connect(...)`` or ``async with``."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 7070, *, size: int = DEFAULT_SIZE,
-                 **options):
+                 **options: Any):
         super().__init__(host, port, connections=size, **options)

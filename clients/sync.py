@@ -30,8 +30,10 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from functools import partial
+from typing import Any, TypeVar, TypeVarTuple, Unpack
 
 from ipc.framing import FrameDecoder
 
@@ -46,8 +48,13 @@ _monotonic = time.monotonic
 _RECV_BYTES = 256 * 1024
 _io_thread = threading.local()   # .client is set in the threads a Client owns
 
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
+# What a request in flight waits with: called as (answer, None) or (None, exc).
+_Waiter = Callable[[dict[str, Any] | None, BaseException | None], None]
 
-def _settle(fut: Future, result=None, exc: BaseException | None = None) -> None:
+
+def _settle(fut: Future[Any], result: object = None, exc: BaseException | None = None) -> None:
     """Complete ``fut`` unless something else (a timeout, a close) already did."""
     try:
         if exc is None:
@@ -82,7 +89,7 @@ class _Link:
                 sock.close()
                 raise ConnectFailed(f"cannot write to ringserve at {host}:{port}: {e}") from e
         self.sock = sock
-        self.inflight = InFlight()
+        self.inflight: InFlight[_Waiter] = InFlight()
         self.alive = True
         self._lock = threading.Lock()        # guards inflight and alive
         self._send_lock = threading.Lock()   # one frame written at a time
@@ -91,7 +98,7 @@ class _Link:
                                         name=f"ringserve-client-reader {host}:{port}")
         self._reader.start()
 
-    def send(self, call: Call, waiter) -> int | None:
+    def send(self, call: Call[Any], waiter: _Waiter) -> int | None:
         """Write ``call``'s next frame under a fresh id; ``waiter(answer, exc)``
         gets the outcome. None, with nothing written, if the connection is
         already gone (the caller takes another)."""
@@ -119,7 +126,7 @@ class _Link:
         with self._lock:
             self.inflight.drop(rid)
 
-    def _read(self, owner) -> None:
+    def _read(self, owner: Client) -> None:
         _io_thread.client = owner
         decoder = FrameDecoder(_core.MAX_ANSWER_BYTES)
         buf = bytearray(_RECV_BYTES)
@@ -161,7 +168,7 @@ class _Link:
             self.sock.shutdown(socket.SHUT_RDWR)   # wakes the reader if it is not the caller
         except OSError:
             pass
-        for waiter, exc in zip(waiters, errors):
+        for waiter, exc in zip(waiters, errors, strict=True):
             waiter(None, exc)
 
     def close(self) -> None:
@@ -183,8 +190,9 @@ class _Timers:
 
     def __init__(self, owner: "Client"):
         self._cond = threading.Condition()
-        self._heap: list = []
-        self._fifo: collections.deque = collections.deque()
+        self._heap: list[tuple[float, int, Callable[..., object], tuple[Any, ...]]] = []
+        self._fifo: collections.deque[
+            tuple[float, Future[Any], Callable[..., object], tuple[Any, ...]]] = collections.deque()
         self._seq = itertools.count()
         self._wake_at = math.inf   # when the thread will look next, unless notified
         self._stopped = False
@@ -192,13 +200,14 @@ class _Timers:
                                         name="ringserve-client-timers")
         self._thread.start()
 
-    def call_at(self, when: float, fn, *args) -> None:
+    def call_at(self, when: float, fn: Callable[[Unpack[Ts]], object], *args: Unpack[Ts]) -> None:
         with self._cond:
             heapq.heappush(self._heap, (when, next(self._seq), fn, args))
             if when < self._wake_at:
                 self._cond.notify()
 
-    def expire_at(self, when: float, fut: Future, fn, *args) -> None:
+    def expire_at(self, when: float, fut: Future[Any], fn: Callable[[Unpack[Ts]], object],
+                  *args: Unpack[Ts]) -> None:
         """Run ``fn(*args)`` at ``when`` unless ``fut`` is done by then."""
         with self._cond:
             fifo = self._fifo
@@ -210,10 +219,10 @@ class _Timers:
             if when < self._wake_at:
                 self._cond.notify()
 
-    def _run(self, owner) -> None:
+    def _run(self, owner: Client) -> None:
         _io_thread.client = owner
         while True:
-            due = []
+            due: list[tuple[Callable[..., object], tuple[Any, ...]]] = []
             with self._cond:
                 while not due:
                     if self._stopped:
@@ -239,7 +248,7 @@ class _Timers:
                 except Exception:   # a bug of ours; keep the other calls' timers running
                     log.exception("ringserve client timer callback failed")
 
-    def stop(self) -> list[Future]:
+    def stop(self) -> list[Future[Any]]:
         """Stop the thread; return the futures of every call not known to be done."""
         with self._cond:
             self._stopped = True
@@ -252,7 +261,7 @@ class _Timers:
         return futures
 
 
-class Client(_core.ClientOptions):
+class Client(_core.ClientOptions[_Link]):
     """A blocking ringserve client; thread-safe, pipelined.
 
     Many threads may share one client, and ``submit`` puts many requests in
@@ -280,16 +289,18 @@ class Client(_core.ClientOptions):
             raise
 
     # -- the API ---------------------------------------------------------------------
-    def infer(self, model: str, inputs, *, key: str | None = None, exp: str | None = None,
-              version: str | None = None, deadline_ms: int | None = None,
+    def infer(self, model: str, inputs: object, *, key: str | None = None,
+              exp: str | None = None, version: str | None = None,
+              deadline_ms: int | None = None,
               as_torch: bool = False) -> _core.InferResult:
         """Run ``model`` on one sample; return its ``InferResult`` or raise."""
         return self._wait(self.submit(model, inputs, key=key, exp=exp, version=version,
                                       deadline_ms=deadline_ms, as_torch=as_torch))
 
-    def submit(self, model: str, inputs, *, key: str | None = None, exp: str | None = None,
-               version: str | None = None, deadline_ms: int | None = None,
-               as_torch: bool = False) -> Future:
+    def submit(self, model: str, inputs: object, *, key: str | None = None,
+               exp: str | None = None, version: str | None = None,
+               deadline_ms: int | None = None,
+               as_torch: bool = False) -> Future[_core.InferResult]:
         """Like ``infer`` without waiting: a ``Future`` of the ``InferResult``.
 
         Arguments are checked (and the inputs encoded) before it returns, so
@@ -298,20 +309,21 @@ class Client(_core.ClientOptions):
         msg = _core.infer_request(model, inputs, key, exp, version, deadline_ms)
         return self._start(msg, partial(_core.infer_result, as_torch=as_torch))
 
-    def feedback(self, ref, outcome, *, model: str | None = None) -> dict:
+    def feedback(self, ref: int | str, outcome: float, *,
+                 model: str | None = None) -> dict[str, Any]:
         """Report ``outcome`` for ``ref`` (an earlier answer's ``rid``, or a routing key)."""
         return self._wait(self._start(_core.feedback_request(ref, outcome, model),
                                       _core.plain_answer))
 
-    def health(self, model: str | None = None) -> dict:
+    def health(self, model: str | None = None) -> dict[str, Any]:
         """The ``health`` answer: liveness, readiness, one entry per worker."""
         return self._op("health", model)
 
-    def models(self) -> dict:
+    def models(self) -> dict[str, Any]:
         """The ``models`` answer: each served model's schema and batching."""
         return self._op("models")
 
-    def stats(self, model: str | None = None) -> dict:
+    def stats(self, model: str | None = None) -> dict[str, Any]:
         """The ``stats`` answer: counts, latency percentiles, queues, workers."""
         return self._op("stats", model)
 
@@ -335,7 +347,7 @@ class Client(_core.ClientOptions):
     def __enter__(self) -> "Client":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
@@ -343,32 +355,32 @@ class Client(_core.ClientOptions):
         return f"<{type(self).__name__} {self.host}:{self.port} {state}>"
 
     # -- one call -----------------------------------------------------------------------
-    def _op(self, op: str, model: str | None = None) -> dict:
+    def _op(self, op: str, model: str | None = None) -> dict[str, Any]:
         return self._wait(self._start(_core.op_request(op, model), _core.plain_answer))
 
-    def _wait(self, fut: Future):
+    def _wait(self, fut: Future[T]) -> T:
         if getattr(_io_thread, "client", None) is self:
             raise RuntimeError("a blocking call of a Client from a future callback of the same "
                                "client would wait on itself; use submit() there")
         return fut.result()
 
-    def _start(self, msg: dict, decode) -> Future:
+    def _start(self, msg: dict[str, Any], decode: Callable[[dict[str, Any], int], T]) -> Future[T]:
         if self._closed:
             raise ValueError("the client is closed")
         now = _monotonic()
         call = Call(msg, decode, policy=self.retry, timeout=self.timeout, now=now)
-        fut: Future = Future()
+        fut: Future[T] = Future()
         fut.set_running_or_notify_cancel()   # a request on the wire cannot be called back
         self._timers.expire_at(call.timeout_at, fut, self._expire, call, fut)
         self._attempt(call, fut)
         return fut
 
-    def _attempt(self, call: Call, fut: Future) -> None:
+    def _attempt(self, call: Call[Any], fut: Future[Any]) -> None:
         if fut.done():
             return
         try:
             call.begin_attempt(_monotonic())
-        except RingserveError as e:   # out of budget: the last answer's error is final
+        except (RingserveError, ConnectionLost) as e:   # out of budget: the last error is final
             _settle(fut, exc=e)
             return
         try:
@@ -386,11 +398,13 @@ class Client(_core.ClientOptions):
         except BaseException as e:    # cannot connect, connection lost, closed
             _settle(fut, exc=e)
 
-    def _answered(self, call: Call, fut: Future, answer: dict | None,
+    def _answered(self, call: Call[Any], fut: Future[Any], answer: dict[str, Any] | None,
                   exc: BaseException | None) -> None:
         now = _monotonic()
+        step: object
         try:
             if exc is None:
+                assert answer is not None   # a waiter gets (answer, None) or (None, exc)
                 step = call.answer(answer, now)
             elif isinstance(exc, RingserveError):   # the id-0 answer of a server's close:
                 step = call.failed(exc, now, received=False)   # the request was not received
@@ -406,7 +420,7 @@ class Client(_core.ClientOptions):
         else:
             _settle(fut, step)
 
-    def _expire(self, call: Call, fut: Future) -> None:
+    def _expire(self, call: Call[Any], fut: Future[Any]) -> None:
         if call.sent is not None and call.sent[1] is not None:
             call.sent[0].drop(call.sent[1])
         _settle(fut, exc=call.timed_out())

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+from typing import Any
 
 MAX_MESSAGE = 4 << 20   # one packet; a config with hundreds of models fits
 MAX_FDS = 8
@@ -58,7 +59,7 @@ class Channel:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send(self, msg: dict, fds: tuple[int, ...] | list[int] = ()) -> None:
+    def send(self, msg: dict[str, Any], fds: tuple[int, ...] | list[int] = ()) -> None:
         data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
         if len(data) > MAX_MESSAGE:
             raise ValueError(f"control message {msg.get('cmd') or msg.get('event')!r} is "
@@ -71,7 +72,7 @@ class Channel:
         except (BrokenPipeError, ConnectionResetError) as e:
             raise ChannelClosed(str(e)) from None
 
-    def recv(self) -> tuple[dict, list[int]] | None:
+    def recv(self) -> tuple[dict[str, Any], list[int]] | None:
         try:
             data, fds, flags, _ = socket.recv_fds(self.sock, MAX_MESSAGE, MAX_FDS)
         except (BlockingIOError, InterruptedError):

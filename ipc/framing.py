@@ -38,10 +38,16 @@ from __future__ import annotations
 
 import struct
 import threading
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import msgpack
 
 from ipc.status import InvalidArgument, ProtocolError, ResourceExhausted
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from typing_extensions import Buffer  # collections.abc.Buffer is Python 3.12+
 
 __all__ = ["DEFAULT_MAX_FRAME_BYTES", "HEADER", "FrameDecoder", "FrameLimits", "encode_body",
            "encode_frame"]
@@ -57,7 +63,7 @@ _MAX_BODY = 2**32 - 1
 _unpackb = msgpack.unpackb
 
 
-def _refuse_ext(code: int, data: bytes):
+def _refuse_ext(code: int, data: bytes) -> NoReturn:
     # The protocol has no ext types; turning them into an error here keeps
     # ExtType objects from travelling into code that expects plain values.
     # Timestamps (ext -1) are decoded inside msgpack without calling this
@@ -112,7 +118,7 @@ class _Counter:
         self.max_depth = limits.max_depth
         self.depth: dict[int, int] = {}
 
-    def _seen(self, obj, children) -> None:
+    def _seen(self, obj: list[Any] | dict[Any, Any], children: Iterable[object]) -> None:
         self.left -= len(obj)
         if self.left < 0:
             raise _Budget("more elements in all than any valid request of the served "
@@ -131,11 +137,11 @@ class _Counter:
         if d > 1:
             depth[id(obj)] = d
 
-    def on_list(self, lst: list) -> list:
+    def on_list(self, lst: list[Any]) -> list[Any]:
         self._seen(lst, lst)
         return lst
 
-    def on_map(self, d: dict) -> dict:
+    def on_map(self, d: dict[Any, Any]) -> dict[Any, Any]:
         self._seen(d, d.values())
         return d
 
@@ -182,14 +188,14 @@ class FrameDecoder:
         """True after a fatal error: the connection must be closed."""
         return self._dead
 
-    def feed(self, data, max_items: int = 0) -> list:
+    def feed(self, data: Buffer, max_items: int = 0) -> list[dict[str, Any] | ProtocolError]:
         """Consume ``data`` (bytes-like); return the dicts and errors it completed.
 
         With ``max_items``, stop after that many and keep the rest for the
         next call (``backlog``)."""
         if self._dead:
             return []
-        out: list = []
+        out: list[dict[str, Any] | ProtocolError] = []
         if self._backlog:
             data = self._backlog + bytes(data)
             self._backlog = b""
@@ -197,10 +203,11 @@ class FrameDecoder:
         if type(data) is not bytes and (view.itemsize != 1 or view.ndim != 1):
             view = view.cast("B")
         if self._buf:
-            view = self._complete(view, out)
-            if view is None:
+            rest = self._complete(view, out)
+            if rest is None:
                 self.buffered = len(self._buf)
                 return out
+            view = rest
 
         # Fast path: frames that lie wholly inside `data` are decoded in place.
         pos, end = 0, len(view)
@@ -256,7 +263,8 @@ class FrameDecoder:
         self.buffered = 0
         return n
 
-    def _complete(self, view: memoryview, out: list) -> memoryview | None:
+    def _complete(self, view: memoryview,
+                  out: list[dict[str, Any] | ProtocolError]) -> memoryview | None:
         """Top up the pending frame from ``view``; return what is left of it.
 
         Returns None when ``view`` was used up (or the frame was refused)
@@ -298,7 +306,8 @@ class FrameDecoder:
             fatal=True)
 
 
-def _decode_body(body: memoryview, lim: FrameLimits = _DEFAULT_LIMITS) -> dict | ProtocolError:
+def _decode_body(body: memoryview,
+                 lim: FrameLimits = _DEFAULT_LIMITS) -> dict[str, Any] | ProtocolError:
     n = len(body)
     # The per-object limits stop a 10-byte header claiming a 4 GiB string
     # (or a billion-entry array) from allocating it; the hooks bound the total.
@@ -334,13 +343,13 @@ def _undecodable(body: memoryview, e: Exception) -> InvalidArgument:
         req_id=_salvage_id(body))
 
 
-def _not_a_map(obj) -> InvalidArgument:
+def _not_a_map(obj: object) -> InvalidArgument:
     return InvalidArgument(
         f"frame body is a msgpack {_kind(obj)}, not a map; each frame must hold exactly "
         "one msgpack map like {\"id\": 1, \"model\": ..., \"inputs\": ...}")
 
 
-def _kind(obj) -> str:
+def _kind(obj: object) -> str:
     if obj is None:
         return "nil"
     return {list: "array", str: "string", bytes: "bin", bool: "boolean",
@@ -384,26 +393,26 @@ def _packer() -> msgpack.Packer:
     return p
 
 
-def encode_body(msg: dict) -> bytes:
+def encode_body(msg: dict[str, Any]) -> bytes:
     """The msgpack body of ``msg``; bytes, bytearray and memoryview pack as bin.
 
     A memoryview must be C-contiguous (BufferError otherwise).
     """
     try:
-        pk = _local.packer
+        pk: msgpack.Packer = _local.packer
     except AttributeError:
         pk = _packer()
     return pk.pack(msg)
 
 
-def encode_frame(msg: dict) -> bytes:
+def encode_frame(msg: dict[str, Any]) -> bytes:
     """Header + body of ``msg``, ready to write.
 
     To skip the concatenation copy of a large body, write
     ``(HEADER.pack(len(body)), body)`` with ``writelines`` instead.
     """
     try:
-        pk = _local.packer
+        pk: msgpack.Packer = _local.packer
     except AttributeError:
         pk = _packer()
     body = pk.pack(msg)

@@ -77,8 +77,12 @@ import ipaddress
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ipc.status import InvalidArgument, brief
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # collections.abc.Buffer is Python 3.12+
 
 __all__ = ["DEFAULT_MAX_BYTES", "V1_MAX_LINE", "V2_SIGNATURE", "V2_HEADER", "V2_INET", "V2_INET6",
            "V2_UNIX_LEN", "TLV_HEADER", "ProxyHeaderParser", "ProxyResult", "parse_trusted"]
@@ -146,7 +150,7 @@ class ProxyHeaderParser:
         self._error: InvalidArgument | None = None
         self._done = False
 
-    def feed(self, data) -> ProxyResult | None:
+    def feed(self, data: Buffer) -> ProxyResult | None:
         """None: need more bytes. Else a ProxyResult. Raises ipc.status.InvalidArgument
         (with a message a person can act on, e.g. naming what was expected) for a
         malformed or missing header; never another exception.
@@ -333,6 +337,8 @@ def _decode_v2(buf: bytearray, total: int, rest: bytes) -> ProxyResult:
     _check_tlvs(buf, addr_end, total)
     if family == _UNIX:
         return ProxyResult(None, None, 2, rest)
+    src_ip: ipaddress.IPv4Address | ipaddress.IPv6Address
+    dst_ip: ipaddress.IPv4Address | ipaddress.IPv6Address
     if family == _INET:
         src, dst, sport, dport = V2_INET.unpack_from(buf, _V2_SIZE)
         src_ip, dst_ip = ipaddress.IPv4Address(src), ipaddress.IPv4Address(dst)
@@ -417,7 +423,10 @@ def parse_trusted(cidrs: Iterable[str]) -> Callable[[str], bool]:
         except (ValueError, TypeError):
             raise ValueError(f"{entry!r} is not an IP address or CIDR network "
                              "(e.g. \"10.0.0.0/8\", \"::1\")") from None
-        (v4 if net.version == 4 else v6).append(net)
+        if isinstance(net, ipaddress.IPv4Network):   # net.version == 4
+            v4.append(net)
+        else:
+            v6.append(net)
     nets4, nets6 = tuple(v4), tuple(v6)
 
     def is_trusted(host: str) -> bool:

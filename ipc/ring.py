@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterable
 
 from .shm import Segment
 
@@ -80,36 +81,48 @@ _COMPLETED = 128 // 8
 _HEARTBEAT = 192 // 8
 MAX_TENSORS = (HEADER_BYTES - SCHEMA_OFF) // 8
 
+# What a closed Ring's views become: any use of a released memoryview raises
+# ValueError, and releasing it again is a no-op, so close() may run twice.
+_CLOSED = memoryview(b"")
+_CLOSED.release()
+
 
 def _align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
+def _open_buf(seg: Segment) -> memoryview:
+    """The segment's view; a closed segment (``buf`` None) cannot hold a ring."""
+    if seg.buf is None:
+        raise ValueError(f"segment {seg.name!r} is closed")
+    return seg.buf
+
+
 class RingLayout:
     """Offsets of every region, computed once from the schema."""
 
-    def __init__(self, depth: int, max_batch: int, input_nbytes, output_nbytes,
-                 err_bytes: int = DEFAULT_ERR_BYTES):
-        input_nbytes = tuple(int(x) for x in input_nbytes)
-        output_nbytes = tuple(int(x) for x in output_nbytes)
+    def __init__(self, depth: int, max_batch: int, input_nbytes: Iterable[int],
+                 output_nbytes: Iterable[int], err_bytes: int = DEFAULT_ERR_BYTES):
+        ins = tuple(int(x) for x in input_nbytes)
+        outs = tuple(int(x) for x in output_nbytes)
         if depth < 1 or max_batch < 1:
             raise ValueError("depth and max_batch must be at least 1")
-        if not input_nbytes or not output_nbytes:
+        if not ins or not outs:
             raise ValueError("a ring needs at least one input and one output")
-        if len(input_nbytes) + len(output_nbytes) > MAX_TENSORS:
+        if len(ins) + len(outs) > MAX_TENSORS:
             raise ValueError(f"at most {MAX_TENSORS} inputs and outputs together")
         self.depth = depth
         self.max_batch = max_batch
-        self.input_nbytes = input_nbytes
-        self.output_nbytes = output_nbytes
+        self.input_nbytes = ins
+        self.output_nbytes = outs
         self.err_bytes = err_bytes
         off = DATA_OFF
-        self.input_offsets = []
-        for nb in input_nbytes:
+        self.input_offsets: list[int] = []
+        for nb in ins:
             self.input_offsets.append(off)
             off = _align(off + max_batch * nb, ALIGN)
-        self.output_offsets = []
-        for nb in output_nbytes:
+        self.output_offsets: list[int] = []
+        for nb in outs:
             self.output_offsets.append(off)
             off = _align(off + max_batch * nb, ALIGN)
         self.err_offset = off
@@ -128,7 +141,8 @@ class RingLayout:
 
     @classmethod
     def read_header(cls, buf: memoryview) -> "RingLayout":
-        magic, ver, depth, max_batch, n_in, n_out, slot_bytes, err_bytes = _FIXED.unpack_from(buf, 0)
+        (magic, ver, depth, max_batch, n_in, n_out, slot_bytes,
+         err_bytes) = _FIXED.unpack_from(buf, 0)
         if magic != MAGIC or ver != LAYOUT_VERSION:
             raise ValueError(f"not a ringserve ring (magic {magic!r}, layout version {ver})")
         sizes = struct.unpack_from(f"<{n_in + n_out}Q", buf, SCHEMA_OFF)
@@ -147,11 +161,12 @@ class Ring:
     """
 
     def __init__(self, seg: Segment, layout: RingLayout):
+        buf = _open_buf(seg)
         self.seg = seg
         self.layout = layout
         self.name = seg.name
-        self._buf = seg.buf
-        self._u64 = seg.buf[:HEADER_BYTES].cast("Q")
+        self._buf = buf
+        self._u64 = buf[:HEADER_BYTES].cast("Q")
         depth = layout.depth
         self._req_off = [layout.slot_base(i) + REQ_OFF for i in range(depth)]
         self._res_off = [layout.slot_base(i) + RES_OFF for i in range(depth)]
@@ -165,7 +180,7 @@ class Ring:
     def create(cls, name: str, layout: RingLayout) -> "Ring":
         seg = Segment.create(name, layout.total_bytes)
         try:
-            layout.write_header(seg.buf)
+            layout.write_header(_open_buf(seg))
         except BaseException:
             seg.close()
             seg.unlink()
@@ -179,7 +194,7 @@ class Ring:
         attach it with ``from_fd``."""
         seg, fd = Segment.anonymous(name, layout.total_bytes)
         try:
-            layout.write_header(seg.buf)
+            layout.write_header(_open_buf(seg))
         except BaseException:
             seg.close()
             os.close(fd)
@@ -190,7 +205,7 @@ class Ring:
     def from_fd(cls, fd: int, name: str) -> "Ring":
         seg = Segment.from_fd(fd, name)
         try:
-            layout = RingLayout.read_header(seg.buf)
+            layout = RingLayout.read_header(_open_buf(seg))
         except BaseException:
             seg.close()
             raise
@@ -200,7 +215,7 @@ class Ring:
     def attach(cls, name: str) -> "Ring":
         seg = Segment.attach(name)
         try:
-            layout = RingLayout.read_header(seg.buf)
+            layout = RingLayout.read_header(_open_buf(seg))
         except BaseException:
             seg.close()
             raise
@@ -210,10 +225,9 @@ class Ring:
         for v in self._views:
             v.release()
         self._views.clear()
-        if self._u64 is not None:
-            self._u64.release()
-            self._u64 = None
-        self._buf = None
+        self._u64.release()
+        self._u64 = _CLOSED
+        self._buf = _CLOSED
         self.seg.close()
 
     def unlink(self) -> None:
@@ -268,7 +282,8 @@ class Ring:
         err = ""
         if status:
             off = self.layout.slot_base(slot) + self.layout.err_offset
-            err = bytes(self._buf[off:off + min(err_len, self.layout.err_bytes)]).decode("utf-8", "replace")
+            end = off + min(err_len, self.layout.err_bytes)
+            err = bytes(self._buf[off:end]).decode("utf-8", "replace")
         return seq, n, status, compute_ns, err
 
     def ran(self, slot: int) -> tuple[int, int, bool]:

@@ -39,7 +39,7 @@ class Segment:
         self.name = name
         self.size = size
         self.owner = owner
-        self._mm = mm
+        self._mm: mmap.mmap | None = mm
         self.buf: memoryview | None = memoryview(mm)
 
     @classmethod
@@ -95,6 +95,8 @@ class Segment:
 
     def address(self) -> int:
         """Start address of the mapping (for cudaHostRegister)."""
+        if self._mm is None:
+            raise ValueError(f"segment {self.name!r} is closed")
         return ctypes.addressof(ctypes.c_char.from_buffer(self._mm))
 
     def close(self) -> None:

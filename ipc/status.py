@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import reprlib
+from typing import Any
 
 
 class Status(enum.IntEnum):
@@ -46,7 +47,7 @@ class ProtocolError(Exception):
         if status is not None:
             self.status = status
 
-    def answer(self) -> dict:
+    def answer(self) -> dict[str, Any]:
         """The answer map for this error (protocol.md, "Answers")."""
         return {"id": self.req_id, "status": int(self.status), "error": self.message}
 
@@ -91,14 +92,16 @@ for _name, _value in (("maxlevel", 3), ("maxdict", 4), ("maxlist", 6), ("maxtupl
     setattr(_repr, _name, _value)
 
 
-def brief(value, limit: int = BRIEF_LIMIT) -> str:
+def brief(value: object, limit: int = BRIEF_LIMIT) -> str:
     """A short repr of ``value`` for an error message: at most about ``limit``
     characters, with the length of a cut string or bytes value."""
     try:
         text = _repr.repr(value)
     except ValueError:  # an int past Python's 4300-digit str limit
         return f"<int of {value.bit_length()} bits>" if type(value) is int else "<unprintable>"
-    if type(value) in (str, bytes, bytearray) and len(value) > limit:
+    # Three "is" tests rather than "in (str, bytes, bytearray)": mypy narrows these.
+    if ((type(value) is str or type(value) is bytes or type(value) is bytearray)
+            and len(value) > limit):
         unit = "characters" if type(value) is str else "bytes"
         return f"{text[:limit]}... ({len(value)} {unit})"
     return text if len(text) <= limit + 16 else text[:limit] + "..."

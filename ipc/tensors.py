@@ -35,11 +35,19 @@ from __future__ import annotations
 import itertools
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ipc.status import InvalidArgument, brief
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    import torch
+    from numpy.typing import NDArray
 
 __all__ = [
     "DType", "DTYPES", "TensorSpec", "decode_tensor", "decode_inputs",
@@ -74,7 +82,7 @@ _SUPPORTED = ", ".join(DTYPES)
 
 # The numpy dtype that reads the wire bytes: explicitly little-endian, and
 # for bfloat16 its bit pattern as uint16.
-_NP: dict[str, np.dtype] = {
+_NP: dict[str, np.dtype[Any]] = {
     name: np.dtype(d.numpy_name or "uint16").newbyteorder("<") for name, d in DTYPES.items()}
 _F32 = np.dtype("<f4")
 _F64 = np.dtype("<f8")
@@ -96,7 +104,16 @@ class TensorSpec:
     dtype: str
     shape: tuple[int, ...]
 
-    def __post_init__(self):
+    if TYPE_CHECKING:
+        # Set by __post_init__, not dataclass fields: declared for the type checker only.
+        @property
+        def _numel(self) -> int: ...
+        @property
+        def _nbytes(self) -> int: ...
+        @property
+        def _shape_list(self) -> list[int]: ...
+
+    def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {brief(self.dtype)}; supported: {_SUPPORTED}")
         shape = tuple(self.shape)
@@ -122,7 +139,7 @@ class TensorSpec:
         return f"{self.dtype}[{', '.join(map(str, self.shape))}]"
 
 
-def _as_spec(spec) -> TensorSpec:
+def _as_spec(spec: object) -> TensorSpec:
     if type(spec) is not TensorSpec:
         raise TypeError(f"expected a TensorSpec, got {type(spec).__name__}")
     return spec
@@ -134,7 +151,7 @@ _TENSOR_FORM = ('a tensor is {"dtype": str, "shape": [int...], "data": bin} '
                 "or a plain (nested) list of numbers")
 
 
-def decode_tensor(obj, spec: TensorSpec, where: str, defer_finite: bool = False):
+def decode_tensor(obj: object, spec: TensorSpec, where: str, defer_finite: bool = False) -> bytes:
     """Check one sample against ``spec``; return its raw bytes (spec.nbytes long).
 
     The binary form must be a map of exactly ``dtype`` (str), ``shape`` (an
@@ -179,7 +196,7 @@ def decode_tensor(obj, spec: TensorSpec, where: str, defer_finite: bool = False)
     return data
 
 
-def _check_float(data, spec: TensorSpec, where: str) -> None:
+def _check_float(data: bytes, spec: TensorSpec, where: str) -> None:
     # isfinite rather than a cheaper-looking reduction (a sum, a dot with
     # zeros): those raise FP flags on Inf and overflow, which numpy turns
     # into RuntimeWarnings, and errstate to silence them costs more than it
@@ -194,7 +211,8 @@ def _check_float(data, spec: TensorSpec, where: str) -> None:
 DEFERRABLE = frozenset(("float16", "float32", "float64"))  # what ``defer_finite`` skips
 
 
-def non_finite_rows(buf, dtype: str, rows: int, row_elems: int) -> dict[int, tuple[int, float]]:
+def non_finite_rows(buf: bytes | bytearray | memoryview, dtype: str, rows: int,
+                    row_elems: int) -> dict[int, tuple[int, float]]:
     """Rows among the first ``rows`` of ``buf`` (rows of ``row_elems``
     ``dtype`` elements) that hold NaN or Inf: {row: (flat index of its first
     bad element within the row, that value)}. Empty when all are finite: the
@@ -215,7 +233,7 @@ def not_finite_error(index: int, value: float, where: str) -> InvalidArgument:
     return _not_finite(index, value, where)
 
 
-def _check_bfloat16(data, spec: TensorSpec, where: str) -> None:
+def _check_bfloat16(data: bytes, spec: TensorSpec, where: str) -> None:
     # Exponent bits all ones is Inf or NaN.
     masked = _frombuffer(data, _U16) & 0x7F80
     if _max(masked) != 0x7F80:
@@ -224,7 +242,7 @@ def _check_bfloat16(data, spec: TensorSpec, where: str) -> None:
     raise _not_finite(i, float(_bf16_to_f32(_frombuffer(data, _U16)[i:i + 1])[0]), where)
 
 
-def _check_bool(data, spec: TensorSpec, where: str) -> None:
+def _check_bool(data: bytes, spec: TensorSpec, where: str) -> None:
     # Other byte values would reach the model as undefined bools.
     u = _frombuffer(data, _U8)
     if _max(u) > 1:
@@ -245,7 +263,7 @@ def _not_finite(i: int, value: float, where: str) -> InvalidArgument:
 _KEYS = ("dtype", "shape", "data")
 
 
-def _bad_keys(obj: dict, where: str) -> InvalidArgument:
+def _bad_keys(obj: dict[Any, Any], where: str) -> InvalidArgument:
     """A tensor map without exactly the keys dtype, shape and data."""
     missing = [k for k in _KEYS if k not in obj]
     unknown = [k for k in itertools.islice(obj, len(_KEYS) + _MOST) if k not in _KEYS]
@@ -259,7 +277,7 @@ def _bad_keys(obj: dict, where: str) -> InvalidArgument:
     return InvalidArgument(f"{where}: tensor map {' and '.join(parts)}; {_TENSOR_FORM}")
 
 
-def _bad_dtype(dtype, spec: TensorSpec, where: str) -> InvalidArgument:
+def _bad_dtype(dtype: object, spec: TensorSpec, where: str) -> InvalidArgument:
     if type(dtype) is not str:
         return InvalidArgument(f"{where}: dtype must be a string, got {_kind(dtype)}; "
                                f"the model's input is {spec.describe()}")
@@ -271,7 +289,7 @@ def _bad_dtype(dtype, spec: TensorSpec, where: str) -> InvalidArgument:
         f"send {spec.dtype} data or a plain list of numbers")
 
 
-def _bad_shape(shape, spec: TensorSpec, where: str) -> InvalidArgument:
+def _bad_shape(shape: object, spec: TensorSpec, where: str) -> InvalidArgument:
     if type(shape) is not list and type(shape) is not tuple:
         return InvalidArgument(f"{where}: shape must be an array of non-negative integers, "
                                f"got {_kind(shape)}; the model's input is {spec.describe()}")
@@ -298,7 +316,7 @@ _INT_RANGE["bool"] = (0, 1)
 _EXACT_IN_F64 = 2**53   # beyond it, ints that numpy turned into float64 lost digits
 
 
-def _decode_list(obj, spec: TensorSpec, where: str) -> bytes:
+def _decode_list(obj: object, spec: TensorSpec, where: str) -> bytes:
     t = type(obj)
     if t is not list and t is not tuple and not (spec.shape == () and t in (int, float, bool)):
         raise InvalidArgument(f"{where}: expected a tensor, got {_kind(obj)}; {_TENSOR_FORM}")
@@ -308,7 +326,7 @@ def _decode_list(obj, spec: TensorSpec, where: str) -> bytes:
     # as the longest one times the number of leaves (a 200 KB frame of one
     # 2,000-character string and 100,000 short ones is 800 MB of memory).
     leaves, kinds, shape = _scan(obj, len(spec.shape) + 1)
-    if leaves is None:
+    if leaves is None or kinds is None:   # None together
         raise InvalidArgument(f"{where}: the list is not a regular array of numbers (a level "
                               f"mixes lists with other values, or it nests deeper than "
                               f"{len(spec.shape) + 1}); send nested lists of shape "
@@ -325,6 +343,7 @@ def _decode_list(obj, spec: TensorSpec, where: str) -> bytes:
             f"{where}: list of shape {list(shape)} does not match the model's input "
             f"{spec.describe()}; send one sample (no batch dimension)")
 
+    a: NDArray[Any] | None
     if DTYPES[spec.dtype].is_float:   # ints and floats (no bools: refused above)
         try:
             a = _fromiter(leaves, _F64, len(leaves))
@@ -363,7 +382,8 @@ _INTS = {int}
 _fromiter = np.fromiter
 
 
-def _scan(obj, limit: int):
+def _scan(obj: object, limit: int) -> tuple[list[Any] | None, set[type] | None,
+                                             tuple[int, ...] | None]:
     """(leaves in C order, the set of their types, shape) of a nested list.
 
     Goes down through levels of nothing but lists, one C-level pass a level
@@ -374,7 +394,8 @@ def _scan(obj, limit: int):
     """
     if type(obj) is not list and type(obj) is not tuple:
         return [obj], {type(obj)}, ()   # a scalar sample
-    items, shape = obj, [len(obj)]
+    items: Sequence[Any] = obj
+    shape: list[int] | None = [len(obj)]
     for _ in range(limit):
         kinds = set(map(type, items))
         if kinds.isdisjoint(_SEQS):
@@ -390,7 +411,8 @@ def _scan(obj, limit: int):
     return None, None, None
 
 
-def _check_leaves(leaves: list, spec: TensorSpec, where: str, numbers: frozenset) -> None:
+def _check_leaves(leaves: list[Any], spec: TensorSpec, where: str,
+                  numbers: frozenset[type]) -> None:
     """InvalidArgument for the first leaf whose type is not one of ``numbers``."""
     for i, v in enumerate(leaves):
         if type(v) not in numbers:
@@ -406,7 +428,7 @@ def _check_leaves(leaves: list, spec: TensorSpec, where: str, numbers: frozenset
 _chain = itertools.chain.from_iterable
 
 
-def _cast_float(a: np.ndarray, spec: TensorSpec, where: str) -> bytes:
+def _cast_float(a: NDArray[Any], spec: TensorSpec, where: str) -> bytes:
     """float64 values -> the float dtype's bytes; NaN/Inf and values beyond
     the dtype's range are refused (one finiteness pass, over the result)."""
     bf16 = spec.dtype == "bfloat16"
@@ -432,7 +454,7 @@ def _cast_float(a: np.ndarray, spec: TensorSpec, where: str) -> bytes:
     return out.tobytes()
 
 
-def _cast_int(a: np.ndarray, spec: TensorSpec, where: str, kind: str) -> bytes:
+def _cast_int(a: NDArray[Any], spec: TensorSpec, where: str, kind: str) -> bytes:
     """Ints, or floats below 2**53, to an integer (or bool) dtype, exactly."""
     if kind == "f":
         whole = a == np.trunc(a)
@@ -447,7 +469,7 @@ def _cast_int(a: np.ndarray, spec: TensorSpec, where: str, kind: str) -> bytes:
     return a.astype(_NP[spec.dtype]).tobytes()
 
 
-def _exact_ints(values: list, spec: TensorSpec, where: str) -> bytes:
+def _exact_ints(values: list[Any], spec: TensorSpec, where: str) -> bytes:
     """The slow, exact path for ints that numpy could not hold losslessly."""
     lo, hi = _INT_RANGE[spec.dtype]
     ints = []
@@ -469,7 +491,7 @@ def _not_integer(i: int, value: float, spec: TensorSpec, where: str) -> InvalidA
                            f"integer; the model's input is {spec.describe()}")
 
 
-def _out_of_range(i: int, value, spec: TensorSpec, where: str) -> InvalidArgument:
+def _out_of_range(i: int, value: object, spec: TensorSpec, where: str) -> InvalidArgument:
     d = spec.dtype
     if d in _INT_RANGE:
         lo, hi = _INT_RANGE[d]
@@ -480,7 +502,7 @@ def _out_of_range(i: int, value, spec: TensorSpec, where: str) -> InvalidArgumen
                            f"range for the model's input {spec.describe()} ({bounds})")
 
 
-def _f32_to_bf16(a: np.ndarray) -> np.ndarray:
+def _f32_to_bf16(a: NDArray[Any]) -> NDArray[Any]:
     """float32 -> bfloat16 bits, rounding to nearest even (as torch does).
 
     NaN must not reach it (rounding could carry a NaN's payload into Inf);
@@ -490,7 +512,7 @@ def _f32_to_bf16(a: np.ndarray) -> np.ndarray:
     return ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(_U16)
 
 
-def _bf16_to_f32(u: np.ndarray) -> np.ndarray:
+def _bf16_to_f32(u: NDArray[Any]) -> NDArray[Any]:
     return (u.astype(_U32) << 16).view(_F32)
 
 
@@ -511,8 +533,8 @@ def _where(name: str) -> str:
     return w
 
 
-def decode_inputs(obj, specs: tuple[tuple[str, TensorSpec], ...], single: bool,
-                  defer_finite: bool = False) -> list:
+def decode_inputs(obj: object, specs: tuple[tuple[str, TensorSpec], ...], single: bool,
+                  defer_finite: bool = False) -> list[bytes]:
     """Validate a request's ``inputs``; return the raw bytes of each, in spec order.
 
     ``single``: the model declares one unnamed input, sent as a bare tensor
@@ -548,19 +570,19 @@ def decode_inputs(obj, specs: tuple[tuple[str, TensorSpec], ...], single: bool,
 _MISSING = object()
 
 
-def _expected(specs, most: int = 6) -> str:
+def _expected(specs: Sequence[tuple[str, object]], most: int = 6) -> str:
     shown = ", ".join(f"{name!r} {_as_spec(spec).describe()}" for name, spec in specs[:most])
     if len(specs) > most:
         shown += f" and {len(specs) - most} more (see the models op)"
     return shown
 
 
-def _keys(obj: dict) -> str:
+def _keys(obj: dict[Any, Any]) -> str:
     """A peer's map's keys, for a message: the first few, and how many more."""
     return _join(list(itertools.islice(obj, _MOST)), more=max(0, len(obj) - _MOST))
 
 
-def _names_error(obj: dict, specs) -> InvalidArgument:
+def _names_error(obj: dict[Any, Any], specs: Sequence[tuple[str, object]]) -> InvalidArgument:
     declared = [name for name, _ in specs]
     missing = [n for n in declared if n not in obj]
     unknown = list(itertools.islice((k for k in obj if k not in declared), _MOST))
@@ -575,7 +597,8 @@ def _names_error(obj: dict, specs) -> InvalidArgument:
 
 # --- building and reading tensor maps -----------------------------------------
 
-def encode_tensor(dtype: str, shape, data) -> dict:
+def encode_tensor(dtype: str, shape: Iterable[int],
+                  data: bytes | bytearray | memoryview) -> dict[str, Any]:
     """The wire map. ``data`` (bytes, bytearray or a C-contiguous memoryview,
     e.g. a slice of shared memory) is kept as-is; msgpack packs it as bin."""
     d = DTYPES.get(dtype)
@@ -595,7 +618,7 @@ _NP_KIND = {("f", 4): "float32", ("f", 2): "float16", ("f", 8): "float64",
             ("u", 1): "uint8", ("b", 1): "bool"}
 
 
-def from_array(x) -> dict:
+def from_array(x: object) -> dict[str, Any]:
     """A numpy array, CPU torch tensor, list or number -> wire map.
 
     The map's data is a memoryview of the array's own buffer when it is
@@ -621,13 +644,14 @@ def from_array(x) -> dict:
     return {"dtype": name, "shape": list(x.shape), "data": _byte_view(x)}
 
 
-def _byte_view(x: np.ndarray) -> memoryview:
+def _byte_view(x: NDArray[Any]) -> memoryview:
     if x.size == 0:
         return memoryview(b"")   # memoryview.cast refuses zeros in the shape
-    return memoryview(x).cast("B")
+    # x.data is memoryview(x); numpy declares no __buffer__ for Python < 3.12.
+    return x.data.cast("B")
 
 
-def _from_torch(x) -> dict:
+def _from_torch(x: object) -> dict[str, Any]:
     import torch
 
     if not isinstance(x, torch.Tensor):
@@ -643,7 +667,8 @@ def _from_torch(x) -> dict:
     return {"dtype": name, "shape": list(t.shape), "data": _byte_view(a)}
 
 
-def _parts(obj) -> tuple[str, list, object]:
+def _parts(obj: object) -> tuple[str, list[int] | tuple[int, ...],
+                                 bytes | bytearray | memoryview]:
     """Validated (dtype, shape, data) of a wire map read by to_numpy/to_torch."""
     if type(obj) is not dict:
         raise InvalidArgument(f"expected a tensor map, got {_kind(obj)}; {_TENSOR_FORM}")
@@ -671,7 +696,7 @@ def _parts(obj) -> tuple[str, list, object]:
     return dtype, shape, data
 
 
-def to_numpy(obj) -> np.ndarray:
+def to_numpy(obj: object) -> NDArray[Any]:
     """Wire map -> numpy array viewing ``data`` (no copy; read-only for bytes).
 
     bfloat16, which numpy lacks, comes back upcast to float32 (exact, but a
@@ -683,7 +708,7 @@ def to_numpy(obj) -> np.ndarray:
     return _frombuffer(data, _NP[dtype]).reshape(shape)
 
 
-def to_torch(obj):
+def to_torch(obj: object) -> torch.Tensor:
     """Wire map -> torch tensor of the same dtype, bfloat16 included.
 
     The bytes are copied once, into memory the tensor owns and may write:
@@ -706,7 +731,7 @@ def to_torch(obj):
 _MOST = 3
 
 
-def _join(names, most: int = _MOST, more: int = 0) -> str:
+def _join(names: Sequence[object], most: int = _MOST, more: int = 0) -> str:
     """Up to ``most`` of ``names``, each brief; ``more``: how many others
     were not even collected (beyond ``names``)."""
     shown = ", ".join(brief(n, 40) for n in names[:most])
@@ -718,7 +743,7 @@ _HUGE = 1 << 62   # elements; past it no tensor is real and the exact count does
 _MAX_DIMS = 32     # numpy 1.x's limit (2.x has 64); no model's output comes near it
 
 
-def _numel(shape) -> int:
+def _numel(shape: Iterable[int]) -> int:
     """prod(shape) of a list of non-negative ints, or _HUGE + 1 once it passes
     _HUGE: a peer's 100k-element shape must not cost seconds of bignum maths
     (nor make an int too long to print)."""
@@ -736,7 +761,7 @@ def _count(n: int) -> str:
     return str(n) if n <= _HUGE else f"more than {_HUGE}"
 
 
-def _kind(v) -> str:
+def _kind(v: object) -> str:
     """What a wire value is, for messages ("the string 'abc'", "a map")."""
     t = type(v)
     if v is None:

@@ -367,7 +367,8 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait(30)
                 self._log.close()
-                raise AssertionError(f"daemon did not stop within {timeout} s:\n{self.log()}")
+                raise AssertionError(
+                    f"daemon did not stop within {timeout} s:\n{self.log()}") from None
         self._log.close()
         return self.proc.returncode
 

@@ -460,7 +460,7 @@ def test_a_connection_that_never_authenticates_is_closed(daemon_factory, tmp_pat
 def test_rids_fit_a_double_and_never_repeat_across_restarts(daemon_factory):
     cfg = demo_config(server="node_id = 3\n") + "\n[feedback]\nmax_entries = 5\n"
     seen = []
-    for run in range(2):
+    for _ in range(2):
         d = daemon_factory(cfg, sub="rids")
         with d.client() as c:
             answers = [c.call({"model": "demo", "inputs": x128(i)}) for i in range(8)]

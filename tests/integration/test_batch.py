@@ -49,7 +49,7 @@ def write_table(path, x: np.ndarray, fmt: str, ids=None) -> str:
     if fmt == "csv":
         with open(path, "w") as f:
             f.write("id," + ",".join(names) + "\n")
-            for k, row in zip(ids, x):
+            for k, row in zip(ids, x, strict=False):
                 f.write(k + "," + ",".join("%.9g" % v for v in row) + "\n")
     else:
         pq.write_table(pa.table({"id": ids, **{n: x[:, i] for i, n in enumerate(names)}}), path,
@@ -74,7 +74,8 @@ def reference(factory, x: np.ndarray, batch: int) -> np.ndarray:
     from daemon.config import parse_config
     from daemon.runtime import Runner
     from daemon.spec import spec_for
-    cfg = parse_config({"models": [{"name": "m", "factory": factory, "devices": ["cpu"], "threads": 1,
+    cfg = parse_config({"models": [{"name": "m", "factory": factory, "devices": ["cpu"],
+                                    "threads": 1,
                                     "input": {"dtype": "float32", "shape": [x.shape[1]]}}]})
     spec = spec_for(cfg.models[0], "cpu", 1)
     spec.buckets = [batch]
@@ -100,7 +101,8 @@ def read_output(path) -> tuple[list, np.ndarray, list, list]:
             rows = list(csv.reader(f))
         header, rows = rows[0], rows[1:]
         k = len(header) - 3
-        out = np.array([[float(v) for v in r[1:1 + k]] for r in rows], np.float32).reshape(len(rows), k)
+        out = np.array([[float(v) for v in r[1:1 + k]] for r in rows],
+                       np.float32).reshape(len(rows), k)
         return [r[0] for r in rows], out, [r[-2] for r in rows], [r[-1] for r in rows]
     t = pq.read_table(path)
     names = t.column_names

@@ -21,9 +21,10 @@ def test_check_config_good_and_bad(tmp_path):
                         cwd=REPO, capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and ok.stdout.strip() == "ok"
     bad = tmp_path / "bad.toml"
-    bad.write_text('[[models]]\nname = "m"\nfactory = "a:b"\ninput = {dtype="float32", shape=[4]}\nmax_bach = 3\n')
-    r = subprocess.run([str(RINGSERVE), "check", str(bad)], cwd=REPO, capture_output=True, text=True,
-                       timeout=60)
+    bad.write_text('[[models]]\nname = "m"\nfactory = "a:b"\n'
+                   'input = {dtype="float32", shape=[4]}\nmax_bach = 3\n')
+    r = subprocess.run([str(RINGSERVE), "check", str(bad)], cwd=REPO, capture_output=True,
+                       text=True, timeout=60)
     assert r.returncode == 2
     assert "max_bach" in r.stderr and "did you mean 'max_batch'" in r.stderr
 

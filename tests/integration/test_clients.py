@@ -37,8 +37,15 @@ import pytest
 import torch
 import uvloop
 
-from clients import (AsyncClient, AsyncClientPool, Client, ClientPool, InferResult, RetryPolicy,
-                     errors)
+from clients import (
+    AsyncClient,
+    AsyncClientPool,
+    Client,
+    ClientPool,
+    InferResult,
+    RetryPolicy,
+    errors,
+)
 from daemon.router import bucket
 from daemon.zoo import mlp_scorer
 from tests.conftest import REPO, Daemon
@@ -362,7 +369,7 @@ def interleaved(n_magic: int = 40) -> list[tuple[str, np.ndarray]]:
 
 
 def check_interleaved(reqs, results, order, slow_reference) -> None:
-    for (model, x), r in zip(reqs, results):
+    for (model, x), r in zip(reqs, results, strict=True):
         assert r.model == model
         want = x * 3 if model == "magic" else expected(slow_reference, x)
         np.testing.assert_allclose(r.outputs, want, rtol=0, atol=1e-5)
@@ -480,7 +487,7 @@ def test_sync_pool_spreads_calls_over_its_connections(daemon, scorer):
     xs = samples(12, seed=5)
     with ClientPool(port=daemon.port, size=3) as p:
         results = [f.result() for f in [p.submit("demo", x) for x in xs]]
-        for r, x in zip(results, xs):
+        for r, x in zip(results, xs, strict=True):
             check_demo(r, x, scorer)
         assert p.stats()["connections"] >= 3
         used = [link.inflight._next - 1 for link in p._links]
@@ -494,10 +501,11 @@ def test_async_pool(daemon, scorer, loop):
     async def main():
         async with AsyncClientPool(port=daemon.port, size=3) as p:
             results = await asyncio.gather(*(p.infer("demo", x) for x in xs))
-            return results, (await p.stats())["connections"], [l.inflight._next - 1 for l in p._links]
+            return (results, (await p.stats())["connections"],
+                    [link.inflight._next - 1 for link in p._links])
 
     results, conns, used = run(main, loop)
-    for r, x in zip(results, xs):
+    for r, x in zip(results, xs, strict=True):
         check_demo(r, x, scorer)
     assert conns >= 3 and len(used) == 3 and min(used) >= 4, used
 
@@ -605,7 +613,7 @@ def test_connect_failures():
     run(main)
 
 
-# --- the command line -------------------------------------------------------------------------------
+# --- the command line ---------------------------------------------------------------------
 
 def cli(daemon, *args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "clients", "--port", str(daemon.port), *args],
@@ -660,7 +668,7 @@ def test_cli_errors(daemon):
     assert r.returncode == 3 and "cannot connect" in r.stderr
 
 
-# --- the protocol page, followed with nothing but the standard tools ---------------------------------
+# --- the protocol page, followed with nothing but the standard tools -----------------------
 
 def recv_exactly(s: socket.socket, n: int) -> bytes:
     buf = bytearray()
@@ -689,7 +697,8 @@ def test_protocol_md_by_hand(daemon, scorer):
                    "inputs": {"dtype": "float32", "shape": [128], "data": xs[0].tobytes()}}),
             frame({"id": 11, "op": "infer", "v": 1, "model": "demo", "inputs": xs[1].tolist()}),
             frame({"id": 12, "model": "two", "inputs": {
-                "ids": {"dtype": "int64", "shape": [4], "data": np.arange(4).astype("<i8").tobytes()},
+                "ids": {"dtype": "int64", "shape": [4],
+                        "data": np.arange(4).astype("<i8").tobytes()},
                 "dense": [1.0, 2.0, 3.5]}}),
             frame({"id": 13, "model": "nope", "inputs": [1.0]}),
         ]))

@@ -32,7 +32,8 @@ def cuda_or_skip() -> None:
     error of the set-up, this reads as the test's own failure)."""
     if not torch.cuda.is_available():
         why = (f"CUDA is not available (torch {torch.__version__}, built for CUDA "
-               f"{torch.version.cuda}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+               f"{torch.version.cuda}; "
+               f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
         if REQUIRED:
             pytest.fail(f"RINGSERVE_REQUIRE names cuda, but {why}")
         pytest.skip(f"needs a CUDA device: {why}")

@@ -11,8 +11,17 @@ import signal
 import socket
 
 from ipc.framing import FrameDecoder
-from tests.faults import (OK, UNAVAILABLE, X4, call_until, http_get, poll, records, server,
-                          slow_model)
+from tests.faults import (
+    OK,
+    UNAVAILABLE,
+    X4,
+    call_until,
+    http_get,
+    poll,
+    records,
+    server,
+    slow_model,
+)
 
 INFER = {"model": "slow", "inputs": X4}
 

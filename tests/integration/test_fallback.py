@@ -18,8 +18,18 @@ import psutil
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.faults import (DEADLINE, EXHAUSTED, INTERNAL, INVALID, OK, UNAVAILABLE, http_get,
-                          poll, server, sighup)
+from tests.faults import (
+    DEADLINE,
+    EXHAUSTED,
+    INTERNAL,
+    INVALID,
+    OK,
+    UNAVAILABLE,
+    http_get,
+    poll,
+    server,
+    sighup,
+)
 from tests.models import TwoInputs
 from tests.wire import out_array, tensor
 

@@ -54,7 +54,7 @@ def test_two_fronts_share_the_port_and_answer_exactly(daemon_factory):
     conns, by = spread(d, 64)
     try:
         assert set(by) == {0, 1}, {k: len(v) for k, v in by.items()}
-        for slot, cs in by.items():
+        for cs in by.values():
             assert 0.3 * 64 <= len(cs) <= 0.7 * 64, {k: len(v) for k, v in by.items()}
         rng = np.random.default_rng(1)
         xs = rng.standard_normal((64, 4)).astype(np.float32)
@@ -82,7 +82,7 @@ def test_kill_9_of_a_front_restarts_it_and_the_other_keeps_serving(daemon_factor
         for i, c in enumerate(conns):
             c.send({"id": i + 1, "model": "slow", "inputs": X4})
         os.kill(victim, signal.SIGKILL)
-        for i, c in enumerate(by[0]):
+        for c in by[0]:
             a = c.recv()
             assert a["status"] == OK, a
         for c in by[1]:
@@ -437,7 +437,7 @@ def test_metrics_sum_both_fronts_and_never_drop_when_a_front_dies(daemon_factory
         return float(m.group(1)) if m else 0.0
 
     try:
-        for slot, cs in by.items():
+        for cs in by.values():
             for k in range(10):
                 assert cs[0].call({"id": 10 + k, "model": "m", "inputs": X4})["status"] == OK
         assert requests_ok() == 20.0
@@ -470,7 +470,7 @@ def test_batches_of_two_fronts_run_as_one_forward_pass(daemon_factory):
         passes: dict[int, list] = {}  # a forward pass's compute_us is the same for all its rows
         for c, rows in [(c0, [[9.0, 9.0, 9.0, 9.0]] + xs[c0]), (c1, xs[c1])]:
             got = sorted((c.recv() for _ in rows), key=lambda a: a["id"])
-            for a, x in zip(got, rows):
+            for a, x in zip(got, rows, strict=True):
                 assert a["status"] == OK, a
                 np.testing.assert_array_equal(out_array(a), np.array(x, np.float32) * 2)
                 passes.setdefault(a["timing"]["compute_us"], []).append((c, a))

@@ -7,9 +7,8 @@ import http.client
 import socket
 import time
 
-from prometheus_client.parser import text_string_to_metric_families
-
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import demo_config
 from tests.wire import tensor
@@ -136,7 +135,8 @@ fallback = {{ outputs = 0.0, on = ["model_error"] }}
 [[models]]
 name = "two"
 factory = "tests.models:two_inputs"
-inputs = {{ ids = {{ dtype = "int64", shape = [3] }}, dense = {{ dtype = "float32", shape = [2], default = [0.5, -1.25] }} }}
+inputs.ids = {{ dtype = "int64", shape = [3] }}
+inputs.dense = {{ dtype = "float32", shape = [2], default = [0.5, -1.25] }}
 threads = 1
 
 [[rollouts]]

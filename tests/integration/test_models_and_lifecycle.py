@@ -64,7 +64,7 @@ threads = 1
         answers = [c.call({"model": "exported", "inputs": tensor(x)}) for x in xs]
     with torch.inference_mode():
         want = model(torch.from_numpy(xs)).numpy()
-    for a, w in zip(answers, want):
+    for a, w in zip(answers, want, strict=True):
         assert a["status"] == OK, a
         np.testing.assert_allclose(out_array(a), w, rtol=0, atol=1e-5)
 
@@ -87,7 +87,8 @@ def test_bfloat16_autocast_on_cpu(daemon_factory):
 def test_torch_compile_on_cpu(daemon_factory):
     """compile = "default" is honoured where asked (auto keeps it off on the
     CPU); every bucket is compiled during warm-up, before ready."""
-    d = daemon_factory(demo_config(max_batch=2).replace('threads = 1', 'threads = 1\ncompile = "default"'))
+    d = daemon_factory(demo_config(max_batch=2).replace('threads = 1',
+                                                        'threads = 1\ncompile = "default"'))
     model = mlp_scorer()
     xs = _x(4)
     with d.client() as c:

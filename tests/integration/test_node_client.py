@@ -71,7 +71,7 @@ def test_node_client_health_infer_pipelined_feedback(daemon_factory):
     assert len({r.tobytes() for r in xs}) == 32  # distinct inputs: ids are really matched
     with torch.inference_mode():
         want = model(torch.from_numpy(xs)).numpy()
-    for a, w in zip(pl["answers"], want):  # batched: equal within float32 rounding
+    for a, w in zip(pl["answers"], want, strict=True):  # batched: equal within float32 rounding
         np.testing.assert_allclose(f32(a["output"]), w, rtol=0, atol=1e-5)
     assert pl["max_batch"] > 1, "32 pipelined requests were never batched"
 

@@ -11,8 +11,18 @@ import time
 
 import psutil
 
-from tests.faults import (EXHAUSTED, OK, X4, decisions, log_records, model, poll, records, server,
-                          sighup)
+from tests.faults import (
+    EXHAUSTED,
+    OK,
+    X4,
+    decisions,
+    log_records,
+    model,
+    poll,
+    records,
+    server,
+    sighup,
+)
 from tests.load import SteadyLoad
 from tests.wire import WireClient
 
@@ -84,13 +94,14 @@ def test_sighups_during_a_reload_coalesce_into_one_more(daemon_factory):
     with_v3 = with_v2 + model(version="3")
     with SteadyLoad(d.port, lambda i: dict(INFER), conns=1) as load:
         sighup(d, with_v2)
-        poll(lambda: any(r.get("worker", "").startswith("m@2/") for r in records(d, "worker started")),
+        poll(lambda: any(r.get("worker", "").startswith("m@2/")
+                         for r in records(d, "worker started")),
              "the first reload's new worker", log=d.log)
         d.config_path.write_text(with_v3)
         for _ in range(3):
             sighup(d)
-        s = poll(lambda: (lambda s: s if s["reloads"]["ok"] == 2 else None)(stats(d)),
-                 "the coalesced reload", log=d.log)
+        poll(lambda: (lambda s: s if s["reloads"]["ok"] == 2 else None)(stats(d)),
+             "the coalesced reload", log=d.log)
         # and no third: every SIGHUP of the three went into that one
         t_end = time.monotonic() + 1.0
         while time.monotonic() < t_end:

@@ -69,7 +69,8 @@ def test_a_canary_over_max_p95_ms_is_rolled_back_after_failing_checks(daemon_fac
     # (the relative rules hold), but its p95 is over the absolute limit.
     d = daemon_factory(server() + slow_model(name="m", version="1", max_batch=8) +
                        slow_model(name="m", version="2", max_batch=8) + rollout("[0.5]") +
-                       guard("min_samples = 10\nmax_p95_ms = 5.0\nfailing_checks = 2\nalpha = 0.001"),
+                       guard("min_samples = 10\nmax_p95_ms = 5.0\nfailing_checks = 2\n"
+                             "alpha = 0.001"),
                        env={"RINGSERVE_TEST_SLOW_MS": "30"})
     with SteadyLoad(d.port, keyed, conns=3) as load:
         ro = wait_status(d, "rolled_back")

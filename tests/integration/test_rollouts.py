@@ -146,7 +146,8 @@ def test_an_invalid_or_unstartable_config_on_sighup_changes_nothing(daemon_facto
         sighup(d, config + '\n[[models]]\nname = "m"\nversion = "3"\nmax_batch = 0\n')
         s = wait_stats(d, lambda s: s["reloads"]["failed"] == 1, "rejected reload")
         # a valid file whose new version cannot load is rejected too
-        sighup(d, config + '\n[[models]]\nname = "m"\nversion = "3"\nfactory = "tests.models:broken"\n'
+        sighup(d, config + '\n[[models]]\nname = "m"\nversion = "3"\n'
+               'factory = "tests.models:broken"\n'
                'input = { dtype = "float32", shape = [3] }\nthreads = 1\n')
         s = wait_stats(d, lambda s: s["reloads"]["failed"] == 2, "second rejected reload")
         n = len(load.answers)
@@ -200,12 +201,15 @@ def test_a_reload_that_adds_a_version_and_moves_stages_loses_nothing(daemon_fact
     mid = [a for t, _, a in load.answers if t_switched < t < t_hup2]
     assert {a["version"] for a in mid} == {"1", "2"}
     for a in mid:
-        assert out_array(a).tolist() == ([3.0, 6.0, 9.0] if a["version"] == "2" else [2.0, 4.0, 6.0])
+        want = [3.0, 6.0, 9.0] if a["version"] == "2" else [2.0, 4.0, 6.0]
+        assert out_array(a).tolist() == want
         assert a["lane"] == ("canary" if a["version"] == "2" else "stable")
     assert {a["version"] for t, _, a in load.answers if t_full < t < t_hup3} == {"2"}
     assert {a["version"] for t, _, a in load.answers if t > t_back} == {"1"}
     assert {m["version"] for m in d.health()["models"]} == {"1"}
-    lat = lambda sel: np.percentile([dt for t, dt, _ in load.answers if sel(t)], 99) * 1000
+
+    def lat(sel):
+        return np.percentile([dt for t, dt, _ in load.answers if sel(t)], 99) * 1000
     print(f"\np99 steady {lat(lambda t: t < t_reload):.2f} ms, during the reload "
           f"{lat(lambda t: t_reload <= t <= t_switched):.2f} ms")
     events = [r["event"] for r in decisions(d)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from daemon.router import bucket
 from tests.wire import out_array
 
@@ -58,7 +57,8 @@ def test_lanes_and_arms_follow_the_specified_hash(daemon_factory):
         bad = c.call({"model": "m", "inputs": x, "exp": "nope"})
         assert bad["status"] == 5 and "experiment 'nope'" in bad["error"]
         h = c.call({"op": "health"})
-        assert {(w["version"], w["lane"]) for w in h["models"]} == {("1", "stable"), ("2", "canary")}
+        assert ({(w["version"], w["lane"]) for w in h["models"]}
+                == {("1", "stable"), ("2", "canary")})
 
 
 def test_feedback_joins_outcomes_to_lane_and_arm(daemon_factory):
@@ -70,11 +70,12 @@ def test_feedback_joins_outcomes_to_lane_and_arm(daemon_factory):
             ans = c.call({"model": "m", "inputs": x, "key": f"u{i}", "exp": "e1"})
             rids[f"u{i}"] = ans
         # by rid: canary answers convert (1.0), stable ones do not (0.0)
-        for key, ans in rids.items():
+        for ans in rids.values():
             fb = c.call({"op": "feedback", "ref": ans["rid"],
                          "outcome": 1.0 if ans["lane"] == "canary" else 0.0})
             assert fb["status"] == 0 and fb["joined"] is True
-            assert (fb["lane"], fb["arm"], fb["version"]) == (ans["lane"], ans["arm"], ans["version"])
+            assert ((fb["lane"], fb["arm"], fb["version"])
+                    == (ans["lane"], ans["arm"], ans["version"]))
         # by routing key: joined to that key's latest answer
         fb = c.call({"op": "feedback", "ref": "u3", "outcome": 1})
         assert fb["joined"] is True and fb["lane"] == rids["u3"]["lane"]
@@ -86,7 +87,7 @@ def test_feedback_joins_outcomes_to_lane_and_arm(daemon_factory):
     kpis = {(k["lane"], k["arm"]): k for k in stats["kpis"]}
     lanes = {(a["lane"], a["arm"]) for a in rids.values()}
     assert set(kpis) == lanes
-    for (lane, arm), k in kpis.items():
+    for (lane, _arm), k in kpis.items():
         assert k["mean"] == (1.0 if lane == "canary" else 0.0)
     assert sum(k["n"] for k in kpis.values()) == 41
     assert stats["feedback"] == {"joined": 41, "unjoined": 1}

@@ -53,7 +53,8 @@ def test_pipelined_batches_match_in_process(daemon_factory, model):
     d = daemon_factory(demo_config(max_batch=16, window_ms=5.0))
     xs = samples(300, seed=2)
     with d.client() as c:
-        ids = [c.send({"id": 1000 + i, "model": "demo", "inputs": tensor(x)}) for i, x in enumerate(xs)]
+        ids = [c.send({"id": 1000 + i, "model": "demo", "inputs": tensor(x)})
+               for i, x in enumerate(xs)]
         answers = {a["id"]: a for a in c.recv_n(len(ids))}
     assert sorted(answers) == sorted(ids)
     with torch.inference_mode():
@@ -246,7 +247,8 @@ def slow_config(max_batch=1, queue_limit=4, devices='["cpu"]'):
 
 
 def test_queue_limit_sheds_with_resource_exhausted(daemon_factory):
-    d = daemon_factory(slow_config(max_batch=1, queue_limit=4), env={"RINGSERVE_TEST_SLOW_MS": "50"})
+    d = daemon_factory(slow_config(max_batch=1, queue_limit=4),
+                       env={"RINGSERVE_TEST_SLOW_MS": "50"})
     x = tensor(np.ones(4, np.float32))
     with d.client() as c:
         for i in range(40):
@@ -262,7 +264,8 @@ def test_queue_limit_sheds_with_resource_exhausted(daemon_factory):
 
 
 def test_deadline_exceeded_in_queue_and_in_worker(daemon_factory):
-    d = daemon_factory(slow_config(max_batch=1, queue_limit=100), env={"RINGSERVE_TEST_SLOW_MS": "300"})
+    d = daemon_factory(slow_config(max_batch=1, queue_limit=100),
+                       env={"RINGSERVE_TEST_SLOW_MS": "300"})
     x = tensor(np.ones(4, np.float32))
     with d.client() as c:
         c.send({"id": 1, "model": "slow", "inputs": x, "deadline_ms": 100})  # runs, too slow
@@ -344,7 +347,8 @@ threads = 1
 
 
 def test_kill_9_worker_answers_unavailable_then_recovers(daemon_factory):
-    d = daemon_factory(slow_config(max_batch=1, queue_limit=100), env={"RINGSERVE_TEST_SLOW_MS": "200"})
+    d = daemon_factory(slow_config(max_batch=1, queue_limit=100),
+                       env={"RINGSERVE_TEST_SLOW_MS": "200"})
     (pid,) = d.worker_pids()
     x = tensor(np.ones(4, np.float32))
     with d.client() as c:
@@ -374,7 +378,8 @@ def test_kill_9_worker_answers_unavailable_then_recovers(daemon_factory):
 
 
 def test_sigterm_drains_every_accepted_request(daemon_factory):
-    d = daemon_factory(slow_config(max_batch=4, queue_limit=1000), env={"RINGSERVE_TEST_SLOW_MS": "20"})
+    d = daemon_factory(slow_config(max_batch=4, queue_limit=1000),
+                       env={"RINGSERVE_TEST_SLOW_MS": "20"})
     x = tensor(np.ones(4, np.float32))
     c = d.client()
     n = 200

@@ -11,8 +11,7 @@ import signal
 import psutil
 
 from ipc.framing import encode_frame
-from tests.faults import (OK, UNAVAILABLE, X4, call_until, model, poll, records, server,
-                          slow_model)
+from tests.faults import OK, UNAVAILABLE, X4, call_until, model, poll, records, server, slow_model
 
 INFER = {"model": "slow", "inputs": X4}
 
@@ -75,17 +74,17 @@ def test_restart_backoff_doubles_to_its_cap_while_the_other_worker_serves(daemon
     first = d.worker_pids()
     pid = first[0]
     with d.client() as c:
-        for k in range(3):
+        for _ in range(3):
             os.kill(pid, signal.SIGKILL)
             # while worker 0 is dead, waiting or loading, worker 1 answers
-            h = poll(lambda: (lambda h: h if h["models"][0]["state"] == "restarting" else None)(
+            h = poll(lambda: (lambda s: s if s["models"][0]["state"] == "restarting" else None)(
                      d.health()), "restarting", log=d.log)
             assert h["models"][1]["ready"] and h["models"][1]["pid"] == first[1]
             for _ in range(5):
                 a = c.call(dict(x))
                 assert a["status"] == OK, a
             # kill the next generation as soon as it exists: consecutive crashes
-            h = poll(lambda: (lambda h: h if h["models"][0]["pid"] != pid else None)(
+            h = poll(lambda pid=pid: (lambda s: s if s["models"][0]["pid"] != pid else None)(
                      d.health()), "respawn", log=d.log)
             pid = h["models"][0]["pid"]
         h = d.wait_for(lambda h: h["ready"], what="ready after three crashes")

@@ -181,7 +181,8 @@ def test_checkpoint_commit_resume_and_cleanup(tmp_path):
 # -- output columns and options ----------------------------------------------------
 
 def test_output_columns_flatten_outputs():
-    cols = OutputColumns([TensorDecl("output", "float32", (2,)), TensorDecl("score", "float16", (1,))], "id")
+    cols = OutputColumns([TensorDecl("output", "float32", (2,)),
+                          TensorDecl("score", "float16", (1,))], "id")
     assert cols.header == ["id", "output_0", "output_1", "score", "model_version", "scored_at"]
     assert cols.index("score") == 2
     with pytest.raises(ValueError, match="no output column 'nope'"):
@@ -229,7 +230,8 @@ def test_progress_line_on_a_terminal_and_json_otherwise():
     time.sleep(0.01)
     p.update(500, 0.5)
     p.event("published", "out.csv", rows=1000)
-    assert p.mode == "tty" and re.search(r"\r +500 rows   50\.0% .* rows/s  0:00:00  ETA 0:00:00", t.getvalue())
+    assert p.mode == "tty" and re.search(r"\r +500 rows   50\.0% .* rows/s  0:00:00  ETA 0:00:00",
+                                         t.getvalue())
     assert t.getvalue().endswith("\npublished: out.csv rows=1000\n")
     s = io.StringIO()
     p = Progress("auto", 0.0, s)

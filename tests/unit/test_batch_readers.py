@@ -27,7 +27,7 @@ def write_csv(path, x, ids=None, extra=""):
     ids = ids or [f"r{i}" for i in range(len(x))]
     with open(path, "w") as f:
         f.write("key,a,b,c,d\n")
-        for k, row in zip(ids, x):
+        for k, row in zip(ids, x, strict=False):
             f.write(k + "," + ",".join("%.9g" % v for v in row) + "\n")
         f.write(extra)
     return str(path)

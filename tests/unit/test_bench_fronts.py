@@ -27,7 +27,8 @@ def test_fronts_variant_is_beside_the_original_and_removed(tmp_path):
         orig = load_config(src)
         assert [(m.name, m.factory, m.max_batch) for m in cfg.models] == \
             [(m.name, m.factory, m.max_batch) for m in orig.models]
-        assert (cfg.server.host, cfg.server.deadline_ms) == (orig.server.host, orig.server.deadline_ms)
+        assert ((cfg.server.host, cfg.server.deadline_ms)
+                == (orig.server.host, orig.server.deadline_ms))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["my.toml"]
     assert src.read_text() == text   # the user's file is never written
 

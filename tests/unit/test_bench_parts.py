@@ -139,7 +139,8 @@ def test_latency_over_time_bins_and_cdf():
 
 def test_encoder_is_deterministic_and_batch_independent():
     a, b = encoder(), encoder()
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(),
+                                             strict=True))
     ids = torch.randint(0, 1024, (5, 32), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         batch = a(ids)

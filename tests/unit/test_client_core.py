@@ -11,9 +11,21 @@ import pytest
 import torch
 
 from clients import _core, errors
-from clients._core import (Call, InFlight, InferResult, Packed, Retry, RetryPolicy,
-                           encode_inputs, error_from_answer, feedback_request, infer_request,
-                           infer_result, op_request, plain_answer)
+from clients._core import (
+    Call,
+    InferResult,
+    InFlight,
+    Packed,
+    Retry,
+    RetryPolicy,
+    encode_inputs,
+    error_from_answer,
+    feedback_request,
+    infer_request,
+    infer_result,
+    op_request,
+    plain_answer,
+)
 from ipc.framing import FrameDecoder
 from ipc.status import Status
 from ipc.tensors import from_array
@@ -134,7 +146,8 @@ def test_infer_request_fields_and_misuse():
         (dict(key=5), TypeError), (dict(exp=b"x"), TypeError), (dict(version=1.5), TypeError),
         (dict(deadline_ms=0), ValueError), (dict(deadline_ms=3_600_001), ValueError),
         (dict(deadline_ms=1.5), TypeError), (dict(deadline_ms=True), TypeError),
-        (dict(inputs=None), TypeError), (dict(inputs="abc"), TypeError), (dict(inputs={}), ValueError),
+        (dict(inputs=None), TypeError), (dict(inputs="abc"), TypeError),
+        (dict(inputs={}), ValueError),
         (dict(inputs={1: [1.0]}), TypeError), (dict(inputs={"a": {"b": 1}}), TypeError),
         (dict(inputs=np.array(["a"])), ValueError),
     ]
@@ -410,7 +423,7 @@ def test_retries_never_pass_the_deadline(seed):
     assert end <= deadline_ms / 1000
     assert len(sent) > 3 and sent[0] == deadline_ms
     # each retry carries what is left of the caller's deadline, never more
-    assert all(1 <= b <= a for a, b in zip(sent, sent[1:])), sent
+    assert all(1 <= b <= a for a, b in zip(sent, sent[1:], strict=False)), sent
 
 
 def test_retries_bounded_by_the_client_timeout_without_a_deadline():
@@ -437,6 +450,17 @@ def test_a_backoff_that_would_not_fit_is_not_taken():
     assert isinstance(call.answer(_refused(), 0.05), Retry)
     with pytest.raises(errors.ResourceExhausted):
         call.begin_attempt(0.1)
+
+
+def test_a_lost_connection_whose_retry_overran_the_deadline_is_final():
+    call = Call({"model": "m", "inputs": [1], "deadline_ms": 100}, infer_result,
+                policy=RetryPolicy(base_delay=0.01, max_delay=0.01), timeout=30.0, now=0.0)
+    call.begin_attempt(0.0)
+    lost = errors.ConnectionLost("the server closed the connection")
+    assert isinstance(call.lost(lost, 0.0), Retry)
+    with pytest.raises(errors.ConnectionLost) as ei:   # the last error, not a TypeError
+        call.begin_attempt(0.1)
+    assert ei.value is lost
 
 
 def test_timed_out_error():

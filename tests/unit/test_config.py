@@ -18,9 +18,19 @@ import pytest
 
 from daemon import config as cfg
 from daemon.config import (
-    PROTOCOL_DTYPES, RING_SLOT_BYTES, SECTIONS, SETTINGS, Config, ConfigError,
-    LoggingConfig, ModelConfig, ServerConfig, TensorShape, load_config,
-    parse_config, render_reference,
+    PROTOCOL_DTYPES,
+    RING_SLOT_BYTES,
+    SECTIONS,
+    SETTINGS,
+    Config,
+    ConfigError,
+    LoggingConfig,
+    ModelConfig,
+    ServerConfig,
+    TensorShape,
+    load_config,
+    parse_config,
+    render_reference,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,8 +95,10 @@ def test_default_toml_loads():
 
 def test_cli_check_and_markdown():
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    run = lambda *a: subprocess.run([sys.executable, "-m", "daemon.config", *a],
-                                    cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+    def run(*a):
+        return subprocess.run([sys.executable, "-m", "daemon.config", *a],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     ok = run("--check", str(DEFAULT_TOML))
     assert (ok.returncode, ok.stdout) == (0, "ok\n")
     bad = run("--check", "/nonexistent/x.toml")
@@ -137,7 +149,9 @@ def test_every_default_passes_its_own_check():
 def test_settings_declared_once_and_sections_match_dataclasses():
     names = [(s.section, s.name) for s in SETTINGS]
     assert len(names) == len(set(names))
-    fields = lambda cls: {f.name for f in dataclasses.fields(cls)}
+
+    def fields(cls):
+        return {f.name for f in dataclasses.fields(cls)}
     assert {s.name for s in SETTINGS if s.section == "server"} == fields(ServerConfig)
     assert {s.name for s in SETTINGS if s.section == "logging"} == fields(LoggingConfig)
     declared = {s.name for s in SETTINGS if s.section == "models"}

@@ -57,7 +57,8 @@ def exact_ks(a, b):
     """Two-sample KS distance on raw samples (as float32, like the monitor)."""
     a, b = np.sort(a.astype(np.float32)), np.sort(b.astype(np.float32))
     z = np.concatenate([a, b])
-    return np.abs(np.searchsorted(a, z, "right") / len(a) - np.searchsorted(b, z, "right") / len(b)).max()
+    return np.abs(np.searchsorted(a, z, "right") / len(a)
+                  - np.searchsorted(b, z, "right") / len(b)).max()
 
 
 def feed(mon, x, batch=64):
@@ -240,7 +241,8 @@ def test_profile_cli_csv_npy_and_errors(tmp_path, capsys):
         for i, row in enumerate(x):
             f.write(f"{i}," + ",".join(f"{v:.6f}" for v in row) + "\n")
     out = tmp_path / "p.json"
-    assert profile_main(["--input", str(csv), "--columns", "a,c", "--output", str(out), "--bins", "16"]) == 0
+    assert profile_main(["--input", str(csv), "--columns", "a,c", "--output", str(out),
+                         "--bins", "16"]) == 0
     assert "500 rows x 2 features" in capsys.readouterr().out
     prof = Profile.load(out)
     assert prof.names == ["a", "c"] and prof.bins == 16 and prof.rows == 500
@@ -265,7 +267,8 @@ def test_profile_cli_parquet(tmp_path, capsys, monkeypatch):
         pa = None
     if pa is not None:
         pq.write_table(pa.table({"a": np.arange(100.0), "b": np.ones(100)}), pq_path)
-        assert profile_main(["--input", str(pq_path), "--columns", "a", "--output", str(tmp_path / "p.json")]) == 0
+        assert profile_main(["--input", str(pq_path), "--columns", "a",
+                             "--output", str(tmp_path / "p.json")]) == 0
         assert Profile.load(tmp_path / "p.json").names == ["a"]
     else:
         pq_path.write_bytes(b"PAR1")

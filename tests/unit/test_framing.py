@@ -8,7 +8,13 @@ import msgpack
 import numpy as np
 import pytest
 
-from ipc.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, FrameLimits, encode_body, encode_frame
+from ipc.framing import (
+    DEFAULT_MAX_FRAME_BYTES,
+    FrameDecoder,
+    FrameLimits,
+    encode_body,
+    encode_frame,
+)
 from ipc.status import InvalidArgument, ResourceExhausted, Status
 
 

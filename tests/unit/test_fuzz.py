@@ -27,7 +27,6 @@ import tomllib
 import tracemalloc
 from pathlib import Path
 
-import msgpack
 import numpy as np
 import pytest
 import torch
@@ -180,7 +179,7 @@ def split(data: bytes, how, draw_cuts) -> list[bytes]:
     if how == "bytes":
         return [data[i:i + 1] for i in range(len(data))]
     cuts = sorted(set(draw_cuts))
-    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
 
 
 def decode_all(chunks: list[bytes], max_frame_bytes: int) -> list:
@@ -242,7 +241,7 @@ def test_valid_frames_come_back_as_sent_or_as_a_refusal(msgs):
     assert cost.error is None, repr(cost.error)
     cost.within(len(data))
     assert len(cost.result) == len(msgs)
-    for got, sent in zip(cost.result, msgs):
+    for got, sent in zip(cost.result, msgs, strict=True):
         if isinstance(got, dict):
             assert _canon(got) == _canon(sent)
         else:   # FrameLimits may refuse what msgpack could carry (nesting, sizes)
@@ -353,7 +352,7 @@ def test_decode_inputs_answers_bytes_or_invalid_argument(case, defer):
         assert len(cost.error.message) < 2000, "an error message that quotes too much"
     else:
         assert len(cost.result) == len(ss)
-        for raw, (_, spec) in zip(cost.result, ss):
+        for raw, (_, spec) in zip(cost.result, ss, strict=True):
             assert len(raw) == spec.nbytes
     cost.within(wire_size(obj))
 

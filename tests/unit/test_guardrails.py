@@ -10,10 +10,24 @@ import numpy as np
 import pytest
 
 from daemon.config import RolloutConfig, default_guardrail
-from daemon.guardrails import (CANARY, STABLE, Guardrail, LatencyHistogram, msprt_log_lr,
-                               proportion_test, srm_p_value)
-from daemon.rollouts import (ACTIVE, ROLLED_BACK, DecisionLog, atomic_write_json, load_state,
-                             resolve, weight_of)
+from daemon.guardrails import (
+    CANARY,
+    STABLE,
+    Guardrail,
+    LatencyHistogram,
+    msprt_log_lr,
+    proportion_test,
+    srm_p_value,
+)
+from daemon.rollouts import (
+    ACTIVE,
+    ROLLED_BACK,
+    DecisionLog,
+    atomic_write_json,
+    load_state,
+    resolve,
+    weight_of,
+)
 
 
 def simulate(seed, err_s=0.01, err_c=0.01, lat_c=1.0, per_check=200, checks=60, weight=0.5,

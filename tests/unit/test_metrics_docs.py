@@ -77,7 +77,8 @@ def test_every_documented_family_is_exported_and_every_exported_one_documented(t
     docs, code = documented(), exported(tmp_path)
     undocumented = sorted(set(code) - set(docs))
     missing = sorted(set(docs) - set(code))
-    assert not undocumented, f"exported but not in docs/operations.md's metrics table: {undocumented}"
+    assert not undocumented, (f"exported but not in docs/operations.md's metrics table: "
+                              f"{undocumented}")
     assert not missing, f"in docs/operations.md's metrics table but not exported: {missing}"
     wrong = {n: (docs[n][0], t) for n, t in code.items() if docs[n][0] != t}
     assert not wrong, f"documented type != exported type: {wrong}"

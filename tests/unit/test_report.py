@@ -45,7 +45,8 @@ def ab_log(n=20_000, treatment_share=0.5, base=0.10, effect=0.03, feedback_share
     latency = rng.lognormal(7, 0.5, n).astype(int)
     has_fb = (rng.random(n) < feedback_share) & (status == 0)
     y = (rng.random(n) < np.where(arms == "treatment", base + effect, base)).astype(float)
-    answers = [answer(i, str(arms[i]), str(lanes[i]), int(status[i]), int(latency[i])) for i in range(n)]
+    answers = [answer(i, str(arms[i]), str(lanes[i]), int(status[i]), int(latency[i]))
+               for i in range(n)]
     fbs = [feedback(int(i), float(y[i]), str(arms[i])) for i in np.flatnonzero(has_fb)]
     truth = {a: y[has_fb & (arms == a)] for a in ("control", "treatment")}
     return answers, fbs, truth
@@ -85,7 +86,8 @@ def test_known_effect_is_found_with_the_right_sign_and_covered(ab):
     vs = arms["treatment"]["vs_control"]
     assert vs["diff"] > 0 and vs["p_value"] < 1e-6
     assert vs["ci"][0] < 0.03 < vs["ci"][1]
-    assert vs["diff"] == pytest.approx(truth["treatment"].mean() - truth["control"].mean(), abs=1e-12)
+    assert vs["diff"] == pytest.approx(truth["treatment"].mean() - truth["control"].mean(),
+                                       abs=1e-12)
     se = math.sqrt(truth["treatment"].var(ddof=1) / len(truth["treatment"])
                    + truth["control"].var(ddof=1) / len(truth["control"]))
     assert vs["stderr"] == pytest.approx(se, rel=1e-9)
@@ -162,7 +164,8 @@ def test_chi2_tail_matches_closed_forms():
         assert chi2_sf(x, 2) == pytest.approx(math.exp(-x / 2), rel=1e-10, abs=1e-300)
         # df = 6: e^{-x/2} (1 + x/2 + (x/2)^2 / 2)
         h = x / 2
-        assert chi2_sf(x, 6) == pytest.approx(math.exp(-h) * (1 + h + h * h / 2), rel=1e-10, abs=1e-300)
+        assert chi2_sf(x, 6) == pytest.approx(math.exp(-h) * (1 + h + h * h / 2),
+                                              rel=1e-10, abs=1e-300)
     assert chi2_sf(3.841458820694124, 1) == pytest.approx(0.05, rel=1e-9)
     assert chi2_sf(0, 3) == 1.0
     assert z_quantile(0.05) == pytest.approx(1.959963984540054, rel=1e-12)
@@ -193,7 +196,8 @@ def test_torn_last_lines_are_skipped_and_bad_lines_counted(tmp_path):
     write(tmp_path / "b.jsonl", [answer(3, "x"), feedback(1, 1.0), feedback(2, 0.0)],
           tail='{"ts": 2.0, "type": "feedback", "ri')
     with open(tmp_path / "c.jsonl", "w") as f:
-        f.write("not json\n" + json.dumps(answer(4, "y")) + "\n" + json.dumps({"type": "answer"}) + "\n")
+        f.write("not json\n" + json.dumps(answer(4, "y")) + "\n"
+                + json.dumps({"type": "answer"}) + "\n")
     raw = build(report.log_files(tmp_path))
     assert raw["tally"]["torn_lines"] == 2
     assert raw["tally"]["bad_lines"] == 1 and raw["tally"]["bad_records"] == 1
@@ -204,7 +208,8 @@ def test_torn_last_lines_are_skipped_and_bad_lines_counted(tmp_path):
 def test_join_is_order_free_sums_repeat_feedback_and_counts_the_unmatched(tmp_path):
     # Feedback in an earlier file than its answer; rid 1 gets two outcomes;
     # rid 99 has no answer; rid 3's feedback was not joined online.
-    write(tmp_path / "0.jsonl", [feedback(1, 2.0), feedback(99, 1.0), feedback(3, 5.0, joined=False),
+    write(tmp_path / "0.jsonl", [feedback(1, 2.0), feedback(99, 1.0),
+                                 feedback(3, 5.0, joined=False),
                                  {"ts": 1.0, "type": "feedback", "rid": None, "outcome": 1.0,
                                   "joined": False, "model": None, "version": None, "lane": None,
                                   "arm": None}])
@@ -212,7 +217,8 @@ def test_join_is_order_free_sums_repeat_feedback_and_counts_the_unmatched(tmp_pa
                                  feedback(1, 3.0), feedback(2, 1.0), feedback(4, 0.0)])
     raw = build(report.log_files(tmp_path))
     j = raw["join"]
-    assert (j["joined"], j["feedback_matched"], j["feedback_unmatched"], j["feedback_unjoined"]) == (3, 4, 1, 2)
+    assert (j["joined"], j["feedback_matched"], j["feedback_unmatched"],
+            j["feedback_unjoined"]) == (3, 4, 1, 2)
     assert j["answers_with_repeat_feedback"] == 1
     _, arms = arms_of(report.report(raw))
     assert arms["a"]["kpi"]["mean"] == 3.0          # rid 1: 2 + 3, rid 2: 1

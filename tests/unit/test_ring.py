@@ -22,7 +22,8 @@ def _name() -> str:
 
 @pytest.fixture
 def ring():
-    r = Ring.create(_name(), RingLayout(depth=3, max_batch=4, input_nbytes=[8, 12], output_nbytes=[4]))
+    r = Ring.create(_name(), RingLayout(depth=3, max_batch=4, input_nbytes=[8, 12],
+                                        output_nbytes=[4]))
     yield r
     r.close()
     r.unlink()
@@ -33,10 +34,11 @@ def test_layout_offsets_aligned_and_disjoint():
     lay = RingLayout(depth=2, max_batch=5, input_nbytes=[512, 12], output_nbytes=[8, 3])
     assert lay.slot_bytes % PAGE == 0
     assert lay.total_bytes == HEADER_BYTES + 2 * lay.slot_bytes
-    regions = sorted([(o, o + 5 * n) for o, n in zip(lay.input_offsets, lay.input_nbytes)] +
-                     [(o, o + 5 * n) for o, n in zip(lay.output_offsets, lay.output_nbytes)] +
-                     [(lay.err_offset, lay.err_offset + lay.err_bytes)])
-    for (a0, a1), (b0, b1) in zip(regions, regions[1:]):
+    regions = sorted(
+        [(o, o + 5 * n) for o, n in zip(lay.input_offsets, lay.input_nbytes, strict=True)] +
+        [(o, o + 5 * n) for o, n in zip(lay.output_offsets, lay.output_nbytes, strict=True)] +
+        [(lay.err_offset, lay.err_offset + lay.err_bytes)])
+    for (_a0, a1), (b0, _b1) in zip(regions, regions[1:], strict=False):
         assert a1 <= b0
     assert all(o % 64 == 0 for o in lay.input_offsets + lay.output_offsets)
     assert regions[-1][1] <= lay.slot_bytes

@@ -93,7 +93,8 @@ id = "exp1"
 model = "m"
 salt = "exp1-salt"
 coverage = {coverage}
-arms = [{{ name = "control", split = 0.5 }}, {{ name = "a", split = 0.3, version = "2" }}, {{ name = "b", split = 0.2 }}]
+arms = [{{ name = "control", split = 0.5 }}, {{ name = "a", split = 0.3, version = "2" }},
+        {{ name = "b", split = 0.2 }}]
 """
 
 

@@ -10,8 +10,15 @@ import mmap
 import pytest
 import torch
 
-from daemon.runtime import H2DTimes, LoadError, Runner, is_pinned, pin_host_memory, \
-    resolve_compile, unpin_host_memory
+from daemon.runtime import (
+    H2DTimes,
+    LoadError,
+    Runner,
+    is_pinned,
+    pin_host_memory,
+    resolve_compile,
+    unpin_host_memory,
+)
 from daemon.spec import ModelSpec, TensorDecl
 
 DEVICES = ["cpu", "cuda", "cuda:0", "cuda:1"]

@@ -7,8 +7,15 @@ import random
 
 import pytest
 
-from daemon.stats import (MAX_US, N_BUCKETS, LatencyWindow, ModelStats, bucket_of, bucket_value,
-                          percentiles_of)
+from daemon.stats import (
+    MAX_US,
+    N_BUCKETS,
+    LatencyWindow,
+    ModelStats,
+    bucket_of,
+    bucket_value,
+    percentiles_of,
+)
 
 PS = (50, 95, 99)
 REL_ERR = 1 / 64  # half a bucket's width over its lower bound (module docstring)
@@ -55,7 +62,8 @@ def test_percentiles_are_within_the_bucket_error_of_exact_ones(seed, dist):
     elif dist == "uniform":
         values = [rng.randint(0, 2_000_000) for _ in range(n)]
     elif dist == "bimodal":
-        values = [rng.choice([rng.randint(300, 400), rng.randint(50_000, 90_000)]) for _ in range(n)]
+        values = [rng.choice([rng.randint(300, 400), rng.randint(50_000, 90_000)])
+                  for _ in range(n)]
     else:
         values = [rng.randint(0, 80) for _ in range(n)]
     w = LatencyWindow(clock=FakeClock())
@@ -144,7 +152,7 @@ def test_model_stats_records_exactly_as_the_window_does():
     w = LatencyWindow(clock=clock)
     s = ModelStats()
     s.latency = LatencyWindow(clock=clock)
-    for i, v in enumerate(values):
+    for v in values:
         clock.t += 0.004  # crosses epochs on the way, so the clock reads must match too
         w.add(v)
         s.answered(0, v)

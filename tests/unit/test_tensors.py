@@ -13,7 +13,13 @@ import torch
 from ipc.framing import FrameDecoder, encode_frame
 from ipc.status import InvalidArgument, Status
 from ipc.tensors import (
-    DTYPES, TensorSpec, decode_inputs, decode_tensor, encode_tensor, from_array, to_numpy,
+    DTYPES,
+    TensorSpec,
+    decode_inputs,
+    decode_tensor,
+    encode_tensor,
+    from_array,
+    to_numpy,
     to_torch,
 )
 
