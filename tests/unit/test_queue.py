@@ -82,7 +82,8 @@ class FakeLoop:
     def advance(self, ns: int) -> None:
         end = self.clock.ns + ns
         while True:
-            due = sorted((h for h in self.timers if not h.cancelled and h.when <= end / 1e9 + 1e-12),
+            horizon = end / 1e9 + 1e-12
+            due = sorted((h for h in self.timers if not h.cancelled and h.when <= horizon),
                          key=lambda h: h.when)
             if not due:
                 break
