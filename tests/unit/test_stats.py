@@ -1,4 +1,4 @@
-"""Latency percentiles from running log-bucketed counts (daemon/stats.py):
+"""Latency percentiles from running log-bucketed counts (daemon/observe/stats.py):
 accuracy against exact percentiles of the same data, and the window."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from daemon.stats import (MAX_US, N_BUCKETS, LatencyWindow, ModelStats, bucket_of, bucket_value,
-                          percentiles_of)
+from daemon.observe.stats import (MAX_US, N_BUCKETS, LatencyWindow, ModelStats, bucket_of,
+                                  bucket_value, percentiles_of)
 
 PS = (50, 95, 99)
 REL_ERR = 1 / 64  # half a bucket's width over its lower bound (module docstring)

@@ -83,7 +83,7 @@ import numpy as np
 
 from ipc.status import Status
 
-from .guardrails import ERROR_STATUSES, FALLBACK, LatencyHistogram
+from ..rollout.guardrails import ERROR_STATUSES, FALLBACK, LatencyHistogram
 
 SRM_ALPHA = 0.001
 CONTROL_LANE = "stable"

@@ -1,6 +1,6 @@
 """The worker process: one model version on one device, serving every front.
 
-Started by the supervisor as ``python -m daemon.worker --ctrl-fd C
+Started by the supervisor as ``python -m daemon.workers.child --ctrl-fd C
 --wake-fd W`` (a fresh interpreter: the ``spawn`` start method, so no state
 of the parent leaks in). Two file descriptors are inherited:
 
@@ -388,7 +388,7 @@ class Worker:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m daemon.worker")
+    p = argparse.ArgumentParser(prog="python -m daemon.workers.child")
     p.add_argument("--ctrl-fd", type=int, required=True)
     p.add_argument("--wake-fd", type=int, required=True)
     a = p.parse_args(argv)

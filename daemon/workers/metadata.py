@@ -29,7 +29,7 @@ is ``sha256:`` and the hex sha256 of the file's bytes, exactly as read.
 Who reads it: the front, when it validates a config (``daemon/config.py``:
 a feature schema that does not match the declared inputs makes the config
 invalid, so a SIGHUP that brings one is refused); the worker again when it
-loads the model (``daemon/runtime.py``: the file may have changed since);
+loads the model (``daemon/workers/runtime.py``: the file may have changed since);
 the batch job, for its output's name and columns. Torch-free, and no I/O
 beyond reading the one file.
 """

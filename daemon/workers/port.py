@@ -1,6 +1,6 @@
 """A front's port to one worker: its ring, its eventfds, the batches in it.
 
-The worker process itself belongs to the supervisor (``daemon/supervisor.py``),
+The worker process itself belongs to the supervisor (``daemon/supervisor/children.py``),
 which tells each front, over the front's control channel, what became of it:
 
 - ``attach(ring_fd, wake_fd, done_fd, ...)``: the worker is ready and has
@@ -26,8 +26,8 @@ from ipc.ring import Ring
 from ipc.status import Status
 from ipc.tensors import non_finite_rows, not_finite_error
 
-from .fallback import NO_WORKER
-from .stats import BusyMeter
+from ..serving.fallback import NO_WORKER
+from ..observe.stats import BusyMeter
 
 log = logging.getLogger("ringserve.port")
 _ONE = (1).to_bytes(8, "little")
@@ -197,7 +197,7 @@ class WorkerPort:
             batch, t_sub, bucket = self.inflight.popleft()
             _, n, status, compute_ns, err = ring.result(slot)
             ran, ran_bucket, lead = ring.ran(slot)
-            if lead:  # one front of a merged pass counts it (daemon/worker.py)
+            if lead:  # one front of a merged pass counts it (daemon/workers/child.py)
                 self.busy.add(compute_ns)
                 self.batches += 1
             try:
@@ -218,7 +218,7 @@ class WorkerPort:
     # -- reports -----------------------------------------------------------------
     def health(self) -> dict:
         # The metadata the config validated: the worker refuses to load unless
-        # the file still has this hash (daemon/runtime.py).
+        # the file still has this hash (daemon/workers/runtime.py).
         meta = self.queue.cfg.metadata
         i = self.info
         d = {"name": self.queue.name, "version": self.queue.version, "lane": self.queue.lane,

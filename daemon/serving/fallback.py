@@ -73,7 +73,7 @@ import time
 from ipc.status import Status
 from ipc.tensors import non_finite_rows, not_finite_error
 
-from .guardrails import FALLBACK
+from ..rollout.guardrails import FALLBACK
 
 NO_WORKER, QUEUE_FULL, DEADLINE_NEAR, MODEL_ERROR = (
     "no_worker", "queue_full", "deadline_near", "model_error")

@@ -1,5 +1,5 @@
-"""``python -m daemon.front --ctrl-fd N``: one front process (daemon/server.py),
-started by the supervisor (daemon/supervisor.py), never by hand."""
+"""``python -m daemon.front --ctrl-fd N``: one front process (daemon/front/app.py),
+started by the supervisor (daemon/supervisor/), never by hand."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m daemon.front")
     p.add_argument("--ctrl-fd", type=int, required=True)
     a = p.parse_args(argv)
-    from .lifeline import die_with_parent
+    from ..workers.lifeline import die_with_parent
     die_with_parent()
     from ipc.control import Channel
-    from .server import run_front
+    from .app import run_front
     return run_front(Channel.from_fd(a.ctrl_fd))
 
 

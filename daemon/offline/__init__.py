@@ -5,7 +5,7 @@ How a job runs (``job.py`` ties the steps together)::
 
     reader (columns.py, readers.py)        one process, the driver
       -> rows copied once into a ring slot (ipc/ring.py, shared memory)
-      -> daemon.worker, one process per configured device, unchanged:
+      -> daemon.workers.child, one process per configured device, unchanged:
          the same Runner (load, dtype, compile, padding to a bucket)
       -> outputs read back from the slot, in input order
       -> part files + checkpoint (checkpoint.py, writers.py)

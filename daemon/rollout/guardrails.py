@@ -2,7 +2,7 @@
 
 Pure maths and bookkeeping, no I/O: ``Guardrail.observe`` takes each answer
 of the two lanes, ``Guardrail.check(now)`` returns a ``Verdict`` with the
-figures behind it. ``daemon/rollouts.py`` runs the checks on a timer and acts
+figures behind it. ``daemon/rollout/controller.py`` runs the checks on a timer and acts
 on the verdicts.
 
 Why these rules (the complaints about Argo Rollouts and Flagger we set out
@@ -59,7 +59,7 @@ import math
 from dataclasses import dataclass, field
 
 # What a guardrail is told of an answer its version's fallback gave
-# (daemon/fallback.py): not a status of the protocol (the caller got OK),
+# (daemon/serving/fallback.py): not a status of the protocol (the caller got OK),
 # but the version's failure all the same.
 FALLBACK = -1
 ERROR_STATUSES = frozenset((4, 13, 14, FALLBACK))  # DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE, fallback

@@ -19,7 +19,7 @@ How the config and the saved state combine (``resolve``), per rollout:
 
 Every decision (reload, check, stage change, promotion, rollback) is a JSON
 line in the decision log (``decision_log``) and a record of the daemon's own
-log, with the figures behind it (``daemon/guardrails.py``).
+log, with the figures behind it (``daemon/rollout/guardrails.py``).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def load_state(path: str) -> dict:
 
 def load_rid_blocks(path: str) -> dict[int, int]:
     """Per front slot, the first request-id block no earlier start used
-    (daemon/rids.py); {} when the file has none. Front 0's is
+    (daemon/front/rids.py); {} when the file has none. Front 0's is
     ``rids.next_block`` (as before there were several fronts), the others'
     ``rids.fronts``."""
     try:
@@ -175,7 +175,7 @@ class Rollouts:
         self.guards: dict[str, Guardrail] = {}
         self.next_check: dict[str, float] = {}
         self.path = None
-        self.rid_blocks: dict[int, int] = {}  # front slot -> next free block (daemon/rids.py)
+        self.rid_blocks: dict[int, int] = {}  # front slot -> next free block (daemon/front/rids.py)
         self.verdicts: collections.Counter = collections.Counter()  # (model, verdict)
         self.log: DecisionLog | None = None
         self._task = None

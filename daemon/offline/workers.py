@@ -1,10 +1,10 @@
-"""The batch job's workers: ``daemon.worker`` processes driven without an
+"""The batch job's workers: ``daemon.workers.child`` processes driven without an
 event loop.
 
 Each configured device gets one worker, started exactly as the daemon's
-supervisor starts it (``python -m daemon.worker`` in a fresh interpreter, in
+supervisor starts it (``python -m daemon.workers.child`` in a fresh interpreter, in
 its own session, with a control channel and a wake eventfd) and spoken to in
-the same control protocol (daemon/worker.py: load -> loaded, attach ->
+the same control protocol (daemon/workers/child.py: load -> loaded, attach ->
 ready, stop). Batches travel through one ``ipc.ring`` whose slots hold
 ``batch_rows`` rows: the driver writes a batch into a slot's input regions,
 submits it and writes the worker's wake eventfd; the worker runs it and
@@ -28,8 +28,8 @@ from ipc.control import Channel, ChannelClosed, pair
 from ipc.ring import Ring, RingLayout
 from ipc.tensors import _NP
 
-from ..spec import ModelSpec, TensorDecl, spawn_worker
-from ..worker import EXIT_LOAD_FAILED
+from ..workers.spec import ModelSpec, TensorDecl, spawn_worker
+from ..workers.child import EXIT_LOAD_FAILED
 
 _ONE = (1).to_bytes(8, "little")
 STOP_GRACE_S = 10.0

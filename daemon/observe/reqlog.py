@@ -37,7 +37,7 @@ import time
 
 from ipc.tensors import DTYPES, to_numpy
 
-from .cache import inputs_digest
+from ..serving.cache import inputs_digest
 
 log = logging.getLogger("ringserve.reqlog")
 FLUSH_S = 0.05
@@ -95,7 +95,7 @@ class RequestLog:
                version: str, score_name: str | None, fallback: tuple | None = None) -> None:
         """``answer["outputs"]`` may view shared memory: only the score's
         bytes are copied, now. ``fallback``: (reason, the version the router
-        chose) of a fallback's answer (daemon/fallback.py)."""
+        chose) of a fallback's answer (daemon/serving/fallback.py)."""
         score = None
         out = answer.get("outputs")
         if out is not None:

@@ -5,7 +5,7 @@ process serves), ``GET /readyz`` (200 once every worker is warm and the
 daemon is not draining, 503 otherwise).
 
 Nothing here runs on the request path. The serving code keeps plain counters
-and histograms (``daemon/stats.py``: the front is one thread, so no locks);
+and histograms (``daemon/observe/stats.py``: the front is one thread, so no locks);
 at scrape time ``Collector`` reads them and builds metric families, which
 ``prometheus_client`` writes in its exposition format. Workers' figures (the
 compute time of each batch) already travel with every result through the
@@ -29,7 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from ipc.status import Status
 
-from .stats import DURATION_BOUNDS_S
+from ..observe.stats import DURATION_BOUNDS_S
 
 log = logging.getLogger("ringserve.metrics")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -242,7 +242,7 @@ class MetricsServer:
     def __init__(self, source):
         # ``source`` (the supervisor): ``cfg``, ``ready()``, ``draining``,
         # ``degraded()`` and ``async view()``, the machine's merged figures
-        # (daemon/figures.py) that a scrape renders.
+        # (daemon/observe/figures.py) that a scrape renders.
         self.app = source
         self.collector = Collector(None)
         self.registry = CollectorRegistry(auto_describe=False)

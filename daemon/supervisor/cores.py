@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import os
 
-from .config import MAX_FRONTS
+from ..config import MAX_FRONTS
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 

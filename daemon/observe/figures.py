@@ -1,6 +1,6 @@
 """The machine's figures: every front's counters, summed by the supervisor.
 
-A front keeps its counters as it always did (``daemon/stats.py``: plain
+A front keeps its counters as it always did (``daemon/observe/stats.py``: plain
 ints, Counters and histograms, no locks); ``front_figures(app)`` copies them
 into one picklable dict. The supervisor asks every front for it when a
 ``stats`` request or a scrape of /metrics comes (so both are exact up to that
@@ -16,7 +16,7 @@ killed with SIGKILL had counted since its last report (at most a second) is
 lost, and docs/operations.md says so.
 
 ``MachineView`` shows the merged figures with the attributes the metrics
-collector reads (``daemon/metrics.py``), and ``stats_answer`` builds the
+collector reads (``daemon/supervisor/metrics.py``), and ``stats_answer`` builds the
 ``stats`` op's answer from them: one collector and one answer format,
 whatever the number of fronts. Prometheus's multiprocess mode is not used:
 it writes a file per process per metric and cannot hold the guardrails'

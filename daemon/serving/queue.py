@@ -14,7 +14,7 @@ its workers):
 
 The queue is bounded (``queue_limit``): beyond it a request is refused with
 RESOURCE_EXHAUSTED at once. Mirrored (shadow) requests wait in a second,
-lower-priority queue of their own (``daemon/shadow.py``): they run only on an
+lower-priority queue of their own (``daemon/serving/shadow.py``): they run only on an
 idle worker when no primary request is queued, so they never delay a caller
 by more than one batch. Every request is on a deadline heap; one timer,
 set for the earliest deadline, answers DEADLINE_EXCEEDED for whatever is still
@@ -22,7 +22,7 @@ unanswered then, queued or in a worker, so a stuck worker can never hang a
 caller. A request is answered exactly once (``Pending.done``); a late result
 for an answered request is dropped.
 
-Failures that a version's fallback may answer instead (daemon/fallback.py)
+Failures that a version's fallback may answer instead (daemon/serving/fallback.py)
 go through ``ModelQueue.fail`` with their cause: the model raised on the
 batch, the last worker went while requests were queued, the worker running
 them died. A request moved to a fallback version is the same ``Pending``
@@ -42,10 +42,10 @@ from ipc.status import Status
 
 from .fallback import MODEL_ERROR, NO_WORKER
 from .shadow import SHADOW
-from .stats import ModelStats
+from ..observe.stats import ModelStats
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .supervisor import WorkerHandle
+    from ..supervisor import WorkerHandle
 
 _monotonic_ns = time.monotonic_ns
 OK = int(Status.OK)
@@ -95,7 +95,7 @@ class Pending:
         self.log = None     # (input bytes, exp) when the request log samples this request
         self.ckey = None    # response-cache key, when the model caches and this was a miss
         self.client = None  # who holds it in ModelQueue.held, once queued
-        # daemon/fallback.py: the Fallback that may answer it (routed, not
+        # daemon/serving/fallback.py: the Fallback that may answer it (routed, not
         # pinned, to a version that has one); once moved to a fallback
         # version, the Via that answers it from there (and fb is None).
         self.fb = None
@@ -211,7 +211,7 @@ class ModelQueue:
         # (input index, dtype, elements per sample, where) of the float inputs
         # whose NaN/Inf check runs once per batch (WorkerHandle.submit_batch)
         self.finite_checks: tuple = ()
-        self.fallback = None  # Fallback (daemon/fallback.py), when the entry has [models.fallback]
+        self.fallback = None  # Fallback (daemon/serving/fallback.py), when the entry has [models.fallback]
         self.defaults = None  # input name -> wire tensor map of the inputs with a default
         # Answers here may need more than the plain OK answer: requests with
         # defaulted inputs, with a fallback (their input bytes are kept until
@@ -490,7 +490,7 @@ class ModelQueue:
 
     def unhold(self, client) -> None:
         """``release``'s share part alone: a request moved to a fallback
-        version gives its client's place here back (daemon/fallback.py)."""
+        version gives its client's place here back (daemon/serving/fallback.py)."""
         held = self.held
         n = held[client] - 1
         if n:
@@ -500,7 +500,7 @@ class ModelQueue:
 
     def fail(self, req: Pending, status: int, message: str, reason: str) -> None:
         """Answer an accepted request with an error, or from its fallback
-        when it has one that covers ``reason`` (daemon/fallback.py)."""
+        when it has one that covers ``reason`` (daemon/serving/fallback.py)."""
         if req.done:
             return
         fb = req.fb

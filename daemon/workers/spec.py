@@ -58,7 +58,7 @@ class ModelSpec:
     buckets: list[int] = field(default_factory=lambda: [1])
     spin_us: float = 0.0
     # The metadata file the front validated and its hash: the worker reads
-    # it again at load and refuses a file that changed since (daemon/metadata.py).
+    # it again at load and refuses a file that changed since (daemon/workers/metadata.py).
     metadata: str | None = None
     metadata_hash: str | None = None
 
@@ -98,7 +98,7 @@ def share_cores(cpu_workers: int, fronts: int = 1) -> int:
     process may use, less one for each front (a worker that takes every core
     starves the event loop, or the batch job's reader), shared among the
     CPU workers."""
-    from .cores import usable_cpus
+    from ..supervisor.cores import usable_cpus
     return max(1, (usable_cpus() - fronts) // max(1, cpu_workers))
 
 
@@ -115,12 +115,12 @@ def worker_env(config_source: str, workdir: str) -> dict:
 
 
 def spawn_worker(ctrl_fd: int, wake_fd: int, cwd: str, env: dict):
-    """``python -m daemon.worker`` with its control channel and wake eventfd,
+    """``python -m daemon.workers.child`` with its control channel and wake eventfd,
     in a session of its own: a terminal's Ctrl-C reaches only the parent,
     which drains first and then stops its workers. It dies with its parent
-    (daemon/lifeline.py)."""
+    (daemon/workers/lifeline.py)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "daemon.worker", "--ctrl-fd", str(ctrl_fd),
+        [sys.executable, "-m", "daemon.workers.child", "--ctrl-fd", str(ctrl_fd),
          "--wake-fd", str(wake_fd)],
         pass_fds=(ctrl_fd, wake_fd), stdin=subprocess.DEVNULL, cwd=cwd,
         env={**env, PARENT_ENV: str(os.getpid())}, start_new_session=True)

@@ -6,7 +6,7 @@ A model input of shape ``[128]`` takes 128 columns, one per element; a shape
 list of items, each one column name or a range ``f0:f127`` (the same prefix
 on both ends, numeric suffixes, both ends included, zero padding kept:
 ``x000:x127``). Without a mapping, an input whose model metadata lists its
-``features`` (daemon/metadata.py) takes those columns, in that order; else a
+``features`` (daemon/workers/metadata.py) takes those columns, in that order; else a
 model with one input takes every column except the id column, in table
 order, when their number is right.
 
@@ -22,7 +22,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from daemon.spec import TensorDecl
+from daemon.workers.spec import TensorDecl
 
 _RANGE = re.compile(r"^(.*?)(\d+)$")
 

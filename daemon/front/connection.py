@@ -67,9 +67,9 @@ class Connection(asyncio.Protocol):
         self.closed = False
         self.peer = None
         self.host = "?"
-        self.client = None   # the client name once a valid token was presented (daemon/access.py)
+        self.client = None   # the client name once a valid token was presented (daemon/front/access.py)
         self.cred = None     # that token, so a reload that revokes it can tell
-        self.reauth = False  # a reload changed [auth] under it (daemon/access.py)
+        self.reauth = False  # a reload changed [auth] under it (daemon/front/access.py)
         self.close_after_answer = False
         self.inflight = 0    # infer requests accepted and not yet answered
         self.opened = self.last_active = _monotonic()

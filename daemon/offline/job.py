@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from ipc import shm
 
 from ..config import RING_SLOT_BYTES, Config, ModelConfig
-from ..spec import TensorDecl, share_cores, spec_for, worker_env
+from ..workers.spec import TensorDecl, share_cores, spec_for, worker_env
 from . import guardrails as gr
 from .checkpoint import Checkpoint, job_key
 from .columns import ColumnPlan, plan_columns

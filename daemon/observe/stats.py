@@ -199,7 +199,7 @@ class ModelStats:
 
     def merge(self, o: "ModelStats", windows: bool = True) -> None:
         """Add another front's figures of the same version (the machine's
-        stats and /metrics: daemon/figures.py). ``windows`` False leaves the
+        stats and /metrics: daemon/observe/figures.py). ``windows`` False leaves the
         latency window alone (a dead front's recent latencies are not recent)."""
         self.by_route.update(o.by_route)
         if windows:

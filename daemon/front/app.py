@@ -1,10 +1,10 @@
 """A front process: startup, serving, shutdown, and the request ops.
 
-A front is started by the supervisor (daemon/supervisor.py) with the config
+A front is started by the supervisor (daemon/supervisor/) with the config
 it validated, binds the port itself (SO_REUSEPORT: several fronts share it,
 the kernel spreads the connections) and serves its own connections with its
 own queues and batching. Its workers belong to the supervisor: each arrives
-as a port (daemon/port.py: a ring and eventfds made for this front) over the
+as a port (daemon/workers/port.py: a ring and eventfds made for this front) over the
 control channel, which also carries reloads and the drain.
 
 Lifecycle (after uvicorn's server): listen, serve; on drain (the
@@ -38,23 +38,23 @@ from ipc.status import (InvalidArgument, NotFound, ProtocolError, ResourceExhaus
 from ipc.tensors import DEFERRABLE, TensorSpec, decode_inputs, input_where
 
 from .access import Access
-from .batcher import Deadlines, ModelQueue, Pending
-from .cache import ResponseCache
-from .drift import DriftTracker
-from .fallback import DEADLINE_NEAR, Fallback, fill_inputs, wire_defaults
-from .feedback import FeedbackJoin
-from .lifeline import EXIT_BOOT_FAILED
+from ..serving.queue import Deadlines, ModelQueue, Pending
+from ..serving.cache import ResponseCache
+from ..observe.drift import DriftTracker
+from ..serving.fallback import DEADLINE_NEAR, Fallback, fill_inputs, wire_defaults
+from ..observe.feedback import FeedbackJoin
+from ..workers.lifeline import EXIT_BOOT_FAILED
 from .limits import CONN_PAGE_BYTES, frame_limits, raise_nofile
-from .metadata import default_path
-from .figures import front_figures
-from .guardrails import Tally
-from .reqlog import RequestLog, features_hash
-from .protocol import Connection
+from ..workers.metadata import default_path
+from ..observe.figures import front_figures
+from ..rollout.guardrails import Tally
+from ..observe.reqlog import RequestLog, features_hash
+from .connection import Connection
 from .rids import RidAllocator
 from .rids import decode as _decode_rid
-from .router import CANARY, STABLE, RoutingTable, UnknownExperiment
-from .shadow import Shadow
-from .port import WorkerPort
+from ..serving.router import CANARY, STABLE, RoutingTable, UnknownExperiment
+from ..serving.shadow import Shadow
+from ..workers.port import WorkerPort
 
 log = logging.getLogger("ringserve.server")
 PROTOCOL_VERSIONS = (1,)
@@ -96,7 +96,7 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-HEARTBEAT_S = 1.0   # and the figures a dead front leaves behind (daemon/figures.py)
+HEARTBEAT_S = 1.0   # and the figures a dead front leaves behind (daemon/observe/figures.py)
 TALLY_S = 0.25      # how often the guardrails' counts go to the supervisor
 RATE_SYNC_S = 0.05  # how often rate-limit spend goes to the other fronts (the slack it allows)
 DRIFT_REPORT_S = 1.0  # how often drift flags are compared (and logged when they change)
@@ -147,7 +147,7 @@ class App:
         self.reloads: collections.Counter = collections.Counter({"ok": 0, "failed": 0})
         self.default_deadline_ns = cfg.server.deadline_ms * 1_000_000
         self.rids = RidAllocator(cfg.server.node_id, slot, rid_block, self._rid_block_used)
-        # The connection limits (daemon/protocol.py, docs/operations.md "Limits and abuse").
+        # The connection limits (daemon/front/connection.py, docs/operations.md "Limits and abuse").
         self.frame_limits = frame_limits(cfg.models)
         self.frame_bytes = 0  # held for unfinished frames, all connections together
         self.per_host: collections.Counter = collections.Counter()
@@ -533,7 +533,7 @@ class App:
         self._sweeper = self.loop.call_later(every, self.sweep)
 
     def sweep(self) -> None:
-        """The connections' time limits (daemon/protocol.py): a few times per
+        """The connections' time limits (daemon/front/connection.py): a few times per
         limit, over every connection; O(connections) a second at most."""
         now = time.monotonic()
         s = self.cfg.server
@@ -633,7 +633,7 @@ class App:
                                 "please report it"})
 
     def route(self, msg: dict) -> tuple[ModelQueue, str, str | None, str | None]:
-        """(queue, lane, arm, key) for an infer request (daemon/router.py)."""
+        """(queue, lane, arm, key) for an infer request (daemon/serving/router.py)."""
         name, version = msg.get("model"), msg.get("version")
         key, exp = msg.get("key"), msg.get("exp")
         if version is None and exp is None and type(name) is str:
@@ -818,7 +818,7 @@ class App:
                 "fallbacks": fallbacks, "metrics_port": self.metrics_port, "front": self.slot}
 
     def degraded(self) -> bool:
-        """Some version is answered by its fallback alone (daemon/fallback.py):
+        """Some version is answered by its fallback alone (daemon/serving/fallback.py):
         not ready, but not down either."""
         return any(q.fallback is not None and q.fallback.degraded() for q in self.queues.values())
 
@@ -1044,7 +1044,7 @@ def run_front(chan: Channel) -> int:
         import mmap
         conn_page = memoryview(mmap.mmap(fds[0], CONN_PAGE_BYTES)).cast("Q")
         os.close(fds[0])
-    from . import logs
+    from ..observe import logs
     logs.setup(msg["cfg"].logging.level)
 
     async def main() -> int:
