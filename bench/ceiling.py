@@ -1,7 +1,7 @@
 """The model's in-process ceiling: how fast the model itself runs the batches
 the server ran, with no server around it.
 
-The model is loaded the way a worker loads it (``daemon.runtime.Runner``:
+The model is loaded the way a worker loads it (``daemon.workers.runtime.Runner``:
 same factory or artifact, checkpoint, dtype and compile choices) with one
 torch thread, and each batch runs through ``Runner.run_batch``, the call a
 worker times as ``compute_us``. A worker pads a batch of n samples up to the
@@ -18,8 +18,8 @@ def measure(config_path: str, model: str, batch_sizes: dict, min_time_s: float =
     import torch
 
     from daemon.config import load_config
-    from daemon.runtime import TORCH_DTYPES, Runner
-    from daemon.spec import spec_for
+    from daemon.workers.runtime import TORCH_DTYPES, Runner
+    from daemon.workers.spec import spec_for
 
     cfg = load_config(config_path).model(model)
     if cfg is None:

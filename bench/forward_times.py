@@ -1,5 +1,5 @@
 """In-process forward times per bucket, compile mode and dtype: the model
-alone, loaded and run the way a worker runs it (``daemon.runtime.Runner``),
+alone, loaded and run the way a worker runs it (``daemon.workers.runtime.Runner``),
 with no server around it.
 
     python -m bench.forward_times --model demo --device cuda:0 --out FILE
@@ -41,7 +41,7 @@ import time
 # The models the GPU check times: the demo scorer (serving machinery bound)
 # and the compute-bound encoder of bench/models.py.
 MODELS = {
-    "demo": {"factory": "daemon.zoo:mlp_scorer", "dtype": "float32", "shape": [128]},
+    "demo": {"factory": "daemon.workers.zoo:mlp_scorer", "dtype": "float32", "shape": [128]},
     "encoder": {"factory": "bench.models:encoder", "dtype": "int64", "shape": [32]},
 }
 MODES = ("eager", "reduce-overhead", "default")   # reduce-overhead first: the daemon check needs it
@@ -81,7 +81,7 @@ def _group(model: str, device: str, mode: str, dtype: str, buckets: list[int],
     import torch
     from torch import _dynamo
 
-    from daemon.runtime import TORCH_DTYPES, ModelSpec, Runner, TensorDecl
+    from daemon.workers.runtime import TORCH_DTYPES, ModelSpec, Runner, TensorDecl
 
     m = MODELS[model]
     base = {"model": model, "device": device, "mode": mode, "dtype": dtype}

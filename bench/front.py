@@ -67,7 +67,7 @@ def _fake_worker(app, q):
     """Attach ``q``'s first worker port to a real ring (``WorkerPort.attach``,
     as the supervisor's ``port`` message does), with nothing on the other
     side: ``complete`` plays the worker's part on its own mapping."""
-    from daemon.spec import TensorDecl
+    from daemon.workers.spec import TensorDecl
     w = q.workers[0]
     outputs = [TensorDecl(n, s.dtype, s.shape) for n, s in q.cfg.outputs] or \
         [TensorDecl("output", "float32", (2,))]
@@ -100,8 +100,8 @@ async def measure(config: str, requests: int, arrivals: int, warmup: int = 20_00
     import numpy as np
 
     from daemon.config import load_config
-    from daemon.protocol import Connection
-    from daemon.server import App, tune_gc
+    from daemon.front.app import App, tune_gc
+    from daemon.front.connection import Connection
     cfg = load_config(config)
     app = App(cfg, asyncio.get_running_loop(), chan=None)
     m = cfg.models[0]

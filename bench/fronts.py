@@ -12,7 +12,7 @@ a daemon; one whose answer lists ``fronts`` is asked once.
 each of them at every mark. A connection's front is the ``front`` its
 ``health`` answer names; from a daemon whose answers do not name it, the
 ``rid`` of one request sent on the connection (bits 44..40 are the front's
-slot: daemon/rids.py). Either is done before the measured window, so the
+slot: daemon/front/rids.py). Either is done before the measured window, so the
 probes add nothing to it. ``merge`` puts
 the fronts' per-model entries side by side in one document, and
 bench/report.py sums entries of the same model: the batch-size histograms
@@ -30,7 +30,7 @@ import time
 
 from ipc.framing import FrameDecoder, encode_frame
 
-FRONT_SHIFT, FRONT_MASK = 40, 0x1F   # daemon/rids.py: 5 bits of front slot at bit 40
+FRONT_SHIFT, FRONT_MASK = 40, 0x1F   # daemon/front/rids.py: 5 bits of front slot at bit 40
 
 
 def front_of(rid) -> int | None:

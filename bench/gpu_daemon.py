@@ -46,7 +46,7 @@ from .forward_times import MODELS
 from .load import Plan, run_load
 
 SHM = Path("/dev/shm")
-REPORT_WAIT_S = 0.8   # a worker reports its figures every 0.5 s (daemon/worker.py REPORT_S)
+REPORT_WAIT_S = 0.8   # a worker reports its figures every 0.5 s (daemon/workers/child.py REPORT_S)
 
 
 def buckets_for(max_batch: int) -> list[int]:

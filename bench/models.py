@@ -1,4 +1,4 @@
-"""Models for the benchmark beside the demo scorer (``daemon.zoo``).
+"""Models for the benchmark beside the demo scorer (``daemon.workers.zoo``).
 
 ``noop`` computes nothing: the demo's request and answer shapes (float32
 [128] in, [2] out: the first two features, copied), so a run against it is
@@ -12,7 +12,7 @@ most of its time is per-call overhead of some forty torch ops; run a batch,
 that overhead is shared, which is the gain batching must show
 (``python -m bench --config bench/configs/encoder.toml --compare-batching``).
 
-Weights come from a fixed seed, as in ``daemon.zoo``, so every process that
+Weights come from a fixed seed, as in ``daemon.workers.zoo``, so every process that
 builds it gets bit-identical weights.
 """
 

@@ -8,7 +8,7 @@ For each input format, on the same table (``--rows`` rows of ``id`` plus
 - parse-only: the job's own reader over the whole file (same engine, same
   blocks, ids and arrays built), no model;
 - in-process ceiling: the model loaded as a worker loads it
-  (``daemon.runtime.Runner``, same torch threads, same batch size), running
+  (``daemon.workers.runtime.Runner``, same torch threads, same batch size), running
   as many full batches back to back on data already in memory;
 - batch path: ``python -m daemon batch`` end to end as a user runs it (data
   hash, workers, checkpoints, output file); its rows/s is the scoring loop's
@@ -82,10 +82,10 @@ def ensure_tables(directory: str, rows: int, formats: list[str], seed: int = 0) 
 
 
 def _job_reader(path: str, fmt: str, model, engine: str):
-    from daemon.batch.columns import plan_columns
-    from daemon.batch.job import cpu_threads
-    from daemon.batch.readers import open_reader
-    from daemon.spec import spec_for
+    from daemon.offline.columns import plan_columns
+    from daemon.offline.job import cpu_threads
+    from daemon.offline.readers import open_reader
+    from daemon.workers.spec import spec_for
     spare = len(os.sched_getaffinity(0)) - cpu_threads(model) * model.devices.count("cpu")
     reader = open_reader(path, fmt, engine=engine, threads=spare >= 2)
     plan = plan_columns(reader.header, spec_for(model, "cpu", 1).inputs, {}, "id", reader.source)
@@ -104,9 +104,9 @@ def parse_only(path: str, fmt: str, model, engine: str) -> dict:
 def ceiling(model, rows: int, batch: int) -> dict:
     import torch
 
-    from daemon.batch.job import cpu_threads
-    from daemon.runtime import Runner
-    from daemon.spec import spec_for
+    from daemon.offline.job import cpu_threads
+    from daemon.workers.runtime import Runner
+    from daemon.workers.spec import spec_for
     threads = cpu_threads(model)
     torch.set_num_threads(threads)
     spec = spec_for(model, "cpu", threads)

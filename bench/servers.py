@@ -6,7 +6,7 @@ always stopped with SIGTERM (SIGKILL if it hangs) when the ``with`` block
 ends. Its CPU is sampled over the whole process tree: the daemon
 (``python -m daemon``) is a supervisor that touches no request, its fronts
 (``python -m daemon.front``, ``[server] fronts`` of them) do the networking
-and batching, and its workers (``python -m daemon.worker``) run the model.
+and batching, and its workers (``python -m daemon.workers.child``) run the model.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def echo(timeout: float = 60.0) -> Server:
 # -- CPU -----------------------------------------------------------------------------------
 
 # A child's role from its command line (``python -m daemon.front ...``).
-_ROLES = {"daemon.front": "front", "daemon.worker": "worker"}
+_ROLES = {"daemon.front": "front", "daemon.workers.child": "worker"}
 
 
 def role_of(cmdline: list[str]) -> str | None:

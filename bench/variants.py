@@ -80,7 +80,7 @@ def with_fronts(n: int | str, metrics: bool | None = None):
     "auto"), keeping every other key of the file.
 
     ``[metrics]`` is still decided inside one front, so the daemon refuses
-    ``fronts`` above 1 with it on (daemon/cores.py, single_front_parts), and
+    ``fronts`` above 1 with it on (daemon/supervisor/cores.py, single_front_parts), and
     it is on by default. ``metrics=False`` turns it off, ``True`` leaves it
     on, and None (the default) turns it off where ``n`` is not 1, the
     benchmark needing no metrics endpoint. A comparison across front

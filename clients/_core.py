@@ -49,7 +49,7 @@ __all__ = [
     "op_request", "plain_answer",
 ]
 
-# The server's bound on deadline_ms (daemon/server.py; protocol.md "Requests").
+# The server's bound on deadline_ms (daemon/front/app.py; protocol.md "Requests").
 MAX_DEADLINE_MS = 3_600_000
 
 # Largest answer frame a client accepts. Answers carry one sample's outputs,

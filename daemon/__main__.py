@@ -4,8 +4,8 @@
     ringserve check FILE            validate a config, print "ok" or the error
     ringserve reload --pid-file F   validate the running daemon's config file, then SIGHUP it
     ringserve batch --input PATH --output DIR [...]   score a table offline (docs/batch.md)
-    ringserve report --log DIR ...  A/B and lane report over the request log (daemon/report.py)
-    ringserve profile --input F ... reference profile of training data for drift (daemon/drift.py)
+    ringserve report --log DIR ...  A/B and lane report over the request log (daemon/tools/report.py)
+    ringserve profile --input F ... reference profile of training data for drift (daemon/observe/drift.py)
     python -m daemon [...]          same as ``ringserve serve [...]``
 """
 
@@ -42,13 +42,13 @@ def main(argv=None) -> int:
     if argv and argv[0] == "reload":
         return _reload(argv[1:])
     if argv and argv[0] == "batch":
-        from .batch.cli import main as batch_main
+        from .offline.cli import main as batch_main
         return batch_main(argv[1:])
     if argv and argv[0] == "report":
-        from .report import main as report_main
+        from .tools.report import main as report_main
         return report_main(argv[1:])
     if argv and argv[0] == "profile":
-        from .drift import profile_main
+        from .observe.drift import profile_main
         return profile_main(argv[1:])
     if argv and argv[0] == "check":
         p = argparse.ArgumentParser(prog="ringserve check")
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     overrides = {"server": {k: v for k, v in (("host", a.host), ("port", a.port)) if v is not None},
                  "metrics": {"port": metrics_port} if metrics_port is not None else {}}
     cfg = with_overrides(cfg, overrides)
-    from . import logs
+    from .observe import logs
     from .supervisor import serve
     logs.setup(cfg.logging.level)
     if a.pid_file:

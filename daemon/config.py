@@ -44,7 +44,7 @@ from typing import Any, Callable
 from ipc.status import InvalidArgument
 from ipc.tensors import DTYPES, TensorSpec, decode_tensor
 
-from .metadata import MetadataError, ModelMetadata, default_path, read_metadata, schema_mismatch
+from .workers.metadata import MetadataError, ModelMetadata, default_path, read_metadata, schema_mismatch
 
 __all__ = [
     "PROTOCOL_DTYPES", "RING_SLOT_BYTES", "REQUIRED", "Derived", "ConfigError", "Setting", "Section",
@@ -129,7 +129,7 @@ class ServerConfig:
     proxy_protocol: bool
     trusted_proxies: tuple[str, ...]
     node_id: int                  # this node's number in request ids (docs/protocol.md)
-    fronts: int | str             # front processes, or "auto" (daemon/cores.py)
+    fronts: int | str             # front processes, or "auto" (daemon/supervisor/cores.py)
     front_heartbeat_timeout_s: float
 
 
@@ -193,7 +193,7 @@ FALLBACK_DEFAULT_ON = ("no_worker", "queue_full", "deadline_near")
 @dataclass(frozen=True, slots=True)
 class FallbackConfig:
     """``[models.fallback]``: what answers when the version cannot
-    (daemon/fallback.py). Exactly one of ``version`` and ``outputs``."""
+    (daemon/serving/fallback.py). Exactly one of ``version`` and ``outputs``."""
 
     version: str | None           # another [[models]] entry of the same name
     outputs: tuple[tuple[str, bytes], ...] | None  # a constant answer: raw bytes per declared output
@@ -208,7 +208,7 @@ class ModelConfig:
     factory: str | None           # "module:function"; exactly one of factory/artifact
     artifact: str | None          # absolute path of a torch.export .pt2 file
     checkpoint: str | None        # absolute path of a state_dict file (factory only)
-    metadata: ModelMetadata | None   # what it was trained on (daemon/metadata.py); None: no file
+    metadata: ModelMetadata | None   # what it was trained on (daemon/workers/metadata.py); None: no file
     require_metadata: bool
     inputs: tuple[tuple[str, TensorShape], ...]
     single_input: bool            # True: one unnamed input, named "input"
@@ -508,7 +508,7 @@ def _int_in(lo: int, hi: int):
     return check
 
 
-MAX_FRONTS = 32  # the front field of a request id has 5 bits (daemon/rids.py)
+MAX_FRONTS = 32  # the front field of a request id has 5 bits (daemon/front/rids.py)
 
 
 @_rule(f'"auto" or 1 to {MAX_FRONTS}')
@@ -957,7 +957,7 @@ def _build_model(values: dict[str, Any], ctx: _Context) -> ModelConfig:
 
 
 def _model_metadata(values: dict[str, Any], inputs) -> ModelMetadata | None:
-    """The entry's metadata (daemon/metadata.py), read now, at validation,
+    """The entry's metadata (daemon/workers/metadata.py), read now, at validation,
     so that a feature schema that does not match the declared inputs makes
     the file invalid (a reload that brings one is refused), and so that the
     front knows the data version without asking a worker."""

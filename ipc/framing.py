@@ -75,7 +75,7 @@ def _refuse_ext(code: int, data: bytes) -> NoReturn:
 class FrameLimits:
     """What one frame's body may hold (msgpack's own per-object limits, plus
     a total): derived from the served models by the daemon
-    (``daemon.limits.frame_limits``), shared by every connection's decoder
+    (``daemon.front.limits.frame_limits``), shared by every connection's decoder
     and replaced whole on reload.
 
     - ``max_str``: longest string (names, keys, tokens, errors).

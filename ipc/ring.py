@@ -289,7 +289,7 @@ class Ring:
     def ran(self, slot: int) -> tuple[int, int, bool]:
         """(rows, bucket, lead) of the forward pass a finished slot ran in: a
         worker that merged the batches of several rings into one pass
-        (daemon/worker.py) says so here; ``lead`` marks the one ring of the
+        (daemon/workers/child.py) says so here; ``lead`` marks the one ring of the
         merge whose front counts the pass in its statistics."""
         ran, bucket, lead = RAN.unpack_from(self._buf, self._res_off[slot] + RES.size)
         return ran, bucket, bool(lead)

@@ -455,7 +455,7 @@ DEMO_MODEL = """
 [[models]]
 name = "demo"
 version = "1"
-factory = "daemon.zoo:mlp_scorer"
+factory = "daemon.workers.zoo:mlp_scorer"
 input = {{ dtype = "float32", shape = [128] }}
 devices = ["cpu"]
 threads = 1

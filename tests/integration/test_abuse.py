@@ -24,7 +24,7 @@ import numpy as np
 import psutil
 import pytest
 
-from daemon.rids import decode
+from daemon.front.rids import decode
 from ipc.framing import encode_frame
 from tests.conftest import REPO, Daemon, demo_config
 from tests.proxyhdr import v1, v2

@@ -38,7 +38,7 @@ input = {{ dtype = "float32", shape = [{width}] }}
 devices = ["cpu"]
 threads = 1
 """
-DEMO = MODEL.format(name="demo", version="7", factory="daemon.zoo:mlp_scorer", width=128)
+DEMO = MODEL.format(name="demo", version="7", factory="daemon.workers.zoo:mlp_scorer", width=128)
 SLOW = MODEL.format(name="slow", version="2", factory="tests.models:slow", width=4)
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -72,8 +72,8 @@ def reference(factory, x: np.ndarray, batch: int) -> np.ndarray:
     """The model in this process, on the batches the job makes: ``batch``
     rows each, the last padded with zeros."""
     from daemon.config import parse_config
-    from daemon.runtime import Runner
-    from daemon.spec import spec_for
+    from daemon.workers.runtime import Runner
+    from daemon.workers.spec import spec_for
     cfg = parse_config({"models": [{"name": "m", "factory": factory, "devices": ["cpu"],
                                     "threads": 1,
                                     "input": {"dtype": "float32", "shape": [x.shape[1]]}}]})
@@ -143,7 +143,7 @@ def test_outputs_equal_the_in_process_model(tmp_path, demo_config, fmt, workers)
     assert s["rows"] == 700 and s["version"] == "7" and s["weights"].startswith("sha256:")
     ids, got, versions, ts = read_output(s["output"])
     assert ids == [f"u{i}" for i in range(700)]
-    assert np.array_equal(got, reference("daemon.zoo:mlp_scorer", x, 64))
+    assert np.array_equal(got, reference("daemon.workers.zoo:mlp_scorer", x, 64))
     assert set(versions) == {"7"} and all(ISO.match(t) for t in ts)
     events = [json.loads(ln) for ln in p.stderr.splitlines() if ln.startswith('{"ts"')]
     assert {"start", "progress", "published"} <= {e.get("event") for e in events}

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from clients import AsyncClient, AsyncClientPool, Client, ClientPool, RetryPolicy, errors
-from daemon.protocol import LINGER_S
+from daemon.front.connection import LINGER_S
 from ipc.framing import FrameDecoder, encode_frame
 from ipc.status import Status
 
@@ -35,7 +35,7 @@ class Scripted:
 
     - ``("refuse", status, error)``: read one request frame, answer nothing
       but an id-0 ``status``/``error``, then close as the daemon does
-      (daemon/protocol.py ``refuse``): shut down the sending side and read and
+      (daemon/front/connection.py ``refuse``): shut down the sending side and read and
       drop what still comes, up to LINGER_S, so the client's later writes do
       not meet a reset before it has read the answer.
     - ``("idle", status, error, hold)``: answer the first request, then send

@@ -5,7 +5,7 @@ followed by hand.
 One daemon serves the whole module (``daemon`` fixture): starting one costs
 seconds, and these tests only talk to it. It serves
 
-- ``demo``: the bundled MLP scorer, checked against ``daemon.zoo.mlp_scorer``;
+- ``demo``: the bundled MLP scorer, checked against ``daemon.workers.zoo.mlp_scorer``;
 - ``magic``: x * 3 (so every answer names its request), INTERNAL on 777;
 - ``slow``: a linear layer that sleeps SLOW_MS per batch, one request per
   batch, room for 3 at once: floods get RESOURCE_EXHAUSTED, short deadlines
@@ -46,8 +46,8 @@ from clients import (
     RetryPolicy,
     errors,
 )
-from daemon.router import bucket
-from daemon.zoo import mlp_scorer
+from daemon.serving.router import bucket
+from daemon.workers.zoo import mlp_scorer
 from tests.conftest import REPO, Daemon
 from tests.models import slow as slow_model
 
@@ -60,7 +60,7 @@ max_connections = 24
 
 [[models]]
 name = "demo"
-factory = "daemon.zoo:mlp_scorer"
+factory = "daemon.workers.zoo:mlp_scorer"
 input = { dtype = "float32", shape = [128] }
 threads = 1
 max_batch = 16

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from daemon.zoo import mlp_scorer
+from daemon.workers.zoo import mlp_scorer
 from tests.conftest import shm_segments
 from tests.wire import out_array, tensor
 
@@ -47,7 +47,7 @@ port = 0
 
 [[models]]
 name = "demo"
-factory = "daemon.zoo:mlp_scorer"
+factory = "daemon.workers.zoo:mlp_scorer"
 input = {{ dtype = "float32", shape = [128] }}
 devices = ["cuda:0"]
 compile = "{compile}"

@@ -26,7 +26,7 @@ host = "127.0.0.1"
 
 [[models]]
 name = "gpu"
-factory = "daemon.zoo:mlp_scorer"
+factory = "daemon.workers.zoo:mlp_scorer"
 input = { dtype = "float32", shape = [128] }
 devices = ["cuda:0"]
 """

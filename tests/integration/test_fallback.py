@@ -1,5 +1,5 @@
 """Fallback answers and input defaults (docs/operations.md, "Degraded mode";
-daemon/fallback.py) on a real daemon over real sockets: a model whose
+daemon/serving/fallback.py) on a real daemon over real sockets: a model whose
 workers are all killed is answered by its fallback version, marked, until it
 comes back; a flooded queue is answered by a constant, with the connection's
 in-flight count and the fair shares balanced after; deadline_near, but never

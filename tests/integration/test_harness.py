@@ -41,7 +41,7 @@ PIDS = os.environ["RINGSERVE_TEST_HARNESS_PIDS"]
 
 LEAKY_MODEL = """
 import os, subprocess, sys
-from daemon.zoo import mlp_scorer
+from daemon.workers.zoo import mlp_scorer
 
 def build():
     # a process of the worker's that nobody stops: it outlives the daemon
@@ -56,7 +56,7 @@ def build():
 def test_a_worker_process_outlives_its_daemon(daemon_factory, tmp_path):
     (tmp_path / "d0").mkdir()
     (tmp_path / "d0" / "leaky.py").write_text(LEAKY_MODEL)
-    leaky = daemon_factory(demo_config().replace("daemon.zoo:mlp_scorer", "leaky:build"),
+    leaky = daemon_factory(demo_config().replace("daemon.workers.zoo:mlp_scorer", "leaky:build"),
                            wait_ready=False)
     fine = daemon_factory(demo_config())
     with open(os.path.join(PIDS, "fine"), "w") as f:

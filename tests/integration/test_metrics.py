@@ -227,8 +227,8 @@ def test_metrics_connections_are_capped_and_idle_ones_time_out(daemon_factory):
     """Real sockets: with [metrics] max_connections = 4, four connections
     that send nothing hold the endpoint; a fifth is answered 503 and closed;
     once two go, a scrape works again; the server closes the two left after
-    its read timeout (daemon/metrics.py READ_TIMEOUT_S)."""
-    from daemon.metrics import READ_TIMEOUT_S
+    its read timeout (daemon/supervisor/metrics.py READ_TIMEOUT_S)."""
+    from daemon.supervisor.metrics import READ_TIMEOUT_S
     d = daemon_factory(demo_config() + "\n[metrics]\nmax_connections = 4\n")
     port = d.health()["metrics_port"]
     assert get(port, "/healthz") == (200, "ok\n")

@@ -11,8 +11,8 @@ import numpy as np
 import psutil
 import torch
 
-from daemon.runtime import weights_hash
-from daemon.zoo import mlp_scorer
+from daemon.workers.runtime import weights_hash
+from daemon.workers.zoo import mlp_scorer
 from ipc.framing import encode_frame
 from tests.conftest import demo_config, segment_creator, shm_segments
 from tests.wire import out_array, tensor
@@ -31,7 +31,7 @@ def test_checkpoint_is_loaded_and_hashed(daemon_factory, tmp_path):
 [[models]]
 name = "demo"
 version = "5"
-factory = "daemon.zoo:mlp_scorer"
+factory = "daemon.workers.zoo:mlp_scorer"
 checkpoint = "{tmp_path / 'weights.pt'}"
 input = {{ dtype = "float32", shape = [128] }}
 threads = 1

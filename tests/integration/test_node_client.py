@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from daemon.zoo import mlp_scorer
+from daemon.workers.zoo import mlp_scorer
 from tests.conftest import REPO, demo_config
 
 NODE_DIR = REPO / "tests" / "node"

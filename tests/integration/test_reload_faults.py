@@ -60,7 +60,7 @@ def test_a_new_version_not_warm_within_start_timeout_rejects_the_reload(daemon_f
     assert [(m["version"], m["pid"]) for m in d.health()["models"]] == [("1", v1_pid)]
     # the hung worker was killed, not left loading: the only worker is v1's
     poll(lambda: [p.pid for p in psutil.Process(d.proc.pid).children()
-                  if "daemon.worker" in " ".join(p.cmdline())] == [v1_pid],
+                  if "daemon.workers.child" in " ".join(p.cmdline())] == [v1_pid],
          "hung worker gone", timeout=30, log=d.log)
 
 

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from daemon.router import bucket
+from daemon.serving.router import bucket
 from tests.wire import out_array
 
 SECRET = "s3cret-pepper"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 
-from daemon.router import bucket
+from daemon.serving.router import bucket
 from tests.faults import OK, X4, decisions, model, poll, server, slow_model
 from tests.load import SteadyLoad
 

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from daemon.router import bucket
+from daemon.serving.router import bucket
 from tests.conftest import REPO
 from tests.load import SteadyLoad
 from tests.wire import out_array

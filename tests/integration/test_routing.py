@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from daemon.router import bucket
+from daemon.serving.router import bucket
 from tests.wire import out_array
 
 ROUTED = """

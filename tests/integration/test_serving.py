@@ -11,7 +11,7 @@ import psutil
 import pytest
 import torch
 
-from daemon.zoo import mlp_scorer
+from daemon.workers.zoo import mlp_scorer
 from tests.conftest import demo_config
 from tests.wire import out_array, tensor
 
@@ -209,7 +209,7 @@ def test_health_models_stats(daemon_factory):
         (w,) = h["models"]
         assert w["name"] == "demo" and w["version"] == "1" and w["device"] == "cpu"
         assert w["ready"] is True and w["state"] == "ready" and w["lane"] == "stable"
-        from daemon.runtime import weights_hash
+        from daemon.workers.runtime import weights_hash
         assert w["hash"] == weights_hash(mlp_scorer())
         m = c.call({"op": "models"})["models"][0]
         assert m["input"] == {"dtype": "float32", "shape": [128]}

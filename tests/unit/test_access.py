@@ -1,5 +1,5 @@
 """The pure parts of [auth] and [rate_limit]: the tokens file, the token
-check and the token bucket (daemon/access.py)."""
+check and the token bucket (daemon/front/access.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from daemon.access import PRUNE_ABOVE, Access
 from daemon.config import ConfigError, parse_config
+from daemon.front.access import PRUNE_ABOVE, Access
 from ipc.status import ResourceExhausted, Unauthenticated, Unavailable
 
 MODEL = {"name": "m", "factory": "pkg.mod:build", "input": {"dtype": "float32", "shape": [4]}}
@@ -32,7 +32,7 @@ def error(tmp_path, text, mode=0o600) -> str:
 
 
 class Conn:
-    """What Access uses of daemon.protocol.Connection."""
+    """What Access uses of daemon.front.connection.Connection."""
 
     def __init__(self, host="10.0.0.1"):
         self.host, self.client, self.cred = host, None, None

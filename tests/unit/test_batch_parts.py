@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from daemon.batch import cli
-from daemon.batch import guardrails as gr
-from daemon.batch.checkpoint import Checkpoint
-from daemon.batch.columns import ColumnError, expand, parse_mapping, plan_columns
-from daemon.batch.progress import Progress
-from daemon.batch.writers import OutputColumns
-from daemon.spec import TensorDecl
+from daemon.offline import cli
+from daemon.offline import guardrails as gr
+from daemon.offline.checkpoint import Checkpoint
+from daemon.offline.columns import ColumnError, expand, parse_mapping, plan_columns
+from daemon.offline.progress import Progress
+from daemon.offline.writers import OutputColumns
+from daemon.workers.spec import TensorDecl
 
 X128 = TensorDecl("input", "float32", (128,))
 HEADER = ["id"] + [f"f{i}" for i in range(128)]
@@ -216,7 +216,7 @@ def test_docs_options_table_matches_the_code():
     doc = (Path(__file__).resolve().parents[2] / "docs" / "batch.md").read_text()
     table = doc.split("<!-- options:begin -->\n", 1)[1].split("\n<!-- options:end -->", 1)[0]
     assert table == cli.render_options(), \
-        "docs/batch.md is stale: paste daemon.batch.cli.render_options() between the markers"
+        "docs/batch.md is stale: paste daemon.offline.cli.render_options() between the markers"
 
 
 def test_progress_line_on_a_terminal_and_json_otherwise():

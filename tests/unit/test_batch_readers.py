@@ -1,4 +1,4 @@
-"""daemon/batch/readers.py on real files: both CSV engines agree, chunking
+"""daemon/offline/readers.py on real files: both CSV engines agree, chunking
 and resuming lose and repeat no row, and bad input names its line and
 column."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from daemon.batch.columns import plan_columns
-from daemon.batch.readers import CsvReader, InputError, ParquetReader, open_reader
-from daemon.spec import TensorDecl
+from daemon.offline.columns import plan_columns
+from daemon.offline.readers import CsvReader, InputError, ParquetReader, open_reader
+from daemon.workers.spec import TensorDecl
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")

@@ -71,7 +71,8 @@ def test_fronts_and_batching_off_compose():
 def test_roles_of_the_daemon_tree():
     py = "/venv/bin/python"
     assert role_of([py, "-m", "daemon.front", "--ctrl-fd", "5"]) == "front"
-    assert role_of([py, "-m", "daemon.worker", "--ctrl-fd", "7", "--wake-fd", "8"]) == "worker"
+    child = [py, "-m", "daemon.workers.child", "--ctrl-fd", "7", "--wake-fd", "8"]
+    assert role_of(child) == "worker"
     assert role_of([py, "-mdaemon.front"]) == "front"
     assert role_of([py, "-m", "daemon", "--config", "x.toml"]) is None   # the supervisor: the root
     assert role_of([py, "-m", "bench.front"]) is None

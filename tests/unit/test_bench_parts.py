@@ -75,7 +75,7 @@ neg_inf = -inf
 
 [[models]]
 name = "demo"
-factory = "daemon.zoo:mlp_scorer"
+factory = "daemon.workers.zoo:mlp_scorer"
 inputs = { ids = { dtype = "int64", shape = [4] }, "odd key" = { dtype = "float32", shape = [] } }
 devices = ["cpu", "cpu"]
 max_batch = 16

@@ -717,7 +717,7 @@ candidate = "2"
 
 
 # --------------------------------------------------------------------------
-# Model metadata (daemon/metadata.py, docs/models.md)
+# Model metadata (daemon/workers/metadata.py, docs/models.md)
 
 META = {"data_version": "clicks-2026-11",
         "feature_schema": {"input": {"dtype": "float32", "shape": [4],
@@ -874,7 +874,7 @@ def test_metadata_keeps_the_config_frozen_hashable_and_comparable(tmp_path):
 
 
 # --------------------------------------------------------------------------
-# [models.fallback] and input defaults (daemon/fallback.py, docs/operations.md "Degraded mode")
+# [models.fallback] and input defaults (daemon/serving/fallback.py, docs/operations.md "Degraded mode")
 
 import struct  # noqa: E402
 

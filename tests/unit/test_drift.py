@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from daemon.drift import CHUNK_VALUES, DriftMonitor, Profile, profile_main
+from daemon.observe.drift import CHUNK_VALUES, DriftMonitor, Profile, profile_main
 
 D = 20
 SHIFTED = (3, 7)

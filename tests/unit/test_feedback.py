@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from daemon.feedback import FeedbackJoin
+from daemon.observe.feedback import FeedbackJoin
 
 
 class Clock:

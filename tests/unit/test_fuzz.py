@@ -431,7 +431,7 @@ SOURCES = _sources()
 toml_values = st.one_of(
     st.integers(-2**70, 2**70).map(str), st.floats().map(repr),
     st.sampled_from(["true", "false", "inf", "-inf", "nan", '""', "[]", "{}", "1979-05-27",
-                     "07:32:00", '"daemon.zoo:mlp_scorer"', '"cpu"', '["cpu", "cuda:0"]',
+                     "07:32:00", '"daemon.workers.zoo:mlp_scorer"', '"cpu"', '["cpu", "cuda:0"]',
                      '"../x.pt"', '"~"', '"."', '"/nonexistent/file"', "[1, 2, 3]",
                      '{ dtype = "float32", shape = [128] }', "0.5", "-1", "4097", "0"]),
     st.text(max_size=12).map(lambda s: '"' + s.replace("\\", "\\\\").replace('"', '\\"')

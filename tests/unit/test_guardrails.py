@@ -1,5 +1,5 @@
 """The guardrail rule on synthetic streams, and how saved rollout state and a
-new config combine (daemon/guardrails.py, daemon/rollouts.py)."""
+new config combine (daemon/rollout/guardrails.py, daemon/rollout/controller.py)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,7 @@ import numpy as np
 import pytest
 
 from daemon.config import RolloutConfig, default_guardrail
-from daemon.guardrails import (
-    CANARY,
-    STABLE,
-    Guardrail,
-    LatencyHistogram,
-    msprt_log_lr,
-    proportion_test,
-    srm_p_value,
-)
-from daemon.rollouts import (
+from daemon.rollout.controller import (
     ACTIVE,
     ROLLED_BACK,
     DecisionLog,
@@ -27,6 +18,15 @@ from daemon.rollouts import (
     load_state,
     resolve,
     weight_of,
+)
+from daemon.rollout.guardrails import (
+    CANARY,
+    STABLE,
+    Guardrail,
+    LatencyHistogram,
+    msprt_log_lr,
+    proportion_test,
+    srm_p_value,
 )
 
 

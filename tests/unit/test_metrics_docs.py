@@ -3,8 +3,9 @@ both ways, as docs/config.md is held against SETTINGS: every documented
 family is exported with the documented type, and every exported family is
 documented. The exporter runs in-process on the figures of a real
 (unstarted) front App, merged as the supervisor merges them
-(daemon/figures.py), so families appear whether or not they have samples yet; that each one gets
-samples from a real daemon is tests/integration/test_metrics.py's part."""
+(daemon/observe/figures.py), so families appear whether or not they have
+samples yet; that each one gets samples from a real daemon is
+tests/integration/test_metrics.py's part."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.config import load_config
-from daemon.figures import Figures, MachineView, front_figures
-from daemon.metrics import MetricsServer
-from daemon.rollouts import Rollouts
-from daemon.server import App
+from daemon.front.app import App
+from daemon.observe.figures import Figures, MachineView, front_figures
+from daemon.rollout.controller import Rollouts
+from daemon.supervisor.metrics import MetricsServer
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 
@@ -32,7 +33,7 @@ enabled = true
 [[models]]
 name = "demo"
 version = "1"
-factory = "daemon.zoo:mlp_scorer"
+factory = "daemon.workers.zoo:mlp_scorer"
 input = { dtype = "float32", shape = [128] }
 devices = ["cpu"]
 """

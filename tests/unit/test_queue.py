@@ -1,5 +1,5 @@
-"""The queue and dispatch policy (daemon/batcher.py) against a fake clock and
-a real worker port (daemon/port.py) with no process behind it: the port is
+"""The queue and dispatch policy (daemon/serving/queue.py) against a fake clock and
+a real worker port (daemon/workers/port.py) with no process behind it: the port is
 attached to a real ring, and the test plays the worker's part on its own
 mapping of that ring. What is held here: an idle worker never waits, a busy
 one gets a batch when it is full or when the window has passed, a request
@@ -14,11 +14,11 @@ import os
 import numpy as np
 import pytest
 
-import daemon.batcher as batcher
-from daemon.batcher import Deadlines, ModelQueue, Pending
+import daemon.serving.queue as batcher
 from daemon.config import load_config
-from daemon.port import WorkerPort
-from daemon.spec import TensorDecl
+from daemon.serving.queue import Deadlines, ModelQueue, Pending
+from daemon.workers.port import WorkerPort
+from daemon.workers.spec import TensorDecl
 from ipc.ring import Ring, RingLayout
 
 MS = 1_000_000

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from daemon import report
-from daemon.report import Group, build, chi2_sf, main, srm_check, z_quantile
+from daemon.tools import report
+from daemon.tools.report import Group, build, chi2_sf, main, srm_check, z_quantile
 
 
 def answer(rid, arm, lane="stable", status=0, latency_us=1000, exp="e1", model="m", version="1"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from daemon.config import parse_config
-from daemon.router import CANARY, STABLE, RoutingTable, UnknownExperiment, bucket
+from daemon.serving.router import CANARY, STABLE, RoutingTable, UnknownExperiment, bucket
 
 
 @pytest.mark.parametrize("salt,key,expected", [

@@ -1,4 +1,4 @@
-"""The device logic of daemon/runtime.py that needs no GPU: which compile
+"""The device logic of daemon/workers/runtime.py that needs no GPU: which compile
 mode runs where, a CUDA device asked for where there is none, pinning
 without CUDA, the H2D tally. On a GPU host the same tests run with CUDA
 hidden from them where they need it absent (monkeypatched)."""
@@ -10,7 +10,7 @@ import mmap
 import pytest
 import torch
 
-from daemon.runtime import (
+from daemon.workers.runtime import (
     H2DTimes,
     LoadError,
     Runner,
@@ -19,7 +19,7 @@ from daemon.runtime import (
     resolve_compile,
     unpin_host_memory,
 )
-from daemon.spec import ModelSpec, TensorDecl
+from daemon.workers.spec import ModelSpec, TensorDecl
 
 DEVICES = ["cpu", "cuda", "cuda:0", "cuda:1"]
 EXPLICIT = ["off", "default", "reduce-overhead", "max-autotune"]
@@ -38,8 +38,9 @@ def test_resolve_compile_keeps_an_explicit_mode_on_every_device(device, mode):
 
 
 def _spec(device: str, compile_mode: str = "off") -> ModelSpec:
-    return ModelSpec(name="demo", version="1", factory="daemon.zoo:mlp_scorer", artifact=None,
-                     checkpoint=None, inputs=[TensorDecl("input", "float32", (128,))],
+    return ModelSpec(name="demo", version="1", factory="daemon.workers.zoo:mlp_scorer",
+                     artifact=None, checkpoint=None,
+                     inputs=[TensorDecl("input", "float32", (128,))],
                      single_input=True, device=device, compile=compile_mode, buckets=[1, 2])
 
 

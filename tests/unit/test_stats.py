@@ -1,4 +1,4 @@
-"""Latency percentiles from running log-bucketed counts (daemon/stats.py):
+"""Latency percentiles from running log-bucketed counts (daemon/observe/stats.py):
 accuracy against exact percentiles of the same data, and the window."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from daemon.stats import (
+from daemon.observe.stats import (
     MAX_US,
     N_BUCKETS,
     LatencyWindow,

@@ -1,0 +1,1 @@
+"""front: one front process (connections, requests, auth, limits)."""

@@ -1,0 +1,1 @@
+"""observe: stats, figures, logs, the request log, feedback, drift."""

@@ -1,0 +1,1 @@
+"""rollout: staged rollouts, their guardrails and rollback."""

@@ -1,0 +1,1 @@
+"""tools: offline commands over what the daemon wrote."""

@@ -1,0 +1,1 @@
+"""workers: the worker process and how a model is loaded and run."""
