@@ -56,6 +56,7 @@ from .connection import Connection
 from .limits import CONN_PAGE_BYTES, frame_limits, raise_nofile
 from .rids import RidAllocator
 from .rids import decode as _decode_rid
+from ..workers.state import WorkerState
 
 log = logging.getLogger("ringserve.server")
 PROTOCOL_VERSIONS = (1,)
@@ -447,7 +448,7 @@ class App:
 
     def ready(self) -> bool:
         return not self.draining and all(
-            w.state == "ready" for q in self.queues.values() for w in q.workers)
+            w.state == WorkerState.READY for q in self.queues.values() for w in q.workers)
 
     # -- connections -------------------------------------------------------------
     def expects_proxy_header(self, host: str) -> bool:

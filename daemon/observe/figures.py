@@ -30,6 +30,7 @@ import copy
 import os
 import time
 
+from ..workers.state import WorkerState
 from .stats import BusyMeter, ModelStats
 
 # Snapshot keys that are settings or states, not counts: the first front's
@@ -322,7 +323,7 @@ class MachineView:
             for w in q["workers"]:
                 wv = _WorkerView()
                 key, wv.device, wv.index, info = workers.get(
-                    w["uid"], (q["key"], "?", 0, {"state": "stopped"}))
+                    w["uid"], (q["key"], "?", 0, {"state": WorkerState.STOPPED}))
                 wv.info = info
                 wv.state, wv.restarts = info.get("state", "?"), info.get("restarts", 0)
                 wv.busy, wv.batches = w["busy"], w["batches"]

@@ -32,6 +32,7 @@ import os
 import time
 
 from .guardrails import CANARY, STABLE, Guardrail
+from ..workers.state import WorkerState
 
 log = logging.getLogger("ringserve.rollouts")
 STATE_FORMAT = 1
@@ -315,7 +316,7 @@ class Rollouts:
             workers = self.app.workers_of(model, v)
             if workers is None:
                 return False
-            if v == r.candidate and any(w.state == "failed" for w in workers):
+            if v == r.candidate and any(w.state == WorkerState.FAILED for w in workers):
                 return True
             # A candidate that crashes while loading is never ready: waiting
             # for it to warm up would keep its canary lane unanswered forever.
@@ -323,7 +324,7 @@ class Rollouts:
             if (v == r.candidate and g is not None and
                     sum(w.restarts for w in workers) - g.restart_base >= g.cfg.max_restarts):
                 return True
-            if not any(w.state == "ready" for w in workers):
+            if not any(w.state == WorkerState.READY for w in workers):
                 return False
         return True
 
@@ -335,7 +336,7 @@ class Rollouts:
         r = self._rollout(model)
         st, g = self.states[model], self.guards[model]
         workers = self.app.workers_of(model, r.candidate)
-        failed = workers is not None and any(w.state == "failed" for w in workers)
+        failed = workers is not None and any(w.state == WorkerState.FAILED for w in workers)
         g.restarts = self._candidate_restarts(model, r.candidate) - g.restart_base
         v = g.check(now, candidate_failed=failed)
         self.verdicts[(model, v.action)] += 1

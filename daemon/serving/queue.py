@@ -43,6 +43,7 @@ from ipc.status import Status
 from .fallback import MODEL_ERROR, NO_WORKER
 from .shadow import SHADOW
 from ..observe.stats import ModelStats
+from ..workers.state import WorkerState
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..workers.port import WorkerPort
@@ -221,7 +222,7 @@ class ModelQueue:
 
     # -- intake ------------------------------------------------------------
     def ready_workers(self):
-        return [w for w in self.workers if w.state == "ready"]
+        return [w for w in self.workers if w.state == WorkerState.READY]
 
     def submit(self, req: Pending, client=None) -> str | None:
         """Queue a request; returns an error kind instead when it cannot be
@@ -306,7 +307,7 @@ class ModelQueue:
         """(worker, why) for the next batch, or (None, None) to wait."""
         best = None
         for w in self.workers:
-            if w.state != "ready":
+            if w.state != WorkerState.READY:
                 continue
             inflight = w.in_flight
             if inflight == 0:
@@ -372,7 +373,7 @@ class ModelQueue:
         for w in self.workers:
             if not self.shadow_queued:
                 return
-            if w.state != "ready" or w.in_flight:
+            if w.state != WorkerState.READY or w.in_flight:
                 continue
             batch = self._take(self.shadow_q)
             self.shadow_queued -= len(batch)
@@ -560,7 +561,7 @@ class ModelQueue:
     def worker_changed(self) -> None:
         """A worker became ready or went away (the only ways into and out of
         "ready": WorkerPort calls this on both)."""
-        self.has_ready = any(w.state == "ready" for w in self.workers)
+        self.has_ready = any(w.state == WorkerState.READY for w in self.workers)
         if not self.has_ready and (self.queued or self.shadow_queued):
             states = ", ".join(sorted({w.state for w in self.workers})) or "none"
             self.fail_all_queued(int(Status.UNAVAILABLE),

@@ -57,6 +57,7 @@ from ..front.limits import CONN_PAGE_BYTES
 from ..workers.spec import share_cores, worker_env
 from .children import FrontProcess, WorkerProcess
 from .portlock import PortLock
+from ..workers.state import WorkerState
 
 
 log = logging.getLogger("ringserve.supervisor")
@@ -126,7 +127,7 @@ class Supervisor:
             return False
         for ws in self.workers.values():
             for w in ws:
-                if w.state != "ready" or len(set(map(id, w.attached.values()))) < len(fronts):
+                if w.state != WorkerState.READY or len(set(map(id, w.attached.values()))) < len(fronts):
                     return False
         return True
 
@@ -134,7 +135,7 @@ class Supervisor:
         """Some version with a fallback has no ready worker: its requests are
         answered by the fallback alone (daemon/serving/fallback.py)."""
         def ready(name: str, version: str) -> bool:
-            return any(w.state == "ready" for w in self.workers.get((name, version), ()))
+            return any(w.state == WorkerState.READY for w in self.workers.get((name, version), ()))
 
         return not self.stopping and any(
             m.fallback is not None and not ready(m.name, m.version) and
@@ -273,7 +274,7 @@ class Supervisor:
         return out
 
     def worker_ready(self, w: WorkerProcess) -> None:
-        if all(x.state == "ready" for x in self.all_workers()):
+        if all(x.state == WorkerState.READY for x in self.all_workers()):
             log.info("ready: every worker has warmed up")
 
     def front_listening(self, f: FrontProcess) -> None:
@@ -466,12 +467,13 @@ class Supervisor:
             return all(any(f is x for x in w.attached.values()) for f in self.live_fronts()
                        if f.listening)
 
-        while any(w.state not in ("ready", "failed") or (w.state == "ready" and not attached(w))
+        while any(w.state not in (WorkerState.READY, WorkerState.FAILED) or
+                  (w.state == WorkerState.READY and not attached(w))
                   for w in workers) and time.monotonic() < t_end:
             await asyncio.sleep(0.02)
-        for w in (w for w in workers if w.state in ("loading", "warming")):
+        for w in (w for w in workers if w.state in (WorkerState.LOADING, WorkerState.WARMING)):
             w.start_timed_out(timeout_s)
-        return [f"{w.label}: {w.error or w.state}" for w in workers if w.state != "ready"]
+        return [f"{w.label}: {w.error or w.state}" for w in workers if w.state != WorkerState.READY]
 
     async def _stop_workers(self, workers) -> None:
         await asyncio.gather(*(w.stop(STOP_GRACE_S) for w in workers))

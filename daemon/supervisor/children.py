@@ -21,6 +21,7 @@ from ipc.ring import Ring, RingLayout
 from ..workers.lifeline import EXIT_BOOT_FAILED, PARENT_ENV
 from ..workers.spec import TensorDecl, spawn_worker, spec_for
 from ..workers.child import EXIT_LOAD_FAILED
+from ..workers.state import WorkerState
 
 if TYPE_CHECKING:  # pragma: no cover
     from .arbiter import Supervisor
@@ -170,7 +171,7 @@ class WorkerProcess(Child):
         self.threads = threads
         self.uid = next(_uids)
         self.gen = 0
-        self.state = "starting"
+        self.state = WorkerState.STARTING
         self.error: str | None = None
         self.info_extra: dict = {}
         self.outputs: list[TensorDecl] | None = None
@@ -191,7 +192,7 @@ class WorkerProcess(Child):
 
     def info(self) -> dict:
         return {"state": self.state, "pid": self.pid, "restarts": self.backoff.restarts,
-                "error": self.error if self.state != "ready" else None, **self.info_extra}
+                "error": self.error if self.state != WorkerState.READY else None, **self.info_extra}
 
     def _changed(self) -> None:
         self.sup.broadcast({"cmd": "worker", "uid": self.uid, "info": self.info()})
@@ -199,7 +200,7 @@ class WorkerProcess(Child):
     # -- spawn -------------------------------------------------------------------
     def start(self) -> None:
         self.gen += 1
-        self.state, self.error = "loading", None
+        self.state, self.error = WorkerState.LOADING, None
         self.info_extra = {}
         parent, child = pair()
         self.wake = os.eventfd(0, os.EFD_CLOEXEC)
@@ -209,7 +210,7 @@ class WorkerProcess(Child):
             parent.close()
             os.close(self.wake)
             self.wake = -1
-            self.state, self.error = "failed", f"cannot start a worker process: {e}"
+            self.state, self.error = WorkerState.FAILED, f"cannot start a worker process: {e}"
             log.error("worker spawn failed", extra={"worker": self.label, "error": str(e)})
             self._changed()
             return
@@ -227,8 +228,8 @@ class WorkerProcess(Child):
         if self._start_timer is not None:
             self._start_timer.cancel()
             self._start_timer = None
-        if self.state in ("loading", "warming"):
-            self.state = "failed"
+        if self.state in (WorkerState.LOADING, WorkerState.WARMING):
+            self.state = WorkerState.FAILED
             self.error = (f"did not become ready within {timeout_s or self.start_timeout_s} s "
                           "(server.start_timeout_s); a slow compile or load? raise it")
             log.error("worker start timed out", extra={"worker": self.label, "pid": self.pid})
@@ -243,7 +244,7 @@ class WorkerProcess(Child):
             self.outputs = [TensorDecl.from_json(t) for t in msg["outputs"]]
             self.single_output = msg.get("single_output", True)
             self.info_extra.update(hash=msg.get("hash"), compile=msg.get("compile"))
-            self.state = "warming"
+            self.state = WorkerState.WARMING
             self._changed()
             for front in self.sup.live_fronts():
                 self.add_front(front)
@@ -252,7 +253,7 @@ class WorkerProcess(Child):
                 if self._start_timer is not None:
                     self._start_timer.cancel()
                     self._start_timer = None
-                self.state = "ready"
+                self.state = WorkerState.READY
                 self.backoff.ready_at = time.monotonic()
                 self.info_extra.update(pinned=msg.get("pinned"), compiled=msg.get("compiled"))
                 log.info("worker ready", extra={"worker": self.label, "pid": self.pid,
@@ -270,7 +271,7 @@ class WorkerProcess(Child):
             self.info_extra.update(h2d=msg.get("h2d"), compiled=msg.get("compiled"))
             self._changed()
         elif ev == "failed":
-            self.state, self.error = "failed", msg.get("error", "unknown load error")
+            self.state, self.error = WorkerState.FAILED, msg.get("error", "unknown load error")
             self._changed()
 
     # -- rings -------------------------------------------------------------------
@@ -286,7 +287,7 @@ class WorkerProcess(Child):
         try:
             ring, ring_fd = Ring.create_anonymous(ring_id, layout)
         except OSError as e:
-            self.state = "failed"
+            self.state = WorkerState.FAILED
             self.error = f"cannot create shared memory ({layout.total_bytes} bytes): {e}"
             self.kill()
             self._changed()
@@ -339,15 +340,15 @@ class WorkerProcess(Child):
         why = (f"worker {self.label} (pid {self.pid}) exited with code {rc} while running this "
                "request; it was not answered by the model, retry")
         if self.stopping or self.sup.stopping:
-            self.state = "stopped"
-        elif prev == "failed" or rc == EXIT_LOAD_FAILED:
-            self.state = "failed"
+            self.state = WorkerState.STOPPED
+        elif prev == WorkerState.FAILED or rc == EXIT_LOAD_FAILED:
+            self.state = WorkerState.FAILED
             self.error = self.error or f"worker exited with code {rc} while loading"
             log.error("worker failed to load; not restarting",
                       extra={"worker": self.label, "pid": self.pid, "error": self.error})
         else:
             delay = self.backoff.next_delay(self.sup.cfg.server.restart_backoff_max_s)
-            self.state = "restarting"
+            self.state = WorkerState.RESTARTING
             self.error = f"worker exited with code {rc}; restarting in {delay:.1f} s"
             log.error("worker died; restarting", extra={
                 "worker": self.label, "pid": self.pid, "code": rc, "was": prev,
@@ -357,7 +358,7 @@ class WorkerProcess(Child):
                             "info": self.info()})
 
     def stopped_waiting(self) -> None:
-        self.state = "stopped"
+        self.state = WorkerState.STOPPED
         self._changed()
 
 

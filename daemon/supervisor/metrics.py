@@ -30,6 +30,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from ipc.status import Status
 
 from ..observe.stats import DURATION_BOUNDS_S
+from ..workers.state import WorkerState
 
 log = logging.getLogger("ringserve.metrics")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -135,7 +136,7 @@ class Collector:
                 wl = lv + [w.device, str(w.index)]
                 busy.add_metric(wl, w.busy.fraction())
                 restarts.add_metric(wl, w.restarts)
-                ready.add_metric(wl, 1.0 if w.state == "ready" else 0.0)
+                ready.add_metric(wl, 1.0 if w.state == WorkerState.READY else 0.0)
             if q.drift is not None:
                 for feature, d in q.drift.named_distances():
                     drift.add_metric(lv + [feature], d)

@@ -26,8 +26,9 @@ from ipc.ring import Ring
 from ipc.status import Status
 from ipc.tensors import non_finite_rows, not_finite_error
 
-from ..serving.fallback import NO_WORKER
 from ..observe.stats import BusyMeter
+from ..serving.fallback import NO_WORKER
+from .state import WorkerState
 
 log = logging.getLogger("ringserve.port")
 _ONE = (1).to_bytes(8, "little")
@@ -59,11 +60,12 @@ class WorkerPort:
         return f"{self.queue.name}@{self.queue.version}/{self.device}#{self.index}"
 
     @property
-    def state(self) -> str:
+    def state(self) -> WorkerState:
         if self.ring is not None:
-            return "ready"
-        s = self.info.get("state", "starting")
-        return "warming" if s == "ready" else s  # ready, but this front's ring is not mapped yet
+            return WorkerState.READY
+        s = WorkerState(self.info.get("state", WorkerState.STARTING))
+        # ready, but this front's ring is not mapped yet
+        return WorkerState.WARMING if s == WorkerState.READY else s
 
     @property
     def restarts(self) -> int:
@@ -222,13 +224,13 @@ class WorkerPort:
         meta = self.queue.cfg.metadata
         i = self.info
         d = {"name": self.queue.name, "version": self.queue.version, "lane": self.queue.lane,
-             "hash": i.get("hash"), "device": self.device, "ready": self.state == "ready",
+             "hash": i.get("hash"), "device": self.device, "ready": self.state == WorkerState.READY,
              "state": self.state, "pid": i.get("pid"), "restarts": self.restarts,
              "data_version": self.queue.data_version,
              "metadata_hash": meta.hash if meta is not None else None}
         d["compile"] = i.get("compile")   # the mode in force: "auto" resolved
         d["pinned"] = i.get("pinned")     # null until ready
-        if self.error and self.state != "ready":
+        if self.error and self.state != WorkerState.READY:
             d["error"] = self.error
         return d
 
