@@ -33,6 +33,12 @@ class ChannelClosed(Exception):
     """The other end is gone (EOF or a reset): the process it was died."""
 
 
+class BadMessage(ValueError):
+    """A message arrived that cannot be read (its descriptors are closed):
+    the two ends run different code, say a child restarted after the files
+    were upgraded under a running daemon. The channel stays usable."""
+
+
 def pair() -> tuple[socket.socket, socket.socket]:
     """Two connected ends; the caller keeps one and passes the other's
     fileno to the child (``pass_fds``)."""
@@ -87,7 +93,19 @@ class Channel:
             for fd in fds:
                 os.close(fd)
             raise ValueError("a control message carried more descriptors than MAX_FDS")
-        return pickle.loads(data), fds
+        try:
+            msg = pickle.loads(data)
+        except Exception as e:  # noqa: BLE001 - whatever unpickling raises, the channel goes on
+            for fd in fds:
+                os.close(fd)
+            raise BadMessage(f"a control message could not be read ({type(e).__name__}: {e}); "
+                             "do both processes run the same ringserve? restart the daemon "
+                             "after an upgrade") from None
+        if not isinstance(msg, dict):
+            for fd in fds:
+                os.close(fd)
+            raise BadMessage(f"a control message is a {type(msg).__name__}, not a dict")
+        return msg, fds
 
     def close(self) -> None:
         self.sock.close()

@@ -31,7 +31,7 @@ import signal
 import sys
 import time
 
-from ipc.control import Channel, ChannelClosed
+from ipc.control import BadMessage, Channel, ChannelClosed
 from ipc.proxy import parse_trusted
 from ipc.status import (InvalidArgument, NotFound, ProtocolError, ResourceExhausted, Status,
                         Unauthenticated, Unavailable, brief)
@@ -262,6 +262,9 @@ class App:
         while True:
             try:
                 got = self.chan.recv()
+            except BadMessage as e:
+                log.error(str(e), extra={"front": self.slot})
+                continue
             except (ChannelClosed, OSError):
                 # The supervisor died: nothing may serve on without it.
                 log.error("supervisor is gone; front exits")

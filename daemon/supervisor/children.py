@@ -15,7 +15,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from ipc.control import Channel, ChannelClosed, pair
+from ipc.control import BadMessage, Channel, ChannelClosed, pair
 from ipc.ring import Ring, RingLayout
 
 from ..workers.lifeline import EXIT_BOOT_FAILED, PARENT_ENV
@@ -90,7 +90,10 @@ class Child:
         while self.chan is not None:
             try:
                 got = self.chan.recv()
-            except (ChannelClosed, OSError, EOFError, ValueError):
+            except BadMessage as e:
+                log.error(str(e), extra={"child": self.label})
+                continue
+            except (ChannelClosed, OSError):
                 self.loop.remove_reader(self.chan.fileno())
                 return
             if got is None:

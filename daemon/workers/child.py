@@ -57,7 +57,7 @@ import threading
 import time
 import traceback
 
-from ipc.control import Channel, ChannelClosed
+from ipc.control import BadMessage, Channel, ChannelClosed
 
 EXIT_LOAD_FAILED = 3
 REPORT_S = 0.5   # how often a serving worker sends its figures when they change
@@ -360,7 +360,10 @@ class Worker:
         while True:
             try:
                 got = self.ctrl.recv()
-            except (OSError, ValueError):
+            except BadMessage as e:
+                log("error", str(e), worker=self.name)
+                continue
+            except OSError:
                 got = None
             if got is None:
                 # The supervisor died (or closed us): nobody will read
