@@ -14,9 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
+from .config import DEFAULT_CONFIG
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:

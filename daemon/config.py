@@ -35,6 +35,7 @@ import ipaddress
 import json
 import math
 import os
+from pathlib import Path
 import re
 import sys
 import tomllib
@@ -55,6 +56,9 @@ __all__ = [
 # The tensor dtypes of the wire protocol (protocol.md, "Tensors"), with their
 # item sizes in bytes, from the codec's table (ipc.tensors is torch-free).
 PROTOCOL_DTYPES: tuple[tuple[str, int], ...] = tuple((d.name, d.itemsize) for d in DTYPES.values())
+# The config `ringserve serve` and `ringserve batch` use when none is given.
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
+
 _ITEMSIZE = dict(PROTOCOL_DTYPES)
 
 # One request slot of a worker's ring holds a whole batch of inputs, so

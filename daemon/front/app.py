@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import gc
 import logging
 import os
@@ -45,7 +44,8 @@ from ..observe.reqlog import RequestLog, features_hash
 from ..rollout.guardrails import Tally
 from ..serving.cache import ResponseCache
 from ..serving.fallback import DEADLINE_NEAR, Fallback, fill_inputs, wire_defaults
-from ..serving.queue import Deadlines, ModelQueue, Pending
+from ..serving.queue import Deadlines, ModelQueue
+from ..serving.request import Pending
 from ..serving.router import CANARY, STABLE, RoutingTable, UnknownExperiment
 from ..serving.shadow import Shadow
 from ..workers.lifeline import EXIT_BOOT_FAILED

@@ -22,7 +22,7 @@ import sys
 import tomllib
 from dataclasses import dataclass
 
-from ..config import ConfigError, load_config
+from ..config import DEFAULT_CONFIG, ConfigError, load_config
 from . import guardrails as gr
 from .columns import ColumnError, parse_mapping
 from .job import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, Interrupted, Job, JobError,
@@ -224,8 +224,7 @@ def main(argv=None) -> int:
                            tuple(gr.parse_quantile(q) for q in o["quantile"]))
         if o["sample_size"] < 1:
             raise ValueError("--sample-size must be at least 1")
-        from .. import __main__ as cli
-        cfg = load_config(o["config"] or os.environ.get("RINGSERVE_CONFIG") or cli.DEFAULT_CONFIG)
+        cfg = load_config(o["config"] or os.environ.get("RINGSERVE_CONFIG") or DEFAULT_CONFIG)
         model = choose_model(cfg, o["model"], o["version"])
         opts = JobOptions(
             input=o["input"], output=o["output"], format=o["format"],

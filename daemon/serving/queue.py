@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 from ipc.status import Status
 
 from .fallback import MODEL_ERROR, NO_WORKER
-from .shadow import SHADOW
+from .request import SHADOW, Pending
 from ..observe.stats import ModelStats
 from ..workers.state import WorkerState
 
@@ -69,49 +69,6 @@ def _owned(outputs: dict) -> dict:
     if "data" in outputs:
         return dict(outputs, data=bytes(outputs["data"]))
     return {k: dict(t, data=bytes(t["data"])) for k, t in outputs.items()}
-
-
-class Pending:
-    """One accepted infer request, from arrival to its one answer."""
-
-    __slots__ = ("id", "conn", "data", "arrival", "deadline", "done", "queue", "rid", "dispatched",
-                 "lane", "arm", "key", "shadow", "sdata", "log", "ckey", "client", "fb", "via",
-                 "defaulted")
-
-    def __init__(self, req_id, conn, data, arrival, deadline, queue, rid, lane, arm, key):
-        self.id = req_id
-        self.lane = lane
-        self.arm = arm
-        self.key = key
-        self.conn = conn
-        self.data = data  # raw bytes per input, validated
-        self.arrival = arrival  # monotonic ns
-        self.deadline = deadline  # monotonic ns
-        self.done = False
-        self.queue = queue
-        self.rid = rid
-        self.dispatched = 0
-        self.shadow = None  # the Shadow to mirror this request to once answered
-        self.sdata = None   # its input bytes, kept for the mirror or the fallback (``data`` is dropped)
-        self.log = None     # (input bytes, exp) when the request log samples this request
-        self.ckey = None    # response-cache key, when the model caches and this was a miss
-        self.client = None  # who holds it in ModelQueue.held, once queued
-        # daemon/serving/fallback.py: the Fallback that may answer it (routed, not
-        # pinned, to a version that has one); once moved to a fallback
-        # version, the Via that answers it from there (and fb is None).
-        self.fb = None
-        self.via = None
-        self.defaulted = None  # names of the inputs it omitted and got the default of
-
-    def answer_error(self, status: int, message: str) -> None:
-        if self.done:
-            return
-        self.done = True
-        if self.via is not None:  # its fallback version failed: the primary's error
-            self.via.failed(self, status, message)
-            return
-        self.queue.finished(self, status, {"id": self.id, "status": status, "error": message,
-                                           "rid": self.rid})
 
 
 class Deadlines:

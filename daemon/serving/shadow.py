@@ -30,10 +30,10 @@ import numpy as np
 
 from ipc.tensors import DTYPES, to_numpy
 
+from .request import SHADOW, Pending
 from .router import BUCKETS, bucket
 from ..observe.stats import LatencyWindow
 
-SHADOW = "shadow"  # the lane of mirrored requests; they are never answered to anyone
 _monotonic_ns = time.monotonic_ns
 
 
@@ -70,7 +70,6 @@ class Shadow:
 
     def mirror(self, req, primary_out, dtype: str) -> None:
         """Send a copy of an answered request to the candidate."""
-        from .queue import Pending
         q = self.queue
         if q is None:
             self.shed["no_candidate"] += 1

@@ -16,7 +16,8 @@ import pytest
 
 import daemon.serving.queue as batcher
 from daemon.config import load_config
-from daemon.serving.queue import Deadlines, ModelQueue, Pending
+from daemon.serving.queue import Deadlines, ModelQueue
+from daemon.serving.request import Pending
 from daemon.workers.port import WorkerPort
 from daemon.workers.spec import TensorDecl
 from ipc.ring import Ring, RingLayout
