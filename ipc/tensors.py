@@ -82,7 +82,7 @@ _SUPPORTED = ", ".join(DTYPES)
 
 # The numpy dtype that reads the wire bytes: explicitly little-endian, and
 # for bfloat16 its bit pattern as uint16.
-_NP: dict[str, np.dtype[Any]] = {
+NP_DTYPES: dict[str, np.dtype[Any]] = {
     name: np.dtype(d.numpy_name or "uint16").newbyteorder("<") for name, d in DTYPES.items()}
 _F32 = np.dtype("<f4")
 _F64 = np.dtype("<f8")
@@ -201,7 +201,7 @@ def _check_float(data: bytes, spec: TensorSpec, where: str) -> None:
     # zeros): those raise FP flags on Inf and overflow, which numpy turns
     # into RuntimeWarnings, and errstate to silence them costs more than it
     # saves. isfinite also beats integer views of the exponent bits (measured).
-    a = _frombuffer(data, _NP[spec.dtype])
+    a = _frombuffer(data, NP_DTYPES[spec.dtype])
     finite = _np_isfinite(a)
     if not _all_true(finite):
         i = int(np.flatnonzero(~finite)[0])
@@ -217,7 +217,7 @@ def non_finite_rows(buf: bytes | bytearray | memoryview, dtype: str, rows: int,
     ``dtype`` elements) that hold NaN or Inf: {row: (flat index of its first
     bad element within the row, that value)}. Empty when all are finite: the
     common case costs one isfinite and one all over the batch."""
-    a = _frombuffer(buf, _NP[dtype], rows * row_elems)
+    a = _frombuffer(buf, NP_DTYPES[dtype], rows * row_elems)
     finite = _np_isfinite(a)
     if _all_true(finite):
         return {}
@@ -239,7 +239,7 @@ def _check_bfloat16(data: bytes, spec: TensorSpec, where: str) -> None:
     if _max(masked) != 0x7F80:
         return
     i = int(np.flatnonzero(masked == 0x7F80)[0])
-    raise _not_finite(i, float(_bf16_to_f32(_frombuffer(data, _U16)[i:i + 1])[0]), where)
+    raise _not_finite(i, float(bf16_to_f32(_frombuffer(data, _U16)[i:i + 1])[0]), where)
 
 
 def _check_bool(data: bytes, spec: TensorSpec, where: str) -> None:
@@ -310,7 +310,7 @@ def _bad_shape(shape: object, spec: TensorSpec, where: str) -> InvalidArgument:
 # --- the plain-list form ----------------------------------------------------
 
 # Integer ranges, as Python ints; bool takes 0 and 1 (or False and True).
-_INT_RANGE = {name: (int(np.iinfo(_NP[name]).min), int(np.iinfo(_NP[name]).max))
+_INT_RANGE = {name: (int(np.iinfo(NP_DTYPES[name]).min), int(np.iinfo(NP_DTYPES[name]).max))
               for name, d in DTYPES.items() if not d.is_float and name != "bool"}
 _INT_RANGE["bool"] = (0, 1)
 _EXACT_IN_F64 = 2**53   # beyond it, ints that numpy turned into float64 lost digits
@@ -440,10 +440,10 @@ def _cast_float(a: NDArray[Any], spec: TensorSpec, where: str) -> bytes:
     with np.errstate(over="ignore"):
         if bf16:
             # Through float32 first, as torch does for Python floats.
-            out = _f32_to_bf16(a.astype(_F32))
+            out = f32_to_bf16(a.astype(_F32))
             finite = (out & 0x7F80) != 0x7F80
         else:
-            out = a.astype(_NP[spec.dtype])
+            out = a.astype(NP_DTYPES[spec.dtype])
             finite = _np_isfinite(out)
     if not _all_true(finite):
         i = int(np.flatnonzero(~finite)[0])
@@ -466,7 +466,7 @@ def _cast_int(a: NDArray[Any], spec: TensorSpec, where: str, kind: str) -> bytes
     if not (lo <= int(a.min()) and int(a.max()) <= hi):
         i = next(i for i, v in enumerate(a.flat) if not lo <= int(v) <= hi)
         raise _out_of_range(i, a.flat[i].item(), spec, where)
-    return a.astype(_NP[spec.dtype]).tobytes()
+    return a.astype(NP_DTYPES[spec.dtype]).tobytes()
 
 
 def _exact_ints(values: list[Any], spec: TensorSpec, where: str) -> bytes:
@@ -483,7 +483,7 @@ def _exact_ints(values: list[Any], spec: TensorSpec, where: str) -> bytes:
         if not lo <= v <= hi:
             raise _out_of_range(i, v, spec, where)
         ints.append(v)
-    return np.array(ints, dtype=_NP[spec.dtype]).tobytes()
+    return np.array(ints, dtype=NP_DTYPES[spec.dtype]).tobytes()
 
 
 def _not_integer(i: int, value: float, spec: TensorSpec, where: str) -> InvalidArgument:
@@ -502,7 +502,7 @@ def _out_of_range(i: int, value: object, spec: TensorSpec, where: str) -> Invali
                            f"range for the model's input {spec.describe()} ({bounds})")
 
 
-def _f32_to_bf16(a: NDArray[Any]) -> NDArray[Any]:
+def f32_to_bf16(a: NDArray[Any]) -> NDArray[Any]:
     """float32 -> bfloat16 bits, rounding to nearest even (as torch does).
 
     NaN must not reach it (rounding could carry a NaN's payload into Inf);
@@ -512,7 +512,8 @@ def _f32_to_bf16(a: NDArray[Any]) -> NDArray[Any]:
     return ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(_U16)
 
 
-def _bf16_to_f32(u: NDArray[Any]) -> NDArray[Any]:
+def bf16_to_f32(u: NDArray[Any]) -> NDArray[Any]:
+    """bfloat16 bits (uint16) -> float32, exactly."""
     return (u.astype(_U32) << 16).view(_F32)
 
 
@@ -704,8 +705,8 @@ def to_numpy(obj: object) -> NDArray[Any]:
     """
     dtype, shape, data = _parts(obj)
     if dtype == "bfloat16":
-        return _bf16_to_f32(_frombuffer(data, _U16)).reshape(shape)
-    return _frombuffer(data, _NP[dtype]).reshape(shape)
+        return bf16_to_f32(_frombuffer(data, _U16)).reshape(shape)
+    return _frombuffer(data, NP_DTYPES[dtype]).reshape(shape)
 
 
 def to_torch(obj: object) -> torch.Tensor:

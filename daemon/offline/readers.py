@@ -31,7 +31,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ipc.tensors import _NP, _f32_to_bf16
+from ipc.tensors import NP_DTYPES, f32_to_bf16
 
 from .columns import ColumnPlan
 
@@ -88,12 +88,12 @@ def to_wire(a: np.ndarray, wire: str, what) -> np.ndarray:
     if wire == "float16":
         return a.astype(np.float16)
     if wire == "bfloat16":
-        return _f32_to_bf16(np.ascontiguousarray(a))
-    lo, hi = (0, 1) if wire == "bool" else (np.iinfo(_NP[wire]).min, np.iinfo(_NP[wire]).max)
+        return f32_to_bf16(np.ascontiguousarray(a))
+    lo, hi = (0, 1) if wire == "bool" else (np.iinfo(NP_DTYPES[wire]).min, np.iinfo(NP_DTYPES[wire]).max)
     if a.size and (a.min() < lo or a.max() > hi):
         i = int(np.flatnonzero((a < lo) | (a > hi))[0])
         raise InputError(f"{what(i)} is {a.flat[i]}, out of range for {wire} ({lo}..{hi})")
-    return a.astype(_NP[wire])
+    return a.astype(NP_DTYPES[wire])
 
 
 class _Groups:

@@ -26,7 +26,7 @@ import numpy as np
 
 from ipc.control import Channel, ChannelClosed, pair
 from ipc.ring import Ring, RingLayout
-from ipc.tensors import _NP
+from ipc.tensors import NP_DTYPES
 
 from ..workers.spec import ModelSpec, TensorDecl, spawn_worker
 from ..workers.child import EXIT_LOAD_FAILED
@@ -125,7 +125,7 @@ class BatchWorker:
                               f"({layout.total_bytes} bytes): {e}") from None
 
         def view(mv, decl):
-            return np.frombuffer(mv, _NP[decl.dtype]).reshape(batch_rows, *decl.shape)
+            return np.frombuffer(mv, NP_DTYPES[decl.dtype]).reshape(batch_rows, *decl.shape)
 
         r = self.ring
         self.inputs = [[view(r.input_view(s, k), d) for k, d in enumerate(self.spec.inputs)]

@@ -34,7 +34,7 @@ from itertools import repeat
 
 import numpy as np
 
-from ipc.tensors import _bf16_to_f32
+from ipc.tensors import bf16_to_f32
 
 from .checkpoint import fsync_dir
 from .readers import pyarrow_modules
@@ -73,7 +73,7 @@ class OutputColumns:
         cols = []
         for d, a in zip(self.outputs, outs):
             if d.dtype == "bfloat16":
-                a = _bf16_to_f32(a)
+                a = bf16_to_f32(a)
             flat = a.reshape(a.shape[0], -1)
             cols += [flat[:, i] for i in range(flat.shape[1])]
         return cols
