@@ -281,12 +281,12 @@ class App:
         cmd = msg.get("cmd")
         if cmd == "port":
             p = self.ports.get(msg["uid"])
-            if p is None or len(fds) != 3:
+            if p is None or len(fds) != 4:
                 for fd in fds:
                     os.close(fd)
                 return
             p.attach(fds[0], fds[1], fds[2], msg["ring"], msg["info"], msg["outputs"],
-                     msg["single_output"])
+                     msg["single_output"], fds[3])
             if self.ready():
                 log.info("ready: every worker is attached", extra={"front": self.slot})
             return

@@ -5,7 +5,10 @@ its workers):
 
 - a worker with nothing in flight is *idle*: it gets whatever is queued at
   once (up to ``max_batch``). A lone request never waits for a window that an
-  idle device does not need.
+  idle device does not need. With several fronts, idle means idle for all of
+  them: a worker running another front's batch is busy (its status page,
+  daemon/workers/status.py), so this front's batch fills meanwhile, and the
+  worker runs the batches that wait on several rings as one pass.
 - otherwise a batch is handed over when ``max_batch`` requests are queued, or
   when the oldest queued request has waited ``window_ms``, to a worker that
   has a free ring slot (``inflight_batches`` per worker lets the front fill
@@ -267,8 +270,8 @@ class ModelQueue:
             if w.state != WorkerState.READY:
                 continue
             inflight = w.in_flight
-            if inflight == 0:
-                return w, "idle"  # idle: never make it wait
+            if inflight == 0 and not w.busy_elsewhere:
+                return w, "idle"  # idle, for every front: never make it wait
             if w.free_slots and (best is None or inflight < best.in_flight):
                 best = w
         if best is None:

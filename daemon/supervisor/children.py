@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING
 
 from ipc.control import BadMessage, Channel, ChannelClosed, pair
 from ipc.ring import Ring, RingLayout
+from ipc.shm import Segment
 
 from ..workers.lifeline import EXIT_BOOT_FAILED, PARENT_ENV
 from ..workers.spec import TensorDecl, spawn_worker, spec_for
 from ..workers.child import EXIT_LOAD_FAILED
 from ..workers.state import WorkerState
+from ..workers.status import STATUS_PAGE_BYTES
 
 if TYPE_CHECKING:  # pragma: no cover
     from .arbiter import Supervisor
@@ -180,6 +182,7 @@ class WorkerProcess(Child):
         self.outputs: list[TensorDecl] | None = None
         self.single_output = True
         self.wake = -1
+        self.status_fd = -1
         self.rings: dict[str, tuple] = {}   # ring id -> (front, ring fd, done fd) until attached
         self.attached: dict[str, "FrontProcess"] = {}  # ring id -> its front
         self._start_timer: asyncio.TimerHandle | None = None
@@ -205,14 +208,22 @@ class WorkerProcess(Child):
         self.gen += 1
         self.state, self.error = WorkerState.LOADING, None
         self.info_extra = {}
+        self.outputs = None  # this generation's, once it has loaded
         parent, child = pair()
         self.wake = os.eventfd(0, os.EFD_CLOEXEC)
+        # The worker's status page (daemon/workers/status.py): it says there
+        # when it runs a batch, and every front reads it to know whether the
+        # worker is idle machine-wide, not only for its own ring.
+        page, self.status_fd = Segment.anonymous(f"ringserve-status-w{self.uid}g{self.gen}",
+                                                 STATUS_PAGE_BYTES)
+        page.close()
         try:
             proc = spawn_worker(child.fileno(), self.wake, self.sup.workdir, self.sup.worker_env)
         except OSError as e:
             parent.close()
             os.close(self.wake)
-            self.wake = -1
+            os.close(self.status_fd)
+            self.wake = self.status_fd = -1
             self.state, self.error = WorkerState.FAILED, f"cannot start a worker process: {e}"
             log.error("worker spawn failed", extra={"worker": self.label, "error": str(e)})
             self._changed()
@@ -221,7 +232,8 @@ class WorkerProcess(Child):
             child.close()
         self._watch(proc, Channel(parent))
         self._start_timer = self.loop.call_later(self.start_timeout_s, self.start_timed_out)
-        self.send({"cmd": "load", "spec": spec_for(self.cfg, self.device, self.threads).to_json()})
+        self.send({"cmd": "load", "spec": spec_for(self.cfg, self.device, self.threads).to_json()},
+                  (self.status_fd,))
         log.info("worker started", extra={"worker": self.label, "pid": self.pid,
                                           "generation": self.gen})
         self._changed()
@@ -310,7 +322,7 @@ class WorkerProcess(Child):
                 self.attached[ring_id] = front
                 front.send({"cmd": "port", "uid": self.uid, "ring": ring_id, "info": self.info(),
                             "outputs": self.outputs, "single_output": self.single_output},
-                           (ring_fd, self.wake, done))
+                           (ring_fd, self.wake, done, self.status_fd))
             else:
                 self.send({"cmd": "detach", "ring": ring_id})
         finally:
@@ -337,9 +349,10 @@ class WorkerProcess(Child):
         for ring_id in list(self.rings):
             self._drop_ring(ring_id)
         self.attached.clear()
-        if self.wake >= 0:
-            os.close(self.wake)
-            self.wake = -1
+        for fd in (self.wake, self.status_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.wake = self.status_fd = -1
         why = (f"worker {self.label} (pid {self.pid}) exited with code {rc} while running this "
                "request; it was not answered by the model, retry")
         if self.stopping or self.sup.stopping:

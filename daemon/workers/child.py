@@ -19,7 +19,8 @@ after each batch it completes on that ring (``done``).
 
 Conversation::
 
-    sup -> {"cmd": "load", "spec": ModelSpec json}
+    sup -> {"cmd": "load", "spec": ModelSpec json} + fds [status page]  (daemon/workers/status.py;
+                                                  the offline batch path sends none)
     worker -> {"event": "loaded", "outputs": [...], "single_output": b, "hash": h, ...}
               or {"event": "failed", "error": "..."} and exit EXIT_LOAD_FAILED
     sup -> {"cmd": "attach", "ring": id} + fds [ring memfd, done eventfd]
@@ -134,6 +135,7 @@ class Worker:
         self.pinned = False
         self.warmed = False
         self.buckets: list[int] = []
+        self.status = None  # StatusPage: whether this worker is busy, for every front
         self.stage_in = self.stage_out = None  # staging batch of merged passes, made at the first
 
     def load(self, spec_json: dict) -> None:
@@ -312,6 +314,7 @@ class Worker:
 
     def serve(self) -> None:
         spin_s = self.runner.spec.spin_us * 1e-6
+        status, busy = self.status, False
         self.buckets = sorted(self.runner.spec.buckets)
         start = 0
         while True:
@@ -335,12 +338,16 @@ class Worker:
                     group.append((lane, slot, seq, n))
                     total += n
             start = start + 1 if n_lanes else 0
-            if len(group) > 1:
-                self._run_merged(group)
-                continue
             if single is not None:
-                self._run_one(*single)
+                if not busy and status is not None:
+                    status.busy = busy = True  # fronts let their batches fill meanwhile
+                if len(group) > 1:
+                    self._run_merged(group)
+                else:
+                    self._run_one(*single)
                 continue
+            if busy:
+                status.busy = busy = False
             if self.stopping:
                 return
             # Poll a while before sleeping (models.spin_us): a wake-up
@@ -414,6 +421,9 @@ def main(argv=None) -> int:
     got = ctrl.recv()
     if got is None or got[0].get("cmd") != "load":
         return 1
+    if got[1]:  # the status page (daemon/workers/status.py); the batch path sends none
+        from .status import StatusPage
+        w.status = StatusPage(got[1][0])
     w.load(got[0]["spec"])
     threading.Thread(target=w.control_loop, name="control", daemon=True).start()
     # Serving starts with the first ring (its warm-up makes the worker ready).

@@ -29,6 +29,7 @@ from ipc.tensors import non_finite_rows, not_finite_error
 from ..observe.stats import BusyMeter
 from ..serving.fallback import NO_WORKER
 from .state import WorkerState
+from .status import StatusPage
 
 log = logging.getLogger("ringserve.port")
 _ONE = (1).to_bytes(8, "little")
@@ -47,6 +48,7 @@ class WorkerPort:
         self.busy = BusyMeter()
         self.batches = 0
         self.ring: Ring | None = None
+        self.status: StatusPage | None = None
         self.inflight: collections.deque = collections.deque()
         self.free_slots = 0
         self.in_mv = self.out_mv = None
@@ -79,6 +81,11 @@ class WorkerPort:
     def in_flight(self) -> int:
         return len(self.inflight)
 
+    @property
+    def busy_elsewhere(self) -> bool:
+        """The worker runs another front's batch (this port has none in it)."""
+        return self.status is not None and self.status.busy
+
     # -- what the supervisor says ------------------------------------------------
     def update(self, info: dict) -> None:
         was = self.state
@@ -87,15 +94,22 @@ class WorkerPort:
             self.queue.worker_changed()
 
     def attach(self, ring_fd: int, wake_fd: int, done_fd: int, ring_id: str, info: dict,
-               outputs, single_output: bool) -> None:
+               outputs, single_output: bool, status_fd: int = -1) -> None:
+        """``status_fd``: the worker's status page (daemon/workers/status.py);
+        -1 (in-process use, tests): the worker counts as idle whenever this
+        port has nothing in its ring."""
         if self.ring is not None:
             self.down("the worker was attached again")
         try:
             ring = Ring.from_fd(ring_fd, ring_id)
         except BaseException:
-            os.close(wake_fd)
-            os.close(done_fd)
+            for fd in (wake_fd, done_fd, status_fd):
+                if fd >= 0:
+                    os.close(fd)
             raise
+        if self.status is not None:
+            self.status.close()
+        self.status = StatusPage(status_fd) if status_fd >= 0 else None
         self.queue.set_outputs(outputs, single_output)
         lay = ring.layout
         self.in_mv = [[ring.input_view(s, k) for k in range(len(lay.input_nbytes))]
@@ -141,6 +155,9 @@ class WorkerPort:
             if fd >= 0:
                 os.close(fd)
         self._wake = self._done = -1
+        if self.status is not None:
+            self.status.close()
+            self.status = None
 
     # -- hot path --------------------------------------------------------------
     def submit_batch(self, batch: list, bucket: int) -> None:

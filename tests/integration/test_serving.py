@@ -371,8 +371,10 @@ def test_kill_9_worker_answers_unavailable_then_recovers(daemon_factory):
     # (a memfd: named nowhere in /dev/shm)
     import re
     maps = open(f"/proc/{h['models'][0]['pid']}/maps").read()
-    rings = set(re.findall(r"memfd:(ringserve-\S+)", maps))
-    assert len(rings) == 1 and "g2-f0g1" in next(iter(rings)), rings
+    mapped = set(re.findall(r"memfd:(ringserve-\S+)", maps))
+    rings = {m for m in mapped if not m.startswith("ringserve-status-")}
+    assert len(rings) == 1 and "g2-f0g1" in next(iter(rings)), mapped
+    assert {m for m in mapped if m.startswith("ringserve-status-")} == {"ringserve-status-w1g2"}
     # (the restarted worker is in the daemon's tree: the teardown checks it exits)
     assert any(p.pid == h["models"][0]["pid"] for p in d.children)
 

@@ -20,7 +20,9 @@ from daemon.serving.queue import Deadlines, ModelQueue
 from daemon.serving.request import Pending
 from daemon.workers.port import WorkerPort
 from daemon.workers.spec import TensorDecl
+from daemon.workers.status import STATUS_PAGE_BYTES, StatusPage
 from ipc.ring import Ring, RingLayout
+from ipc.shm import Segment
 
 MS = 1_000_000
 
@@ -113,8 +115,11 @@ class Worker:
         self.wake, done = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
         self.port = WorkerPort(loop, q, 0, "cpu", 1, lambda status: None)
         q.workers.append(self.port)
+        page, page_fd = Segment.anonymous("ringserve-test-status", STATUS_PAGE_BYTES)
+        page.close()
+        self.status = StatusPage(os.dup(page_fd))  # the worker's side of its status page
         self.port.attach(fd, self.wake, done, "ringserve-test-queue", {"state": "ready"},
-                         [TensorDecl("output", "float32", (2,))], True)
+                         [TensorDecl("output", "float32", (2,))], True, page_fd)
         self.done = 0
 
     def submitted(self) -> list[tuple[int, int]]:
@@ -137,6 +142,7 @@ class Worker:
     def close(self):
         self.port.close()
         self.ring.close()
+        self.status.close()
 
 
 @pytest.fixture
@@ -170,6 +176,21 @@ def test_an_idle_worker_never_waits_for_the_window(setup):
     _, refused = request(q, conn, clock, 1)
     assert refused is None and w.submitted() == [(1, 1)]
     assert q.stats.dispatch == {"idle": 1}
+
+
+def test_a_worker_busy_with_another_fronts_batch_is_not_idle(setup):
+    clock, loop, q, w = setup()
+    conn = Conn()
+    w.status.busy = True       # the worker runs a batch of another front's ring
+    request(q, conn, clock, 1)
+    request(q, conn, clock, 2)
+    assert w.submitted() == [] and q.queued == 2   # they fill the batch meanwhile
+    loop.advance(2 * MS)
+    assert w.submitted() == [(2, 2)] and q.stats.dispatch == {"window": 1}
+    w.status.busy = False      # idle again, for everyone: the next request goes at once
+    w.finish_one()
+    request(q, conn, clock, 3)
+    assert w.submitted() == [(1, 1)] and q.stats.dispatch["idle"] == 1
 
 
 def test_a_busy_worker_gets_a_batch_when_the_window_has_passed(setup):
