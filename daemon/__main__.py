@@ -4,8 +4,10 @@
     ringserve check FILE            validate a config, print "ok" or the error
     ringserve reload --pid-file F   validate the running daemon's config file, then SIGHUP it
     ringserve batch --input PATH --output DIR [...]   score a table offline (docs/batch.md)
-    ringserve report --log DIR ...  A/B and lane report over the request log (daemon/tools/report.py)
-    ringserve profile --input F ... reference profile of training data for drift (daemon/observe/drift.py)
+    ringserve report --log DIR ...  A/B and lane report over the request log
+                                    (daemon/tools/report.py)
+    ringserve profile --input F ... reference profile of training data for drift
+                                    (daemon/observe/drift.py)
     python -m daemon [...]          same as ``ringserve serve [...]``
 """
 
@@ -22,7 +24,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None,
                    help=f"TOML config file (default: {DEFAULT_CONFIG})")
     p.add_argument("--host", default=None, help="override [server] host")
-    p.add_argument("--port", type=int, default=None, help="override [server] port (0: any free port)")
+    p.add_argument("--port", type=int, default=None,
+                   help="override [server] port (0: any free port)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="override [metrics] port (0: any free port, shown by `health`); "
                         "with --port 0 it defaults to 0 too")
@@ -101,9 +104,11 @@ def _reload(argv) -> int:
     changed in between); checking here first gives the operator the error at
     the prompt instead of in the log."""
     import signal
+
     from .config import ConfigError, load_config
     p = argparse.ArgumentParser(prog="ringserve reload")
-    p.add_argument("--pid-file", required=True, help="the file given to `ringserve serve --pid-file`")
+    p.add_argument("--pid-file", required=True,
+                   help="the file given to `ringserve serve --pid-file`")
     a = p.parse_args(argv)
     try:
         pid_line, config_path = open(a.pid_file).read().split("\n")[:2]

@@ -35,22 +35,31 @@ import ipaddress
 import json
 import math
 import os
-from pathlib import Path
 import re
 import sys
 import tomllib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from ipc.status import InvalidArgument
 from ipc.tensors import DTYPES, TensorSpec, decode_tensor
 
-from .workers.metadata import MetadataError, ModelMetadata, default_path, read_metadata, schema_mismatch
+from .workers.metadata import (
+    MetadataError,
+    ModelMetadata,
+    default_path,
+    read_metadata,
+    schema_mismatch,
+)
 
 __all__ = [
-    "PROTOCOL_DTYPES", "RING_SLOT_BYTES", "REQUIRED", "Derived", "ConfigError", "Setting", "Section",
-    "SETTINGS", "SECTIONS", "TensorShape", "ServerConfig", "LoggingConfig",
-    "ModelConfig", "FallbackConfig", "FALLBACK_CAUSES", "RolloutConfig", "ArmConfig", "ExperimentConfig", "ShadowConfig", "GuardrailConfig", "MetricsConfig", "RequestLogConfig", "AuthConfig", "RateLimitConfig", "FeedbackConfig", "Config", "with_overrides", "load_config", "parse_config", "render_reference",
+    "PROTOCOL_DTYPES", "RING_SLOT_BYTES", "REQUIRED", "Derived", "ConfigError", "Setting",
+    "Section", "SETTINGS", "SECTIONS", "TensorShape", "ServerConfig", "LoggingConfig",
+    "ModelConfig", "FallbackConfig", "FALLBACK_CAUSES", "RolloutConfig", "ArmConfig",
+    "ExperimentConfig", "ShadowConfig", "GuardrailConfig", "MetricsConfig", "RequestLogConfig",
+    "AuthConfig", "RateLimitConfig", "FeedbackConfig", "Config", "with_overrides", "load_config",
+    "parse_config", "render_reference",
 ]
 
 # The tensor dtypes of the wire protocol (protocol.md, "Tensors"), with their
@@ -200,7 +209,8 @@ class FallbackConfig:
     (daemon/serving/fallback.py). Exactly one of ``version`` and ``outputs``."""
 
     version: str | None           # another [[models]] entry of the same name
-    outputs: tuple[tuple[str, bytes], ...] | None  # a constant answer: raw bytes per declared output
+    # a constant answer: raw bytes per declared output
+    outputs: tuple[tuple[str, bytes], ...] | None
     on: tuple[str, ...]           # the causes it covers, from FALLBACK_CAUSES
     queue_limit: int              # version fallback: most requests it holds in that version's queue
 
@@ -212,7 +222,8 @@ class ModelConfig:
     factory: str | None           # "module:function"; exactly one of factory/artifact
     artifact: str | None          # absolute path of a torch.export .pt2 file
     checkpoint: str | None        # absolute path of a state_dict file (factory only)
-    metadata: ModelMetadata | None   # what it was trained on (daemon/workers/metadata.py); None: no file
+    # what it was trained on (daemon/workers/metadata.py); None: no file
+    metadata: ModelMetadata | None
     require_metadata: bool
     inputs: tuple[tuple[str, TensorShape], ...]
     single_input: bool            # True: one unnamed input, named "input"
@@ -232,7 +243,8 @@ class ModelConfig:
     cache_ttl_s: float
     cache_max_bytes: int
     drift: bool
-    drift_profile: str | None     # reference profile (``ringserve profile``); None: freeze the first rows
+    # reference profile (``ringserve profile``); None: freeze the first rows
+    drift_profile: str | None
     drift_freeze_after: int
     drift_sample_rate: float
     drift_threshold: float
@@ -536,7 +548,8 @@ def _float_in(lo: float, hi: float | None = None, *, lo_open: bool = False):
         if ok:
             ok = (v > lo if lo_open else v >= lo) and (hi is None or v <= hi)
         if not ok:
-            raise _Invalid(f"must be a number {'from ' if hi is not None else ''}{text}, got {_show(v)}")
+            raise _Invalid(f"must be a number {'from ' if hi is not None else ''}{text}, "
+                           f"got {_show(v)}")
         return float(v)
     return check
 
@@ -565,7 +578,8 @@ _NAME_RULE = "1 to 64 of A-Z a-z 0-9 . _ -, starting with a letter or digit"
 @_rule("non-empty, no spaces")
 def _check_host(v, ctx):
     if not isinstance(v, str) or not v or any(c.isspace() for c in v):
-        raise _Invalid(f'must be a host name or address such as "127.0.0.1" or "::", got {_show(v)}')
+        raise _Invalid('must be a host name or address such as "127.0.0.1" or "::", '
+                       f"got {_show(v)}")
     return v
 
 
@@ -581,7 +595,8 @@ def _check_version(v, ctx):
     if _is_int(v) and v >= 0:
         v = str(v)
     if not isinstance(v, str) or not _NAME_RE.fullmatch(v):
-        raise _Invalid(f'must be a string (or integer) of {_NAME_RULE}, such as "1" or "2024-06-01", got {_show(v)}')
+        raise _Invalid(f"must be a string (or integer) of {_NAME_RULE}, "
+                       f'such as "1" or "2024-06-01", got {_show(v)}')
     return v
 
 
@@ -751,7 +766,7 @@ def _check_salt(v, ctx) -> str:
 def _check_stages(v, ctx) -> tuple[float, ...]:
     if (not isinstance(v, list) or not v
             or not all((_is_int(x) or isinstance(x, float)) and 0 < x <= 1 for x in v)
-            or any(a >= b for a, b in zip(v, v[1:]))):
+            or any(a >= b for a, b in zip(v, v[1:], strict=False))):
         raise _Invalid("must be a strictly increasing list of canary weights in (0, 1], "
                        f"such as [0.01, 0.05, 0.1, 0.25, 1.0], got {_show(v)}")
     return tuple(float(x) for x in v)
@@ -759,7 +774,8 @@ def _check_stages(v, ctx) -> tuple[float, ...]:
 
 @_rule("[{ name, split, version? }, ...]; splits sum to 1")
 def _check_arms(v, ctx) -> tuple[ArmConfig, ...]:
-    example = '[{ name = "control", split = 0.5 }, { name = "treatment", split = 0.5, version = "2" }]'
+    example = ('[{ name = "control", split = 0.5 }, '
+               '{ name = "treatment", split = 0.5, version = "2" }]')
     if not isinstance(v, list) or len(v) < 2 or not all(isinstance(a, dict) for a in v):
         raise _Invalid(f"must be a list of at least two arms, like {example}, got {_show(v)}")
     arms, names = [], set()
@@ -790,7 +806,8 @@ _DEVICE_RE = re.compile(r"cpu|cuda|cuda:(?:0|[1-9][0-9]{0,2})")
 @_rule('"cpu", "cuda", "cuda:N"; at least one')
 def _check_devices(v, ctx) -> tuple[str, ...]:
     if not isinstance(v, list) or not v:
-        raise _Invalid(f'must be a non-empty list of devices such as ["cpu"] or ["cuda:0", "cuda:1"], got {_show(v)}')
+        raise _Invalid('must be a non-empty list of devices such as ["cpu"] or '
+                       f'["cuda:0", "cuda:1"], got {_show(v)}')
     for i, d in enumerate(v):
         if not isinstance(d, str) or not _DEVICE_RE.fullmatch(d):
             raise _Invalid(f'must be "cpu", "cuda" or "cuda:N", got {_show(d)}', f"[{i}]")
@@ -803,7 +820,7 @@ _BUCKETS_PROBLEM = "must be strictly increasing positive integers ending exactly
 @_rule("strictly increasing, ending at max_batch")
 def _check_buckets(v, ctx) -> tuple[int, ...]:
     if (not isinstance(v, list) or not v or not all(_is_int(b) and b > 0 for b in v)
-            or any(a >= b for a, b in zip(v, v[1:]))):
+            or any(a >= b for a, b in zip(v, v[1:], strict=False))):
         raise _Invalid(f"{_BUCKETS_PROBLEM}, got {_show(v)}")
     return tuple(v)
 
@@ -1159,7 +1176,8 @@ def read_tokens(path: str) -> tuple[tuple[str, str], ...]:
                            f"{MIN_TOKEN_CHARS} characters without spaces; make one with "
                            "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
         if name in names or token in seen:
-            raise _Invalid(f"{path} line {i}: {'client name ' + repr(name) if name in names else 'this token'} "
+            raise _Invalid(f"{path} line {i}: "
+                           f"{'client name ' + repr(name) if name in names else 'this token'} "
                            "is listed twice; each client has one line and its own token")
         names.add(name)
         seen.add(token)
@@ -1699,7 +1717,8 @@ def parse_config(data: dict, source: str = "<config>", *,
     of ``source`` when it names a file, else the current directory.
     """
     if base_dir is None:
-        base_dir = os.getcwd() if source.startswith("<") else os.path.dirname(os.path.abspath(source))
+        base_dir = (os.getcwd() if source.startswith("<")
+                    else os.path.dirname(os.path.abspath(source)))
     ctx = _Context(source, os.path.abspath(base_dir))
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: must be a table of sections, got {_show(data)}",
@@ -1776,9 +1795,11 @@ def render_reference() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m daemon.config",
-                                     description="Check a ringserve config file or print the reference.")
+                                     description="Check a ringserve config file "
+                                                 "or print the reference.")
     group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--check", metavar="FILE", help="validate FILE: print ok, or the error and exit 2")
+    group.add_argument("--check", metavar="FILE",
+                       help="validate FILE: print ok, or the error and exit 2")
     group.add_argument("--markdown", action="store_true", help="print the settings reference")
     args = parser.parse_args(argv)
     if args.markdown:

@@ -14,6 +14,7 @@ def main(argv=None) -> int:
     from ..workers.lifeline import die_with_parent
     die_with_parent()
     from ipc.control import Channel
+
     from .app import run_front
     return run_front(Channel.from_fd(a.ctrl_fd))
 

@@ -32,8 +32,16 @@ import time
 
 from ipc.control import BadMessage, Channel, ChannelClosed
 from ipc.proxy import parse_trusted
-from ipc.status import (InvalidArgument, NotFound, ProtocolError, ResourceExhausted, Status,
-                        Unauthenticated, Unavailable, brief)
+from ipc.status import (
+    InvalidArgument,
+    NotFound,
+    ProtocolError,
+    ResourceExhausted,
+    Status,
+    Unauthenticated,
+    Unavailable,
+    brief,
+)
 from ipc.tensors import DEFERRABLE, TensorSpec, decode_inputs, input_where
 
 from ..config import MAX_FRONTS
@@ -51,12 +59,12 @@ from ..serving.shadow import Shadow
 from ..workers.lifeline import EXIT_BOOT_FAILED
 from ..workers.metadata import default_path
 from ..workers.port import WorkerPort
+from ..workers.state import WorkerState
 from .access import Access
 from .connection import Connection
 from .limits import CONN_PAGE_BYTES, frame_limits, raise_nofile
 from .rids import RidAllocator
 from .rids import decode as _decode_rid
-from ..workers.state import WorkerState
 
 log = logging.getLogger("ringserve.server")
 PROTOCOL_VERSIONS = (1,)
@@ -350,7 +358,7 @@ class App:
             q.fallback = Fallback(m.fallback, q, self.count_rejected)
         q.defaults = wire_defaults(m)
         q.special = q.defaults is not None or q.fallback is not None
-        for i, (dev, uid) in enumerate(zip(m.devices, uids)):
+        for i, (dev, uid) in enumerate(zip(m.devices, uids, strict=False)):
             p = WorkerPort(self.loop, q, i, dev, uid, self.count_rejected)
             if uid in self.infos:
                 p.info = self.infos[uid]

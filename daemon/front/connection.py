@@ -67,7 +67,8 @@ class Connection(asyncio.Protocol):
         self.closed = False
         self.peer = None
         self.host = "?"
-        self.client = None   # the client name once a valid token was presented (daemon/front/access.py)
+        # the client name once a valid token was presented (daemon/front/access.py)
+        self.client = None
         self.cred = None     # that token, so a reload that revokes it can tell
         self.reauth = False  # a reload changed [auth] under it (daemon/front/access.py)
         self.close_after_answer = False

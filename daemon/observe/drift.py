@@ -8,7 +8,8 @@ against a reference profile, in bounded memory.
     mon.flagged()                 # [(name or index, distance)], largest first, beyond the threshold
     mon.snapshot()                # for the stats op
 
-    ringserve profile --input data.csv|.npy|.parquet [--columns a,b] --output profile.json [--bins 64]
+    ringserve profile --input data.csv|.npy|.parquet [--columns a,b] --output profile.json
+                      [--bins 64]
 
 The summary: fixed bins at the reference's quantiles
 -----------------------------------------------------
@@ -165,7 +166,8 @@ class Profile:
         else:
             with np.errstate(invalid="ignore"), warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN columns
-                edges = np.nanquantile(np.where(finite, x32, np.nan), q, axis=0, method="inverted_cdf").T
+                edges = np.nanquantile(np.where(finite, x32, np.nan), q, axis=0,
+                                       method="inverted_cdf").T
             edges = np.nan_to_num(edges, nan=0.0)
         prof = cls(edges, np.zeros((x.shape[1], bins + 2), np.int64), 0, names)
         _Binner(prof).add(x32, prof.counts)
@@ -176,7 +178,7 @@ class Profile:
         names = self.names or [None] * self.features
         return {"format": FORMAT, "version": 1, "rows": self.rows, "bins": self.bins,
                 "features": [{"name": n, "edges": e.tolist(), "counts": c.tolist()}
-                             for n, e, c in zip(names, self.edges, self.counts)]}
+                             for n, e, c in zip(names, self.edges, self.counts, strict=True)]}
 
     @classmethod
     def from_dict(cls, doc: dict) -> "Profile":
@@ -263,7 +265,8 @@ class DriftMonitor:
                  bins: int = BINS, max_features: int = MAX_FEATURES, names=None,
                  edge_rows: int = EDGE_ROWS):
         if freeze_after < 1 or window < 1 or bins < 1 or max_features < 1 or edge_rows < 1:
-            raise ValueError("freeze_after, window, bins, max_features and edge_rows must be positive")
+            raise ValueError("freeze_after, window, bins, max_features and edge_rows "
+                             "must be positive")
         self.threshold = float(threshold)
         self.window = int(window)
         self.min_rows = int(min_rows)
@@ -306,7 +309,8 @@ class DriftMonitor:
             self.columns = x.shape[1]
             self.features = min(self.columns, self.max_features)
         elif x.shape[1] != self.columns:
-            raise ValueError(f"inputs have {x.shape[1]} features, the drift reference {self.columns}")
+            raise ValueError(f"inputs have {x.shape[1]} features, "
+                             f"the drift reference {self.columns}")
         x = x[:, :self.features]
         self.rows_seen += x.shape[0]
         while x.shape[0]:
@@ -377,7 +381,8 @@ class DriftMonitor:
             return []
         dist = self.distances()
         idx = np.flatnonzero(dist > self.threshold)
-        return [(self._label(i), float(dist[i])) for i in idx[np.argsort(-dist[idx], kind="stable")]]
+        return [(self._label(i), float(dist[i]))
+                for i in idx[np.argsort(-dist[idx], kind="stable")]]
 
     def noise(self) -> float | None:
         """The KS distance that two samples of the same distribution exceed
@@ -407,7 +412,8 @@ class DriftMonitor:
             "noise_ks99": None if noise is None else round(noise, 4),
             "names": self.profile.names if self.profile else None,
             "ks": [None if math.isnan(v) else round(float(v), 4) for v in dist],
-            "max_ks": None if not len(dist) or np.isnan(dist).all() else round(float(np.nanmax(dist)), 4),
+            "max_ks": (None if not len(dist) or np.isnan(dist).all()
+                       else round(float(np.nanmax(dist)), 4)),
             "flagged": [{"feature": f, "ks": round(v, 4)} for f, v in self.flagged()],
         }
 
@@ -464,9 +470,11 @@ def read_table(path: Path, columns: list[str] | None, max_rows: int | None):
 
 def profile_main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="ringserve profile",
-                                description="Write the drift reference profile of a table of inputs.")
+                                description="Write the drift reference profile "
+                                            "of a table of inputs.")
     p.add_argument("--input", required=True, help="a .csv (header optional), .npy or .parquet file")
-    p.add_argument("--columns", help="comma-separated column names or 0-based indices (default: all)")
+    p.add_argument("--columns",
+                   help="comma-separated column names or 0-based indices (default: all)")
     p.add_argument("--output", required=True, help="the profile (JSON) to write")
     p.add_argument("--bins", type=int, default=BINS, help=f"bins per feature (default {BINS})")
     p.add_argument("--max-rows", type=int, default=None, help="read at most this many rows")
@@ -489,7 +497,8 @@ def profile_main(argv=None) -> int:
     except (OSError, ValueError, IndexError) as e:
         print(f"ringserve profile: {path}: {e}", file=sys.stderr)
         return 2
-    print(f"profile of {prof.rows} rows x {prof.features} features ({prof.bins} bins) written to {a.output}")
+    print(f"profile of {prof.rows} rows x {prof.features} features ({prof.bins} bins) "
+          f"written to {a.output}")
     return 0
 
 

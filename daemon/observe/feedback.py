@@ -57,7 +57,8 @@ class FeedbackJoin:
     and every ``next(iter(dict))`` then walks over all of them (measured: once
     the bound was reached, three quarters of the front's time went there)."""
 
-    def __init__(self, window_s: float = WINDOW_S, max_entries: int = MAX_ENTRIES, clock=time.monotonic):
+    def __init__(self, window_s: float = WINDOW_S, max_entries: int = MAX_ENTRIES,
+                 clock=time.monotonic):
         self.window_s = window_s
         self.max_entries = max_entries
         self.clock = clock

@@ -159,7 +159,8 @@ def _fold(into: dict | None, f: dict, live: bool) -> dict:
         for k in ("mirrored", "compared", "agreed", "incomparable", "diff_sum", "pending"):
             mine[k] += s[k]
         mine["diff_max"] = max(mine["diff_max"], s["diff_max"])
-        mine["by_status"] = collections.Counter(mine["by_status"]) + collections.Counter(s["by_status"])
+        mine["by_status"] = (collections.Counter(mine["by_status"])
+                             + collections.Counter(s["by_status"]))
         mine["shed"] = collections.Counter(mine["shed"]) + collections.Counter(s["shed"])
         if live:
             mine["latency"].merge(s["latency"])
@@ -300,7 +301,8 @@ class MachineView:
             self.access = None
         if m["reqlog"] is not None:
             self.reqlog = _Reqlog()
-            self.reqlog.written, self.reqlog.dropped = m["reqlog"]["written"], m["reqlog"]["dropped"]
+            self.reqlog.written, self.reqlog.dropped = (m["reqlog"]["written"],
+                                                        m["reqlog"]["dropped"])
         else:
             self.reqlog = None
         self.shadows = {(s["model"], s["candidate"]): _ShadowView(s) for s in m["shadows"]}

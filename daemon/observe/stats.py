@@ -176,7 +176,7 @@ class Histogram:
         return list(itertools.accumulate(self.counts))
 
     def merge(self, other: "Histogram") -> None:
-        self.counts = [a + b for a, b in zip(self.counts, other.counts)]
+        self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
         self.sum += other.sum
 
 

@@ -82,7 +82,8 @@ class Checkpoint:
                 self.stats_obj = ScoreStats.restore(self.stats, {k: z[k] for k in z.files})
 
     @classmethod
-    def open(cls, directory: str, identity: dict, restart: bool = False) -> tuple["Checkpoint", str]:
+    def open(cls, directory: str, identity: dict,
+             restart: bool = False) -> tuple["Checkpoint", str]:
         """The checkpoint of this job (fresh or resumed) and a line saying which."""
         path = os.path.join(directory, FILE)
         note = "starting"
@@ -100,7 +101,8 @@ class Checkpoint:
             elif doc is not None:
                 changed = sorted(k for k in set(identity) | set(doc.get("identity", {}))
                                  if identity.get(k) != doc.get("identity", {}).get(k))
-                note = f"the checkpoint is for another job (differs in {', '.join(changed)}); starting afresh"
+                note = (f"the checkpoint is for another job (differs in {', '.join(changed)}); "
+                        "starting afresh")
         elif restart and os.path.exists(directory):
             note = "--restart: discarding the checkpoint"
         if state is None and os.path.exists(directory):

@@ -25,8 +25,7 @@ from dataclasses import dataclass
 from ..config import DEFAULT_CONFIG, ConfigError, load_config
 from . import guardrails as gr
 from .columns import ColumnError, parse_mapping
-from .job import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, Interrupted, Job, JobError,
-                  JobOptions)
+from .job import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, Interrupted, Job, JobError, JobOptions
 from .progress import Progress
 from .readers import InputError
 from .workers import WorkerError
@@ -58,7 +57,8 @@ def _off_or_float(v) -> float | None:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("config", str, None, "daemon config file (default: configs/default.toml)", metavar="FILE"),
+    Option("config", str, None, "daemon config file (default: configs/default.toml)",
+           metavar="FILE"),
     Option("model", str, None, "model name (default: the config's only model)"),
     Option("version", str, None, "model version (default: the stable version of the model's "
            "rollout, else its only version)"),
@@ -79,7 +79,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("csv_engine", str, "auto", "CSV parser: pyarrow when installed (faster), else numpy",
            ("auto", "numpy", "pyarrow")),
     Option("checkpoint_s", float, 10.0, "seconds between checkpoints", metavar="SECONDS"),
-    Option("checkpoint_rows", int, 0, "also checkpoint every N rows (0: by time only)", metavar="N"),
+    Option("checkpoint_rows", int, 0, "also checkpoint every N rows (0: by time only)",
+           metavar="N"),
     Option("restart", bool, False, "ignore a checkpoint and score from the first row"),
     Option("progress", str, "auto", "progress on stderr: a line on a terminal, JSON lines "
            "otherwise", ("auto", "tty", "json", "off")),
@@ -103,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ringserve batch",
         description="Score a CSV or Parquet table with a configured model, on every device "
                     "the model is configured for; resumable, atomic, guarded (docs/batch.md).")
-    p.add_argument("--job", metavar="FILE", help="TOML job file with a [batch] table of these options")
+    p.add_argument("--job", metavar="FILE",
+                   help="TOML job file with a [batch] table of these options")
     for o in OPTIONS:
         shown = o.default not in (None, _REQUIRED, [], False) and "default" not in o.help
         kw = {"dest": o.name, "default": None,

@@ -150,7 +150,8 @@ def plan_columns(header, inputs: list[TensorDecl], mapping: dict[str, str],
             how = f"the features of {features_from}"
         elif len(inputs) == 1:
             cols = [c for c in header if c != id_column]
-            how = "the table's columns" + (f" other than the id column {id_column!r}" if id_column else "")
+            how = "the table's columns" + (f" other than the id column {id_column!r}"
+                                           if id_column else "")
         else:
             raise ColumnError(f"map every input to columns: --columns {decl.name}=FIRST:LAST "
                               f"(the model takes {', '.join(_describe(d) for d in inputs)})")

@@ -170,8 +170,10 @@ def check(stats: ScoreStats, bounds: Bounds, score: str) -> list[str]:
         if math.isnan(v):
             out.append(f"{where}: no finite score, so quantile {q:g} cannot be checked")
         elif not lo <= v <= hi:
-            how = "exact" if n == stats.finite else f"estimated from a sample of {n} of {stats.finite} rows"
-            out.append(f"{where}: quantile {q:g} is {_num(v)}, outside [{_num(lo)}, {_num(hi)}] ({how})")
+            how = ("exact" if n == stats.finite
+                   else f"estimated from a sample of {n} of {stats.finite} rows")
+            out.append(f"{where}: quantile {q:g} is {_num(v)}, "
+                       f"outside [{_num(lo)}, {_num(hi)}] ({how})")
     return out
 
 
@@ -194,5 +196,6 @@ def parse_quantile(text: str) -> tuple[float, float, float]:
     except ValueError:
         qv = -1.0
     if not 0 <= qv <= 1 or not rest:
-        raise ValueError(f"quantile bound {text!r}: write Q:LOW:HIGH with Q in [0, 1], like 0.99:0:0.95")
+        raise ValueError(f"quantile bound {text!r}: write Q:LOW:HIGH with Q in [0, 1], "
+                         "like 0.99:0:0.95")
     return (qv, *parse_range(rest, f"quantile bound {text!r}"))

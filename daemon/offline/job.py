@@ -190,7 +190,7 @@ class Assembler:
                     break
             c, o = self.cur, self.off
             take = min(self.rows - n, c.rows - o)
-            for v, a in zip(views, c.arrays):
+            for v, a in zip(views, c.arrays, strict=True):
                 v[n:n + take] = a[o:o + take]
             ids.append(c.ids[o:o + take])
             n += take
@@ -294,7 +294,8 @@ class Job:
         if removed:
             self.progress.event("swept", "removed shared memory left by a killed job or daemon",
                                 segments=removed)
-        pool = WorkerPool(self._specs(o.batch_size), o.batch_size, RING_DEPTH, worker_env(self.cfg.source, os.getcwd()),
+        pool = WorkerPool(self._specs(o.batch_size), o.batch_size, RING_DEPTH,
+                          worker_env(self.cfg.source, os.getcwd()),
                           os.getcwd(), self.cfg.server.start_timeout_s)
         pool.start()
         try:
@@ -315,7 +316,8 @@ class Job:
             self._score(pool, reader, plan, cols, ck, out_fmt)
             scoring_s = time.monotonic() - t_score
             pool.stop(wait=False)   # they exit (torch teardown) while we publish
-            summary = self._summary(ck, rows_before, scoring_s, pool.weights_hash, pool.outputs, plan)
+            summary = self._summary(ck, rows_before, scoring_s, pool.weights_hash, pool.outputs,
+                                    plan)
             summary["worker_busy_s"] = [round(w.compute_ns / 1e9, 3) for w in pool.workers]
             self._publish(ck, hasher, cols, out_fmt, workdir, summary)
         finally:
@@ -384,7 +386,8 @@ class Job:
         perf = time.perf_counter
         clock = self.clock
         # SIGTERM and Ctrl-C stop the loop between batches (never inside a write).
-        handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        handlers = {sig: signal.signal(sig, self._on_signal)
+                    for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             while True:
                 while not exhausted:
@@ -492,8 +495,8 @@ def _pos(position):
 
 class GuardrailFailure(JobError):
     def __init__(self, failures: list[str], summary: dict, workdir: str, final: str):
-        kept = "the previous " + os.path.basename(final) + " is unchanged" if os.path.exists(final) \
-            else "nothing was published"
+        kept = ("the previous " + os.path.basename(final) + " is unchanged"
+                if os.path.exists(final) else "nothing was published")
         super().__init__("guardrails failed, " + kept + ":\n  " + "\n  ".join(failures) +
                          f"\nthe scored rows are kept in {workdir}; rerun with other bounds to "
                          "publish them, or with --restart to score again", EXIT_GUARDRAIL)

@@ -81,7 +81,8 @@ class Progress:
                 self.stream.write("\n")
                 self._line = False
             extra = " ".join(f"{k}={v}" for k, v in fields.items())
-            self.stream.write(f"{event}: {message or ''}{' ' if message and extra else ''}{extra}\n")
+            self.stream.write(f"{event}: {message or ''}"
+                              f"{' ' if message and extra else ''}{extra}\n")
         self.stream.flush()
 
     def finish(self) -> None:

@@ -89,7 +89,8 @@ def to_wire(a: np.ndarray, wire: str, what) -> np.ndarray:
         return a.astype(np.float16)
     if wire == "bfloat16":
         return f32_to_bf16(np.ascontiguousarray(a))
-    lo, hi = (0, 1) if wire == "bool" else (np.iinfo(NP_DTYPES[wire]).min, np.iinfo(NP_DTYPES[wire]).max)
+    lo, hi = ((0, 1) if wire == "bool"
+              else (np.iinfo(NP_DTYPES[wire]).min, np.iinfo(NP_DTYPES[wire]).max))
     if a.size and (a.min() < lo or a.max() > hi):
         i = int(np.flatnonzero((a < lo) | (a > hi))[0])
         raise InputError(f"{what(i)} is {a.flat[i]}, out of range for {wire} ({lo}..{hi})")
@@ -119,7 +120,7 @@ class _Groups:
     def split(self, parsed: list[np.ndarray], rows: int, what) -> list[np.ndarray]:
         """``parsed[g]``: [rows, len(cols of g)] -> per-input wire arrays."""
         out: list = [None] * len(self.plan.inputs)
-        for (_, _, picks), a in zip(self.groups, parsed):
+        for (_, _, picks), a in zip(self.groups, parsed, strict=True):
             for k, pick in picks:
                 inp = self.plan.inputs[k]
                 x = a[:, pick].reshape(rows, *inp.decl.shape)
@@ -168,7 +169,8 @@ class CsvReader:
 
     def fraction(self, position: dict) -> float:
         span = self.size - self.data_start
-        return 1.0 if span <= 0 else (position.get("byte", self.data_start) - self.data_start) / span
+        return (1.0 if span <= 0
+                else (position.get("byte", self.data_start) - self.data_start) / span)
 
     def start_position(self) -> dict:
         return {"byte": self.data_start, "rows": 0}
@@ -230,7 +232,8 @@ class CsvReader:
 
     def _parse(self, block: bytes, byte0: int, rows0: int) -> Chunk:
         try:
-            ids, parsed, n = (self._arrow_block if self.engine == "pyarrow" else self._numpy_block)(block)
+            ids, parsed, n = (self._arrow_block if self.engine == "pyarrow"
+                              else self._numpy_block)(block)
         except InputError:
             raise
         except Exception as e:   # the parser's own complaint: find the cell ourselves
@@ -379,7 +382,8 @@ class ParquetReader:
                 t = self.schema.field(c).type
                 if not (types.is_integer(t) or types.is_floating(t) or types.is_boolean(t)):
                     raise InputError(f"{self.source}: column {plan.header[c]!r} is {t}, not "
-                                     f"numeric (it feeds input {inp.decl.name!r}, {inp.decl.dtype})")
+                                     f"numeric (it feeds input {inp.decl.name!r}, "
+                                     f"{inp.decl.dtype})")
 
     def chunks(self, plan: ColumnPlan, start: dict | None = None) -> Iterator[Chunk]:
         self.plan = plan
@@ -459,4 +463,5 @@ def input_format(path: str) -> str:
         return "parquet"
     if ext in (".csv", ".txt", ".tsv"):
         return "csv"
-    raise InputError(f"cannot tell the format of {path} from its name; pass --format csv or parquet")
+    raise InputError(f"cannot tell the format of {path} from its name; "
+                     "pass --format csv or parquet")

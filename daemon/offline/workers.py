@@ -28,8 +28,8 @@ from ipc.control import Channel, ChannelClosed, pair
 from ipc.ring import Ring, RingLayout
 from ipc.tensors import NP_DTYPES
 
-from ..workers.spec import ModelSpec, TensorDecl, spawn_worker
 from ..workers.child import EXIT_LOAD_FAILED
+from ..workers.spec import ModelSpec, TensorDecl, spawn_worker
 
 _ONE = (1).to_bytes(8, "little")
 STOP_GRACE_S = 10.0
@@ -103,7 +103,8 @@ class BatchWorker:
             if r:
                 rc = self.proc.wait()
                 raise WorkerError(f"worker {self.label} exited with code {rc} while starting"
-                                  + (" (the model cannot be loaded)" if rc == EXIT_LOAD_FAILED else ""))
+                                  + (" (the model cannot be loaded)" if rc == EXIT_LOAD_FAILED
+                                     else ""))
         if msg.get("event") == "failed":
             raise WorkerError(f"worker {self.label}: {msg.get('error')}")
         return msg

@@ -71,7 +71,7 @@ class OutputColumns:
     def columns(self, outs: list[np.ndarray]) -> list[np.ndarray]:
         """Per-output arrays [n, *shape] -> one 1-D array per output column."""
         cols = []
-        for d, a in zip(self.outputs, outs):
+        for d, a in zip(self.outputs, outs, strict=True):
             if d.dtype == "bfloat16":
                 a = bf16_to_f32(a)
             flat = a.reshape(a.shape[0], -1)
@@ -131,7 +131,7 @@ class CsvPart:
         joined = "".join(ids)
         if "," in joined or '"' in joined or "\n" in joined or "\r" in joined:
             ids = [_quote(x) for x in ids]
-        texts = [_texts(c, fmt) for c, fmt in zip(columns, self._fmt)]
+        texts = [_texts(c, fmt) for c, fmt in zip(columns, self._fmt, strict=False)]
         dv = self.cols.data_version
         tail = f"{self.version},{iso_ms(scored_at)}" if dv is None else \
             f"{self.version},{dv},{iso_ms(scored_at)}"

@@ -31,8 +31,8 @@ import logging
 import os
 import time
 
-from .guardrails import CANARY, STABLE, Guardrail
 from ..workers.state import WorkerState
+from .guardrails import CANARY, STABLE, Guardrail
 
 log = logging.getLogger("ringserve.rollouts")
 STATE_FORMAT = 1
@@ -114,7 +114,8 @@ def resolve(r, saved: dict | None, now: float) -> dict:
     state = dict(saved, stages=list(r.stages))
     old_stages = saved.get("stages") or []
     cs = saved.get("config_stage")
-    old_config_weight = old_stages[cs] if isinstance(cs, int) and 0 <= cs < len(old_stages) else None
+    old_config_weight = (old_stages[cs] if isinstance(cs, int) and 0 <= cs < len(old_stages)
+                         else None)
     if old_config_weight != r.stages[r.stage]:
         return dict(state, stage=r.stage, config_stage=r.stage, since=now,
                     reason="stage set in the config")

@@ -62,7 +62,8 @@ from dataclasses import dataclass, field
 # (daemon/serving/fallback.py): not a status of the protocol (the caller got OK),
 # but the version's failure all the same.
 FALLBACK = -1
-ERROR_STATUSES = frozenset((4, 13, 14, FALLBACK))  # DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE, fallback
+# DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE, fallback
+ERROR_STATUSES = frozenset((4, 13, 14, FALLBACK))
 STABLE = "stable"
 CANARY = "canary"
 
@@ -79,7 +80,8 @@ def msprt_log_lr(theta: float, var: float, tau2: float) -> float:
     return 0.5 * math.log(var / (var + tau2)) + tau2 * theta * theta / (2 * var * (var + tau2))
 
 
-def proportion_test(x1: int, n1: int, x2: int, n2: int, margin: float, tau: float) -> tuple[float, float]:
+def proportion_test(x1: int, n1: int, x2: int, n2: int, margin: float,
+                    tau: float) -> tuple[float, float]:
     """(effect, log LR) for "lane 1's rate exceeds lane 2's by more than
     margin"; the log LR is 0 unless the effect is positive (one-sided)."""
     if n1 == 0 or n2 == 0:
@@ -369,9 +371,11 @@ class Guardrail:
                     f"(log LR {llr:.2f} >= {threshold:.2f})")
             b = st.latency.quantile_bin(0.95)
             if b is not None and ca.latency.n:
-                cut = LatencyHistogram.bin_of(LatencyHistogram.upper_us(b) * (1 + cfg.latency_margin))
+                cut = LatencyHistogram.bin_of(LatencyHistogram.upper_us(b)
+                                              * (1 + cfg.latency_margin))
                 slow_c, slow_s = ca.latency.count_above_bin(cut), st.latency.count_above_bin(cut)
-                eff, llr = proportion_test(slow_c, ca.latency.n, slow_s, st.latency.n, 0.0, tau=0.05)
+                eff, llr = proportion_test(slow_c, ca.latency.n, slow_s, st.latency.n, 0.0,
+                                           tau=0.05)
                 tests["latency"] = {"slow_us": round(LatencyHistogram.upper_us(cut)),
                                     "slow_canary": slow_c, "slow_stable": slow_s,
                                     "effect": round(eff, 6), "log_lr": round(llr, 3)}

@@ -141,7 +141,8 @@ class Fallback:
         self._p95_at = 0
         self.answered: collections.Counter = collections.Counter()  # (lane, arm, reason, by)
         self.failed: collections.Counter = collections.Counter()    # reason: taken, then failed
-        self.refused: collections.Counter = collections.Counter()   # reason: not taken (full, not ready)
+        # reason: not taken (full, not ready)
+        self.refused: collections.Counter = collections.Counter()
 
     # -- when ------------------------------------------------------------------
     def deadline_near(self, budget_ns: int, now: int) -> bool:
@@ -185,7 +186,8 @@ class Fallback:
         if data is None:  # its batch was in the primary's worker: sdata kept the bytes
             req.data = req.sdata
         if t.submit(req, self) is not None:  # refused: back as it was
-            req.queue, req.fb, req.via, req.dispatched, req.data = queue, self, None, dispatched, data
+            req.queue, req.fb, req.via, req.dispatched, req.data = (queue, self, None, dispatched,
+                                                                    data)
             self.refused[reason] += 1
             return False
         if client is not None:

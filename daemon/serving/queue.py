@@ -43,10 +43,10 @@ from typing import TYPE_CHECKING
 
 from ipc.status import Status
 
-from .fallback import MODEL_ERROR, NO_WORKER
-from .request import SHADOW, Pending
 from ..observe.stats import ModelStats
 from ..workers.state import WorkerState
+from .fallback import MODEL_ERROR, NO_WORKER
+from .request import SHADOW, Pending
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..workers.port import WorkerPort
@@ -172,7 +172,8 @@ class ModelQueue:
         # (input index, dtype, elements per sample, where) of the float inputs
         # whose NaN/Inf check runs once per batch (WorkerPort.submit_batch)
         self.finite_checks: tuple = ()
-        self.fallback = None  # Fallback (daemon/serving/fallback.py), when the entry has [models.fallback]
+        # Fallback (daemon/serving/fallback.py), when the entry has [models.fallback]
+        self.fallback = None
         self.defaults = None  # input name -> wire tensor map of the inputs with a default
         # Answers here may need more than the plain OK answer: requests with
         # defaulted inputs, with a fallback (their input bytes are kept until
@@ -497,7 +498,8 @@ class ModelQueue:
         req.answer_error(int(Status.DEADLINE_EXCEEDED),
                          f"deadline exceeded after {(_monotonic_ns() - req.arrival) // 1000} us "
                          f"{'in the worker' if req.dispatched else 'in the queue'} of model "
-                         f"{self.name!r} version {self.version!r}; raise deadline_ms or reduce load")
+                         f"{self.name!r} version {self.version!r}; "
+                         "raise deadline_ms or reduce load")
         self._maybe_idle()
 
     def fail_all_queued(self, status: int, message: str, reason: str | None = None) -> None:

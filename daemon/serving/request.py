@@ -28,7 +28,8 @@ class Pending:
         self.rid = rid
         self.dispatched = 0
         self.shadow = None  # the Shadow to mirror this request to once answered
-        self.sdata = None   # its input bytes, kept for the mirror or the fallback (``data`` is dropped)
+        # its input bytes, kept for the mirror or the fallback (``data`` is dropped)
+        self.sdata = None
         self.log = None     # (input bytes, exp) when the request log samples this request
         self.ckey = None    # response-cache key, when the model caches and this was a miss
         self.client = None  # who holds it in ModelQueue.held, once queued

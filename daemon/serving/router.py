@@ -4,7 +4,8 @@ The assignment is a pure function of (salt, key), specified in
 ``docs/protocol.md`` ("Routing hash"), so that another daemon, an offline job
 or a client in another language computes the same lane and arm::
 
-    bucket(salt, key) = int.from_bytes(sha256((salt + "\\x1f" + key).encode()).digest()[:8], "big") % 10000
+    bucket(salt, key) = int.from_bytes(
+        sha256((salt + "\\x1f" + key).encode()).digest()[:8], "big") % 10000
 
 Order of decisions for one request of model M:
 

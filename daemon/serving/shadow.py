@@ -30,9 +30,9 @@ import numpy as np
 
 from ipc.tensors import DTYPES, to_numpy
 
+from ..observe.stats import LatencyWindow
 from .request import SHADOW, Pending
 from .router import BUCKETS, bucket
-from ..observe.stats import LatencyWindow
 
 _monotonic_ns = time.monotonic_ns
 
@@ -124,6 +124,7 @@ class Shadow:
                 "answers": {str(k): v for k, v in sorted(self.by_status.items())},
                 "compared": self.compared, "incomparable": self.incomparable,
                 "agreement": round(self.agreed / self.compared, 6) if self.compared else None,
-                "score_diff_mean": round(self.diff_sum / self.compared, 9) if self.compared else None,
+                "score_diff_mean": (round(self.diff_sum / self.compared, 9) if self.compared
+                                    else None),
                 "score_diff_max": round(self.diff_max, 9) if self.compared else None,
                 "latency_us": self.latency.percentiles()}

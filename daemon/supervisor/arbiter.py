@@ -48,17 +48,16 @@ from ipc import shm
 from ipc.shm import Segment
 
 from ..config import ConfigError, load_config, with_overrides
-from .cores import front_count
-from ..observe.figures import Figures, MachineView, stats_answer
-from .metrics import MetricsServer
-from ..front.rids import decode as decode_rid
-from ..rollout.controller import Rollouts, weight_of
 from ..front.limits import CONN_PAGE_BYTES
+from ..front.rids import decode as decode_rid
+from ..observe.figures import Figures, MachineView, stats_answer
+from ..rollout.controller import Rollouts, weight_of
 from ..workers.spec import share_cores, worker_env
-from .children import FrontProcess, WorkerProcess
-from .portlock import PortLock
 from ..workers.state import WorkerState
-
+from .children import FrontProcess, WorkerProcess
+from .cores import front_count
+from .metrics import MetricsServer
+from .portlock import PortLock
 
 log = logging.getLogger("ringserve.supervisor")
 STOP_GRACE_S = 10.0
@@ -127,7 +126,8 @@ class Supervisor:
             return False
         for ws in self.workers.values():
             for w in ws:
-                if w.state != WorkerState.READY or len(set(map(id, w.attached.values()))) < len(fronts):
+                if (w.state != WorkerState.READY
+                        or len(set(map(id, w.attached.values()))) < len(fronts)):
                     return False
         return True
 
@@ -193,7 +193,7 @@ class Supervisor:
                 g[0].set_result(None)
 
     def front_gone(self, front: "FrontProcess") -> None:
-        for token, (fut, waiting) in list(self._gathers.items()):
+        for token in list(self._gathers):
             self.got_figures(token, front.slot)
 
     async def view(self) -> MachineView | None:

@@ -19,9 +19,9 @@ from ipc.control import BadMessage, Channel, ChannelClosed, pair
 from ipc.ring import Ring, RingLayout
 from ipc.shm import Segment
 
+from ..workers.child import EXIT_LOAD_FAILED
 from ..workers.lifeline import EXIT_BOOT_FAILED, PARENT_ENV
 from ..workers.spec import TensorDecl, spawn_worker, spec_for
-from ..workers.child import EXIT_LOAD_FAILED
 from ..workers.state import WorkerState
 from ..workers.status import STATUS_PAGE_BYTES
 
@@ -298,7 +298,8 @@ class WorkerProcess(Child):
         c = self.cfg
         layout = RingLayout(c.inflight_batches, c.max_batch, [s.nbytes for _, s in c.inputs],
                             [t.nbytes for t in self.outputs])
-        ring_id = f"ringserve-{c.name}-{c.version}-{self.index}-w{self.uid}g{self.gen}-{front.label}"
+        ring_id = (f"ringserve-{c.name}-{c.version}-{self.index}"
+                   f"-w{self.uid}g{self.gen}-{front.label}")
         try:
             ring, ring_fd = Ring.create_anonymous(ring_id, layout)
         except OSError as e:

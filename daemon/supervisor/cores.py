@@ -37,7 +37,8 @@ def _cgroup_quota(root: str = CGROUP_ROOT) -> float | None:
     for line in lines:
         _, controllers, path = line.split(":", 2)
         if controllers == "":  # cgroup v2
-            for p in (os.path.join(root, path.lstrip("/"), "cpu.max"), os.path.join(root, "cpu.max")):
+            for p in (os.path.join(root, path.lstrip("/"), "cpu.max"),
+                      os.path.join(root, "cpu.max")):
                 try:
                     quota, period = open(p).read().split()
                 except (OSError, ValueError):

@@ -54,7 +54,7 @@ def _status(code: int) -> str:
 
 def _histogram(family: HistogramMetricFamily, labels: list[str], h, bounds, scale: float) -> None:
     cum = h.cumulative()
-    buckets = [(repr(float(b)), c) for b, c in zip(bounds, cum)] + [("+Inf", cum[-1])]
+    buckets = [(repr(float(b)), c) for b, c in zip(bounds, cum, strict=False)] + [("+Inf", cum[-1])]
     family.add_metric(labels, buckets, h.sum * scale)
 
 
@@ -103,7 +103,8 @@ class Collector:
         restarts = CounterMetricFamily(
             "ringserve_worker_restarts", "Restarts of a worker after it died.",
             labels=mv + ["device", "worker"])
-        ready = GaugeMetricFamily("ringserve_worker_ready", "1 when the worker is warm and serving.",
+        ready = GaugeMetricFamily("ringserve_worker_ready",
+                                  "1 when the worker is warm and serving.",
                                   labels=mv + ["device", "worker"])
         fallback = CounterMetricFamily(
             "ringserve_fallback_answers", "Answers given by a version's fallback instead of "
@@ -188,7 +189,8 @@ class Collector:
         stage = GaugeMetricFamily("ringserve_rollout_stage", "Index of the rollout's stage.",
                                   labels=["model"])
         rolled = GaugeMetricFamily("ringserve_rollout_rolled_back",
-                                   "1 when the guardrails rolled the canary back.", labels=["model"])
+                                   "1 when the guardrails rolled the canary back.",
+                                   labels=["model"])
         checks = CounterMetricFamily(
             "ringserve_guardrail_checks", "Guardrail checks by verdict (hold, pass, fail, "
             "rollback) and the actions taken (advance, promote).", labels=["model", "verdict"])

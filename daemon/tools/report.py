@@ -139,7 +139,8 @@ def chi2_sf(x: float, df: int) -> float:
     return min(1.0, math.exp(log_front) * h)
 
 
-def srm_check(observed: dict[str, int], expected: dict[str, float], alpha: float = SRM_ALPHA) -> dict:
+def srm_check(observed: dict[str, int], expected: dict[str, float],
+              alpha: float = SRM_ALPHA) -> dict:
     """Chi-square goodness of fit of the arms' counts against the expected
     shares (normalised here). An arm of ``expected`` that got nothing counts
     as 0; an arm that got traffic but is not in ``expected`` is an error."""
@@ -295,7 +296,8 @@ def build(paths, exp: str | None = None, model: str | None = None) -> dict:
         try:
             if kind == "answer":
                 tally["answers"] += 1
-                if (exp is not None and rec.get("exp") != exp) or (model is not None and rec["model"] != model):
+                if ((exp is not None and rec.get("exp") != exp)
+                        or (model is not None and rec["model"] != model)):
                     tally["filtered_out"] += 1
                     continue
                 g = (rec.get("exp"), rec.get("arm"), rec["model"], rec["lane"])
@@ -344,7 +346,8 @@ def _join(a_rid, a_code, f_rid, f_y, groups: list[Group]) -> dict:
     sorted_rid = ar[order]
     duplicates = int(np.count_nonzero(sorted_rid[1:] == sorted_rid[:-1]))
     out = {"answers": len(ar), "joined": 0, "feedback_matched": 0,
-           "feedback_unmatched": len(fr), "answers_with_repeat_feedback": 0, "duplicate_rids": duplicates}
+           "feedback_unmatched": len(fr), "answers_with_repeat_feedback": 0,
+           "duplicate_rids": duplicates}
     if not len(ar) or not len(fr):
         return out
     pos = np.minimum(np.searchsorted(sorted_rid, fr), len(ar) - 1)
@@ -408,7 +411,8 @@ def report(raw: dict, *, alpha: float = 0.05, control: str | None = None,
             raise LookupError(f"experiment {exp} has no arm {ctl!r} (arms: {', '.join(groups)})")
         expected = split if split is not None else {a: 1.0 for a in groups}
         srm = srm_check({a: g.answers for a, g in groups.items()}, expected, srm_alpha)
-        experiments.append({"exp": exp, "control": ctl, "arms": _section(groups, ctl, z), "srm": srm})
+        experiments.append({"exp": exp, "control": ctl, "arms": _section(groups, ctl, z),
+                            "srm": srm})
     models = []
     for model in sorted(lanes):
         groups = _combine(lanes[model])
@@ -457,8 +461,11 @@ def _table(rows: list[dict], label: str, control: str, conf: float) -> list[str]
                      ("-" if v is None else _num(v["diff"], True) + _interval(v["ci"], True)),
                      "" if v is None else f"{v['p_value']:.2g}"))
     widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
-    fmt = lambda row: "  " + "  ".join(c.ljust(w) if i in (0, 8, 9) else c.rjust(w)
-                                        for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
+    def fmt(row) -> str:
+        return "  " + "  ".join(c.ljust(w) if i in (0, 8, 9) else c.rjust(w)
+                                for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+
     return [fmt(head), *map(fmt, body)]
 
 
@@ -469,13 +476,15 @@ def render(doc: dict, log_dir: str, files: int) -> str:
     if doc["span"]:
         t0, t1 = (time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) for t in doc["span"])
         lines.append(f"  from {t0} to {t1} UTC")
-    skipped = [f"{rec[k]} {k.replace('_', ' ')}" for k in ("torn_lines", "bad_lines", "bad_records") if rec[k]]
+    skipped = [f"{rec[k]} {k.replace('_', ' ')}"
+               for k in ("torn_lines", "bad_lines", "bad_records") if rec[k]]
     if skipped:
         lines.append("  skipped: " + ", ".join(skipped))
     if rec["filtered_out"]:
         lines.append(f"  {rec['filtered_out']} answers left out by --exp/--model")
     share = join["joined"] / join["answers"] if join["answers"] else 0
-    lines.append(f"join: {join['joined']} of {join['answers']} answers have an outcome ({share:.1%}); "
+    lines.append(f"join: {join['joined']} of {join['answers']} answers have an outcome "
+                 f"({share:.1%}); "
                  f"{join['feedback_unmatched']} feedback records match no answer reported here, "
                  f"{join['feedback_unjoined']} were not joined online")
     if join["duplicate_rids"]:
@@ -513,12 +522,12 @@ def plot(doc: dict, path: str) -> None:
     sections = [(f"experiment {e['exp']}", e["arms"]) for e in doc["experiments"]]
     sections += [(f"model {m['model']} lanes", m["lanes"]) for m in doc["models"]]
     fig, axes = plt.subplots(len(sections), 2, figsize=(10, 3.2 * len(sections)), squeeze=False)
-    for (title, rows), (ax_kpi, ax_lat) in zip(sections, axes):
+    for (title, rows), (ax_kpi, ax_lat) in zip(sections, axes, strict=True):
         names = [r["name"] for r in rows]
         x = np.arange(len(rows))
         means = [r["kpi"]["mean"] if r["kpi"]["mean"] is not None else np.nan for r in rows]
         err = [[m - r["kpi"]["ci"][0], r["kpi"]["ci"][1] - m] if r["kpi"]["ci"] else [0, 0]
-               for m, r in zip(means, rows)]
+               for m, r in zip(means, rows, strict=True)]
         ax_kpi.errorbar(x, means, yerr=np.array(err).T, fmt="o", capsize=6)
         ax_kpi.set_xticks(x, names)
         ax_kpi.set_xlim(-0.5, len(rows) - 0.5)
@@ -548,7 +557,8 @@ def _parse_split(text: str) -> dict[str, float]:
         except ValueError:
             value = -1.0
         if not sep or not name.strip() or not value > 0 or not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"expected ARM=SHARE,ARM=SHARE with positive shares, got {text!r}")
+            raise argparse.ArgumentTypeError("expected ARM=SHARE,ARM=SHARE with positive shares, "
+                                             f"got {text!r}")
         out[name.strip()] = value
     return out
 
@@ -565,13 +575,15 @@ def _unit_interval(text: str) -> float:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ringserve report",
-                                description="A/B report over the request log: per arm and per lane.")
+                                description="A/B report over the request log: "
+                                            "per arm and per lane.")
     p.add_argument("--log", required=True, metavar="DIR", help="the request log directory")
     p.add_argument("--exp", help="only this experiment's answers")
     p.add_argument("--model", help="only this model's answers")
     p.add_argument("--control", help="the control arm (default: the first arm by name)")
     p.add_argument("--split", type=_parse_split, metavar="ARM=SHARE,...",
-                   help="expected traffic split of the arms for the sample-ratio check (default: equal)")
+                   help="expected traffic split of the arms for the sample-ratio check "
+                        "(default: equal)")
     p.add_argument("--alpha", type=_unit_interval, default=0.05,
                    help="1 - confidence of the intervals (default 0.05)")
     p.add_argument("--srm-alpha", type=_unit_interval, default=SRM_ALPHA,

@@ -164,7 +164,9 @@ class Worker:
     def open_lane(self, ring_id: str, ring_fd: int, done_fd: int) -> Lane:
         """Map a ring received from the supervisor and make its views."""
         import torch
+
         from ipc.ring import Ring
+
         from .runtime import TORCH_DTYPES, LoadError, is_pinned, pin_host_memory
         ring = Ring.from_fd(ring_fd, ring_id)
         lay = ring.layout

@@ -133,7 +133,8 @@ class Runner:
         self.weights_hash = weights_hash(model)
         self.model = model.to(self.device)
         if spec.dtype != "float32":
-            self._autocast = lambda: torch.autocast(self.device.type, dtype=TORCH_DTYPES[spec.dtype])
+            self._autocast = lambda: torch.autocast(self.device.type,
+                                                    dtype=TORCH_DTYPES[spec.dtype])
         self.compile_mode = resolve_compile(spec.compile, self.device)
         if self.compile_mode != "off":
             from torch import _dynamo
@@ -178,7 +179,7 @@ class Runner:
     def _call(self, xs: list[torch.Tensor]):
         if self.spec.single_input:
             return self.forward(xs[0])
-        return self.forward(**{t.name: x for t, x in zip(self.spec.inputs, xs)})
+        return self.forward(**{t.name: x for t, x in zip(self.spec.inputs, xs, strict=True)})
 
     def infer(self, xs: list[torch.Tensor]):
         """The model alone on inputs already on its device, under
@@ -206,32 +207,37 @@ class Runner:
         try:
             with torch.inference_mode(), self._autocast():
                 out = self.model(xs[0]) if self.spec.single_input else \
-                    self.model(**{t.name: x for t, x in zip(self.spec.inputs, xs)})
+                    self.model(**{t.name: x for t, x in zip(self.spec.inputs, xs, strict=True)})
         except Exception as e:
-            raise LoadError(f"the model failed on a zero sample of its declared input "
-                            f"({', '.join(f'{t.name}: {t.dtype}{list(t.shape)}' for t in self.spec.inputs)}): "
-                            f"{type(e).__name__}: {e}") from e
+            raise LoadError(
+                "the model failed on a zero sample of its declared input ("
+                f"{', '.join(f'{t.name}: {t.dtype}{list(t.shape)}' for t in self.spec.inputs)}"
+                f"): {type(e).__name__}: {e}") from e
         named, single = _normalise_outputs(out)
         found = []
         for name, t in named:
             if not isinstance(t, torch.Tensor) or t.dim() < 1 or t.shape[0] != 1:
                 raise LoadError(f"output {name!r} must be a tensor with the batch dimension first")
             if t.dtype not in WIRE_DTYPES:
-                raise LoadError(f"output {name!r} has dtype {t.dtype}, which the protocol cannot carry")
+                raise LoadError(f"output {name!r} has dtype {t.dtype}, "
+                                "which the protocol cannot carry")
             found.append(TensorDecl(name, WIRE_DTYPES[t.dtype], tuple(t.shape[1:])))
         declared = self.spec.outputs
         if declared:
             want = [(d.dtype, d.shape) for d in declared]
             got = [(d.dtype, d.shape) for d in found]
-            if want != got or (self.spec.single_output is not None and self.spec.single_output != single):
+            if want != got or (self.spec.single_output is not None
+                               and self.spec.single_output != single):
                 raise LoadError(f"the model's outputs {_fmt(found)} do not match the declared "
                                 f"outputs {_fmt(declared)}; fix `output`/`outputs` in the config")
-            found = [TensorDecl(d.name, f.dtype, f.shape) for d, f in zip(declared, found)]
+            found = [TensorDecl(d.name, f.dtype, f.shape)
+                     for d, f in zip(declared, found, strict=True)]
         self.outputs = found
         self.single_output = single
 
     # -- running ----------------------------------------------------------
-    def run_batch(self, in_views: list[torch.Tensor], out_views: list[torch.Tensor], n: int) -> None:
+    def run_batch(self, in_views: list[torch.Tensor], out_views: list[torch.Tensor],
+                  n: int) -> None:
         """Run one padded batch. ``in_views`` are host tensors of shape
         ``[bucket, ...]`` (shared memory in a worker); the first ``n`` rows of
         each output are written into ``out_views`` (host tensors)."""
@@ -239,7 +245,7 @@ class Runner:
             self._run_cuda(in_views, out_views, n)
             return
         named, _ = _normalise_outputs(self.infer(in_views))
-        for (_, o), dst in zip(named, out_views):
+        for (_, o), dst in zip(named, out_views, strict=False):
             dst[:n].copy_(o[:n])
 
     def _run_cuda(self, in_views, out_views, n) -> None:
@@ -250,13 +256,13 @@ class Runner:
             # copies are truly asynchronous on this worker's own stream.
             xs = [d[:bucket] for d in self._dev_inputs]
             h2d_start.record(self.stream)
-            for d, h in zip(xs, in_views):
+            for d, h in zip(xs, in_views, strict=True):
                 d.copy_(h, non_blocking=True)
             h2d_end.record(self.stream)
             with self._autocast():
                 out = self._call(xs)
             named, _ = _normalise_outputs(out)
-            for (_, o), dst in zip(named, out_views):
+            for (_, o), dst in zip(named, out_views, strict=False):
                 dst[:n].copy_(o[:n], non_blocking=True)
         self.stream.synchronize()  # once per batch
         # Both events are complete now: reading them costs no wait. The
