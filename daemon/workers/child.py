@@ -350,6 +350,15 @@ class Worker:
                 continue
             if busy:
                 status.busy = busy = False
+                if n_lanes > 1:
+                    # Fronts that let a batch fill while this worker ran
+                    # another's: it is idle now, so they hand it over
+                    # (their done callback re-runs the dispatch policy).
+                    for lane in lanes:
+                        try:
+                            os.write(lane.done_fd, _ONE)
+                        except OSError:
+                            pass
             if self.stopping:
                 return
             # Poll a while before sleeping (models.spin_us): a wake-up
