@@ -48,8 +48,12 @@ writer's side, and read after an eventfd read or a poll on the reader's side.
 x86's store ordering also makes a spinning reader safe; other architectures
 must only read after a wake-up.
 
-Wake-ups (the eventfds belong to the worker handle, not to this module) cost
-one syscall per batch each way, never one per request.
+Wake-ups cost one syscall per batch each way, never one per request. The
+eventfds are not this module's: the daemon's supervisor makes one wake
+eventfd per worker, which every front writes, and one done eventfd per ring,
+which the worker writes (daemon/supervisor/children.py). In the daemon a
+ring lives in a memfd (``create_anonymous`` / ``from_fd``), never named in
+/dev/shm.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Why not ``multiprocessing.shared_memory``: on Python < 3.13 every process that
 *attaches* registers the segment with its own resource tracker, which unlinks
 it when that process exits, so a restarted worker would pull the ring out
 from under the front. Here ownership is explicit, as in CPython's module
-documentation recommends: the creator (the front) unlinks exactly once, every
+documentation recommends: the creator unlinks exactly once, every
 process closes its own mapping.
 
 Named segments live in ``/dev/shm`` under ``ringserve-<pid>-...`` where

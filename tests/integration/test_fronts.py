@@ -17,8 +17,9 @@ import numpy as np
 import psutil
 
 from clients.sync import Client
+from ipc.framing import encode_frame
 from tests.conftest import REPO, segment_creator, shm_segments
-from tests.faults import OK, UNAVAILABLE, X4, model, poll, server, sighup, slow_model
+from tests.faults import OK, UNAVAILABLE, X4, decisions, model, poll, server, sighup, slow_model
 from tests.wire import WireClient, out_array
 
 TWO = 'fronts = 2\n'
@@ -318,12 +319,6 @@ hard_min_samples = 20
 """
 
 
-def decisions(d) -> list[dict]:
-    import json
-    path = d.dir / "ringserve.decisions.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 def test_a_faulty_canary_spread_over_two_fronts_is_rolled_back_once(daemon_factory):
     d = daemon_factory(server(TWO) + ROLLOUT_MODELS)
     conns, by = spread(d, 8)
@@ -483,8 +478,8 @@ def test_batches_of_two_fronts_run_as_one_forward_pass(daemon_factory):
         xs = {c0: [[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]],
               c1: [[-1.0, -2.0, -3.0, -4.0], [0.5, 0.25, 0.125, 2.0], [3.0, 3.0, 3.0, 3.0]]}
         for c, rows in xs.items():
-            c.send_raw(b"".join(__import__("ipc.framing", fromlist=["encode_frame"]).encode_frame(
-                {"id": 10 + i, "model": "s", "inputs": x}) for i, x in enumerate(rows)))
+            c.send_raw(b"".join(encode_frame({"id": 10 + i, "model": "s", "inputs": x})
+                                for i, x in enumerate(rows)))
         passes: dict[int, list] = {}  # a forward pass's compute_us is the same for all its rows
         for c, rows in [(c0, [[9.0, 9.0, 9.0, 9.0]] + xs[c0]), (c1, xs[c1])]:
             got = sorted((c.recv() for _ in rows), key=lambda a: a["id"])
@@ -506,7 +501,6 @@ def test_batches_of_two_fronts_run_as_one_forward_pass(daemon_factory):
 
 
 def test_a_flood_of_stats_requests_is_answered_without_starving_infer(daemon_factory):
-    from ipc.framing import encode_frame
     d = daemon_factory(two_fronts())
     conns, by = spread(d, 8)
     try:
