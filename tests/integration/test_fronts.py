@@ -20,6 +20,7 @@ from clients.sync import Client
 from ipc.framing import encode_frame
 from tests.conftest import REPO, segment_creator, shm_segments
 from tests.faults import OK, UNAVAILABLE, X4, decisions, model, poll, server, sighup, slow_model
+from tests.integration.test_rollouts import GUARDED
 from tests.wire import WireClient, out_array
 
 TWO = 'fronts = 2\n'
@@ -289,38 +290,9 @@ def test_fronts_with_parts_one_front_decides_are_refused(tmp_path):
 
 # -- machine-wide decisions ---------------------------------------------------------------
 
-ROLLOUT_MODELS = """
-[[models]]
-name = "m"
-version = "1"
-factory = "tests.models:two_x"
-input = { dtype = "float32", shape = [3] }
-threads = 1
-
-[[models]]
-name = "m"
-version = "2"
-factory = "tests.models:raises_on_magic"
-input = { dtype = "float32", shape = [3] }
-threads = 1
-
-[[rollouts]]
-model = "m"
-stable = "1"
-candidate = "2"
-salt = "ro"
-stages = [0.5, 1.0]
-
-[[guardrails]]
-model = "m"
-interval_s = 0.2
-min_samples = 50
-hard_min_samples = 20
-"""
-
-
 def test_a_faulty_canary_spread_over_two_fronts_is_rolled_back_once(daemon_factory):
-    d = daemon_factory(server(TWO) + ROLLOUT_MODELS)
+    # version 2 raises on 777: the canary fails every request it gets
+    d = daemon_factory(server(TWO) + GUARDED)
     conns, by = spread(d, 8)
     try:
         assert set(by) == {0, 1}
