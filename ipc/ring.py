@@ -207,17 +207,15 @@ class Ring:
 
     @classmethod
     def from_fd(cls, fd: int, name: str) -> "Ring":
-        seg = Segment.from_fd(fd, name)
-        try:
-            layout = RingLayout.read_header(_open_buf(seg))
-        except BaseException:
-            seg.close()
-            raise
-        return cls(seg, layout)
+        return cls._over(Segment.from_fd(fd, name))
 
     @classmethod
     def attach(cls, name: str) -> "Ring":
-        seg = Segment.attach(name)
+        return cls._over(Segment.attach(name))
+
+    @classmethod
+    def _over(cls, seg: Segment) -> "Ring":
+        """The ring in an attached segment (closed again if its header is bad)."""
         try:
             layout = RingLayout.read_header(_open_buf(seg))
         except BaseException:

@@ -85,13 +85,7 @@ class Segment:
 
     @classmethod
     def attach(cls, name: str) -> "Segment":
-        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
-        try:
-            size = os.fstat(fd).st_size
-            mm = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
-        return cls(name, size, mm, owner=False)
+        return cls.from_fd(os.open(os.path.join(SHM_DIR, name), os.O_RDWR), name)
 
     def address(self) -> int:
         """Start address of the mapping (for cudaHostRegister)."""
