@@ -101,17 +101,16 @@ async def measure(config: str, requests: int, arrivals: int, warmup: int = 20_00
 
     from daemon.config import load_config
     from daemon.front.app import App, tune_gc
-    from daemon.front.connection import Connection
     cfg = load_config(config)
     app = App(cfg, asyncio.get_running_loop(), chan=None)
     m = cfg.models[0]
-    app.queues[(m.name, m.version)] = q = app._make_queue(m, (1,))
+    q = app.add_model(m, (1,))
     app.reroute(app.routing)
     complete, close = _fake_worker(app, q)
     try:
         conns = []
         for _ in range(arrivals):
-            c = Connection(app)
+            c = app.connection()
             c.connection_made(_Transport())
             conns.append(c)
         rng = np.random.default_rng(0)

@@ -1,7 +1,10 @@
 """One client connection: bytes in, frames out, nothing awaited.
 
 ``data_received`` only feeds the sans-IO decoder and hands each decoded map to
-the app, which answers later through ``send``. Write backpressure follows
+the intake (daemon/front/intake.py), which answers later through ``send``. What
+the connection reports about itself (opened, closed, its unfinished frames,
+why the server closed it) goes to the gate (daemon/front/gate.py), which holds
+the limits. Those two, and the loop, are all a connection is given. Write backpressure follows
 aiohttp: when the transport's buffer passes its high-water mark (the peer is
 not reading its answers) reading is paused, so a client cannot make the
 daemon buffer answers without bound; reading resumes as the buffer drains.
@@ -13,7 +16,7 @@ decoded and handled per event-loop turn; the rest of the read waits,
 undecoded, in the decoder (reading is paused meanwhile, so it is at most one
 read) and is taken up by a ``call_soon`` after the other ready callbacks.
 
-Time limits (``App.sweep`` checks them about four times per limit, so a
+Time limits (``Gate.sweep`` checks them about four times per limit, so a
 limit may be passed by a quarter of itself):
 
 - a started frame: its header within ``header_timeout_s``, then an average
@@ -33,10 +36,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import TYPE_CHECKING
 
 from ipc.framing import FrameDecoder, encode_frame
 from ipc.proxy import ProxyHeaderParser
 from ipc.status import ProtocolError
+
+from .gate import Closed
+
+if TYPE_CHECKING:
+    from .gate import Gate
+    from .intake import Intake
 
 # Frames handled per connection per event-loop turn. Large enough that a
 # pipelining client's burst costs few extra turns (each ~1-2 us), small
@@ -55,14 +65,16 @@ _monotonic = time.monotonic
 
 
 class Connection(asyncio.Protocol):
-    __slots__ = ("app", "decoder", "transport", "closed", "peer", "host", "client", "cred",
-                 "reauth", "close_after_answer", "inflight", "opened", "last_active",
-                 "frame_started", "proxy", "counted", "read_paused", "write_paused",
+    __slots__ = ("gate", "intake", "loop", "decoder", "transport", "closed", "peer", "host",
+                 "client", "cred", "reauth", "close_after_answer", "inflight", "opened",
+                 "last_active", "frame_started", "proxy", "counted", "read_paused", "write_paused",
                  "turn_scheduled", "ident", "eof")
 
-    def __init__(self, app):
-        self.app = app
-        self.decoder = FrameDecoder(app.cfg.server.max_frame_bytes, app.frame_limits)
+    def __init__(self, gate: Gate, intake: Intake, loop: asyncio.AbstractEventLoop) -> None:
+        self.gate = gate
+        self.intake = intake
+        self.loop = loop
+        self.decoder = FrameDecoder(gate.max_frame_bytes, gate.frame_limits)
         self.transport = None
         self.closed = False
         self.peer = None
@@ -76,7 +88,7 @@ class Connection(asyncio.Protocol):
         self.opened = self.last_active = _monotonic()
         self.frame_started = 0.0  # when the unfinished frame's first byte came
         self.proxy: ProxyHeaderParser | None = None  # waiting for a PROXY header
-        self.counted = False  # in the app's per-address connection counts
+        self.counted = False  # in the gate's per-address connection counts
         self.read_paused = False   # for our own backlog
         self.write_paused = False  # the peer does not read its answers
         self.turn_scheduled = False
@@ -100,11 +112,11 @@ class Connection(asyncio.Protocol):
         self.peer = transport.get_extra_info("peername")
         if self.peer:
             self.set_host(str(self.peer[0]))
-        if self.app.expects_proxy_header(self.host):
+        if self.gate.expects_proxy_header(self.host):
             self.proxy = ProxyHeaderParser()
-            self.app.connection_pending(self)
+            self.gate.pending(self)
         else:
-            self.app.connection_opened(self)
+            self.gate.opened(self)
 
     def data_received(self, data: bytes) -> None:
         if self.closed:  # refused, lingering: what the peer still sends is dropped
@@ -122,7 +134,7 @@ class Connection(asyncio.Protocol):
         if after or before:  # (the common read holds whole frames: nothing to account)
             if dec.partial and (not partial_before or items):
                 self.frame_started = now  # a new unfinished frame began in this read
-            if self.app.frame_bytes_changed(self, after - before):
+            if self.gate.frame_bytes_changed(self, after - before):
                 return  # over the budget: refused and closed
             self._handle(items)
             if dec.backlog and not self.closed:
@@ -136,28 +148,28 @@ class Connection(asyncio.Protocol):
             res = self.proxy.feed(data)
         except ProtocolError as e:
             self.proxy = None
-            self.app.connection_opened(self, proxy_failed=True)
-            self.refuse(e, "proxy_header")
+            self.gate.opened(self, proxy_failed=True)
+            self.refuse(e, Closed.PROXY_HEADER)
             return b""
         if res is None:
             return b""
         self.proxy = None
         if res.source is not None:
             self.set_host(res.source[0])
-        self.app.connection_opened(self)
+        self.gate.opened(self)
         return b"" if self.closed else res.rest
 
     def _handle(self, items: list) -> None:
-        handle = self.app.handle
+        handle = self.intake.handle
         for item in items:
             if self.closed:  # refused and closed by an earlier frame: the rest is not served
                 return
             if type(item) is dict:
                 handle(self, item)
             else:  # a ProtocolError from the codec
-                self.app.count_rejected(int(item.status))
+                self.intake.serving.count_rejected(int(item.status))
                 if item.fatal:  # its answer (id 0) is the closing one
-                    self.refuse(item, "frame_too_large")
+                    self.refuse(item, Closed.FRAME_TOO_LARGE)
                     return
                 self.send(item.answer())
 
@@ -170,7 +182,7 @@ class Connection(asyncio.Protocol):
                 self.transport.pause_reading()
         if not self.turn_scheduled:
             self.turn_scheduled = True
-            self.app.loop.call_soon(self._turn)
+            self.loop.call_soon(self._turn)
 
     def _turn(self) -> None:
         self.turn_scheduled = False
@@ -181,7 +193,7 @@ class Connection(asyncio.Protocol):
         items = dec.feed(b"", FRAMES_PER_TURN)
         if dec.partial and items:
             self.frame_started = _monotonic()
-        if self.app.frame_bytes_changed(self, dec.buffered - before):
+        if self.gate.frame_bytes_changed(self, dec.buffered - before):
             return
         self._handle(items)
         if self.closed:
@@ -213,13 +225,13 @@ class Connection(asyncio.Protocol):
         # Checked after the current callback: an answer sent while frames of
         # the same read are still being handled must not close before them.
         if not self.closed and not self.inflight and not self.decoder.backlog:
-            self.app.loop.call_soon(self._close_if_done)
+            self.loop.call_soon(self._close_if_done)
 
     def _close_if_done(self) -> None:
         if not self.closed and not self.inflight and not self.decoder.backlog:
             self.close()
 
-    def refuse(self, err: ProtocolError, reason: str) -> None:
+    def refuse(self, err: ProtocolError, reason: Closed) -> None:
         """Close on the server's initiative: one id-0 answer saying why, then
         a lingering close, counted by ``reason``.
 
@@ -232,13 +244,13 @@ class Connection(asyncio.Protocol):
         if self.closed:
             return
         err.req_id = 0
-        self.app.count_closed(reason)
+        self.gate.count_closed(reason)
         self.send(err.answer())
         t = self.transport
         self.closed = True
-        # Out of the app's counts now, not at connection_lost: a lingering
+        # Out of the gate's counts now, not at connection_lost: a lingering
         # refused connection must not hold a place under max_connections.
-        self.app.connection_closed(self)
+        self.gate.closed(self)
         if not t.can_write_eof():
             t.close()
             return
@@ -250,7 +262,7 @@ class Connection(asyncio.Protocol):
         if self.read_paused or self.write_paused:
             self.read_paused = self.write_paused = False
             t.resume_reading()
-        self.app.loop.call_later(LINGER_S, self._linger_over)
+        self.loop.call_later(LINGER_S, self._linger_over)
 
     def _linger_over(self) -> None:
         self.transport.abort() if self.transport.get_write_buffer_size() else \
@@ -264,7 +276,7 @@ class Connection(asyncio.Protocol):
             t = self.transport
             t.close()
             if t.get_write_buffer_size():
-                self.app.loop.call_later(CLOSE_GRACE_S, t.abort)
+                self.loop.call_later(CLOSE_GRACE_S, t.abort)
 
     def pause_writing(self) -> None:
         if self.closed:
@@ -280,10 +292,10 @@ class Connection(asyncio.Protocol):
         if self.read_paused:  # a backlog waits: its turn was skipped while paused
             if not self.turn_scheduled:
                 self.turn_scheduled = True
-                self.app.loop.call_soon(self._turn)
+                self.loop.call_soon(self._turn)
         elif not self.eof:
             self.transport.resume_reading()
 
     def connection_lost(self, exc) -> None:
         self.closed = True
-        self.app.connection_closed(self)
+        self.gate.closed(self)

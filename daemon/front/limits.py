@@ -42,9 +42,6 @@ FD_RESERVE = 64
 # eventfds, pipes) and in all (listener, metrics, logs, epoll, stdio...).
 FDS_PER_WORKER = 8
 FDS_BASE = 64
-# The page the supervisor shares with every front: one u64 per front slot,
-# its open connections (server.max_connections counts all fronts together).
-CONN_PAGE_BYTES = 4096
 
 
 

@@ -70,10 +70,12 @@ def _shadow(sh) -> dict:
             sh.cfg.sample_rate, "latency": sh.latency}
 
 
-def front_figures(app) -> dict:
-    """Everything the machine's stats and metrics read of this front."""
+def front_figures(serving, gate, queues_served, reloads) -> dict:
+    """Everything the machine's stats and metrics read of a front: its
+    request state (daemon/front/state.py), its connections' gate, every queue
+    with live workers (serving and retiring) and its reload counts."""
     queues = []
-    for q in app.all_queues():
+    for q in queues_served:
         queues.append({
             "key": (q.name, q.version), "lane": q.lane, "queued": q.queued,
             "in_flight": q.in_flight, "held": sum(q.held.values()), "stats": q.stats,
@@ -82,19 +84,19 @@ def front_figures(app) -> dict:
             if q.drift is not None else None,
             "fallback": (q.fallback.snapshot(), q.fallback.answered)
             if q.fallback is not None else None,
-            "serving": (q.name, q.version) in app.queues,
+            "serving": (q.name, q.version) in serving.queues,
             "workers": [{"uid": w.uid, "busy": w.busy, "batches": w.batches,
                          "in_flight_batches": w.in_flight} for w in q.workers]})
-    joins = app.joins
-    return {"slot": app.slot, "pid": os.getpid(), "connections": len(app.conns),
-            "draining": app.draining, "ready": app.ready(), "degraded": app.degraded(),
-            "max_connections": app.max_conns, "frame_bytes": app.frame_bytes,
-            "closed_by": app.closed_by, "rejected": app.rejected, "reloads": app.reloads,
-            "access": app.access.snapshot() if app.access is not None else None,
-            "access_refused": app.access.refused if app.access is not None else None,
+    joins = serving.joins
+    return {"slot": serving.slot, "pid": os.getpid(), "connections": len(gate.conns),
+            "draining": serving.draining, "ready": serving.ready(), "degraded": serving.degraded(),
+            "max_connections": gate.max_conns, "frame_bytes": gate.frame_bytes,
+            "closed_by": gate.closed_by, "rejected": serving.rejected, "reloads": reloads,
+            "access": serving.access.snapshot() if serving.access is not None else None,
+            "access_refused": serving.access.refused if serving.access is not None else None,
             "kpis": joins.kpis, "joined": joins.joined, "unjoined": joins.unjoined,
-            "shadows": [_shadow(sh) for sh in app.shadows.values()],
-            "reqlog": app.reqlog.snapshot() if app.reqlog is not None else None,
+            "shadows": [_shadow(sh) for sh in serving.shadows.values()],
+            "reqlog": serving.reqlog.snapshot() if serving.reqlog is not None else None,
             "queues": queues}
 
 

@@ -28,8 +28,8 @@ check) is INVALID_ARGUMENT here too.
 
 The answer is the fallback's outputs with ``fallback`` (the cause) and
 ``version`` (the fallback version, or ``"fallback:constant"``); its
-``lane`` and ``arm`` are the router's. It is built in one place,
-``Fallback.answer``.
+``lane`` and ``arm`` are the router's. It is built by
+``daemon/serving/answers.py``, as every answer is.
 
 Bookkeeping. Each rule is kept in one place:
 
@@ -74,6 +74,7 @@ from ipc.status import Status
 from ipc.tensors import non_finite_rows, not_finite_error
 
 from ..rollout.guardrails import FALLBACK
+from .answers import claim, error, ok
 
 NO_WORKER, QUEUE_FULL, DEADLINE_NEAR, MODEL_ERROR = (
     "no_worker", "queue_full", "deadline_near", "model_error")
@@ -170,10 +171,9 @@ class Fallback:
             return False
         p = self.primary
         if self.constant is not None:
-            if not self._refused_nan(req):
-                req.done = True
-                self._finish(req, self.answer(req, reason, self.constant, CONSTANT,
-                                              _CONSTANT_TIMING, None), reason, p)
+            if not self._refused_nan(req) and claim(req):
+                self.finish(req, ok(req, self.constant, p.name, CONSTANT, None,
+                                     _CONSTANT_TIMING, reason), reason, p)
             return True
         t = self.target
         if t is None or t.held.get(self, 0) >= self.limit:
@@ -215,19 +215,9 @@ class Fallback:
         return False
 
     # -- the answer -------------------------------------------------------------------
-    def answer(self, req, reason: str, outputs, version: str, timing: dict,
-               data_version) -> dict:
-        """The one place a fallback answer is built."""
-        a = {"id": req.id, "status": 0, "outputs": outputs, "model": self.primary.name,
-             "version": version, "data_version": data_version, "lane": req.lane,
-             "arm": req.arm, "rid": req.rid, "timing": timing, "fallback": reason}
-        if req.defaulted is not None:
-            a["defaulted"] = req.defaulted
-        return a
-
-    def _finish(self, req, answer: dict, reason: str, queue) -> None:
-        """Send a fallback answer (``req`` already marked done) and count it
-        apart; ``queue`` holds the request (``release``)."""
+    def finish(self, req, answer: dict, reason: str, queue) -> None:
+        """Send a fallback answer (``req`` claimed) and count it apart;
+        ``queue`` holds the request (``release``)."""
         queue.release(req)
         req.data = req.sdata = None  # (see ModelQueue.complete_batch)
         latency_us = (_monotonic_ns() - req.arrival) // 1000
@@ -275,14 +265,14 @@ class Via:
 
     def answered(self, req, outputs, timing: dict) -> None:
         """The fallback version's OK result (``ModelQueue.complete_batch``;
-        ``req`` already marked done)."""
+        ``req`` claimed)."""
         fb, t = self.fallback, req.queue
-        fb._finish(req, fb.answer(req, self.reason, outputs, t.version, timing,
-                                  t.data_version), self.reason, t)
+        fb.finish(req, ok(req, outputs, fb.primary.name, t.version, t.data_version, timing,
+                          self.reason), self.reason, t)
 
     def failed(self, req, status: int, message: str) -> None:
         """The fallback version could not answer either
-        (``Pending.answer_error``; ``req`` already marked done): the ordinary
+        (``Pending.answer_error``; ``req`` claimed): the ordinary
         error, answered and counted as the primary's."""
         fb = self.fallback
         t, p = req.queue, fb.primary
@@ -295,4 +285,4 @@ class Via:
             status, text = self.status, f"{self.message}; {note}"
         else:
             text = f"{message} (in fallback version {t.version!r}, after: {self.message})"
-        p.finished(req, status, {"id": req.id, "status": status, "error": text, "rid": req.rid})
+        p.finished(req, status, error(req, status, text))

@@ -39,12 +39,14 @@ import collections
 import heapq
 import itertools
 import time
+from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from ipc.status import Status
 
 from ..observe.stats import ModelStats
 from ..workers.state import WorkerState
+from .answers import claim, error, ok
 from .fallback import MODEL_ERROR, NO_WORKER
 from .request import SHADOW, Pending
 
@@ -52,6 +54,17 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..workers.port import WorkerPort
 
 _monotonic_ns = time.monotonic_ns
+class Refused(StrEnum):
+    """Why a queue did not take a request (``submit``, ``submit_shadow``):
+    the reason it is counted under in stats ``shed`` and ringserve_shed, or
+    in a shadow's ``shed`` for a mirror."""
+    QUEUE_FULL = "queue_full"    # queue_limit reached
+    FAIR_SHARE = "fair_share"    # the client holds its share of a half-full queue
+    NO_WORKER = "no_worker"      # no ready worker
+    OVERLOAD = "overload"        # a mirror, while callers' requests fill half the queue
+    UNAVAILABLE = "unavailable"  # a mirror, while no worker is ready (docs/operations.md)
+
+
 OK = int(Status.OK)
 # A client refused for a full queue counts among those sharing it this long
 # (``ModelQueue.submit``): about the time a retrying client takes to return.
@@ -185,10 +198,9 @@ class ModelQueue:
     def ready_workers(self):
         return [w for w in self.workers if w.state == WorkerState.READY]
 
-    def submit(self, req: Pending, client=None) -> str | None:
-        """Queue a request; returns an error kind instead when it cannot be
-        taken: 'busy' (queue full), 'share' (see below) or 'unavailable' (no
-        ready worker).
+    def submit(self, req: Pending, client=None) -> Refused | None:
+        """Queue a request; returns why instead when it cannot be taken:
+        QUEUE_FULL, FAIR_SHARE (see below) or NO_WORKER.
 
         Fair shares: once the queue is half full, a client (``client``: its
         token's name or address) may hold at most ``queue_limit / n`` of the
@@ -203,15 +215,15 @@ class ModelQueue:
         if self.queued >= self.limit:
             if client is not None and client not in held:
                 self._waiting(client, req.arrival)
-            return "busy"
+            return Refused.QUEUE_FULL
         if not self.has_ready:
-            return "unavailable"
+            return Refused.NO_WORKER
         if client is not None:
             mine = held.get(client, 0)
             if self.queued * 2 >= self.limit:
                 n = self._clients(client, mine, req.arrival)
                 if n > 1 and mine * n >= self.limit:
-                    return "share"
+                    return Refused.FAIR_SHARE
             held[client] = mine + 1
             req.client = client
             if self.waiting:
@@ -243,14 +255,14 @@ class ModelQueue:
                 del waiting[c]
         return len(self.held) + len(waiting) + (0 if mine or client in waiting else 1)
 
-    def submit_shadow(self, req: Pending) -> str | None:
+    def submit_shadow(self, req: Pending) -> Refused | None:
         """Queue a mirrored request, or say why it is shed."""
         if self.shadow_queued >= self.shadow_limit:
-            return "queue_full"
+            return Refused.QUEUE_FULL
         if self.queued * 2 >= self.limit:
-            return "overload"  # callers' requests are piling up: they come first
+            return Refused.OVERLOAD  # callers' requests are piling up: they come first
         if not self.has_ready:
-            return "unavailable"
+            return Refused.UNAVAILABLE
         self.shadow_q.append(req)
         self.shadow_queued += 1
         self.deadlines.add(req)
@@ -381,9 +393,8 @@ class ModelQueue:
         cache = self.cache
         special = self.special
         for i, r in enumerate(batch):
-            if r.done:
+            if not claim(r):
                 continue
-            r.done = True
             queue_us = (t_sub - r.arrival) // 1000
             queue_time(queue_us)
             if single:
@@ -400,14 +411,7 @@ class ModelQueue:
             if special and r.via is not None:  # moved here by another version's fallback
                 r.via.answered(r, outputs, timing)
                 continue
-            answer = {
-                "id": r.id, "status": OK, "outputs": outputs, "model": name,
-                "version": version, "data_version": data_version, "lane": r.lane, "arm": r.arm,
-                "rid": r.rid,
-                "timing": timing}
-            if special and r.defaulted is not None:
-                answer["defaulted"] = r.defaulted
-            finished(r, OK, answer)
+            finished(r, OK, ok(r, outputs, name, version, data_version, timing))
             if r.lane is shadow_lane:
                 continue
             if r.ckey is not None:
@@ -424,7 +428,7 @@ class ModelQueue:
                 r.sdata = None
 
     def finished(self, req: Pending, status: int, answer: dict, observe: bool = True) -> None:
-        """Send one answer (already marked done) and count it. ``observe``
+        """Send one answer (``claim``ed by the caller) and count it. ``observe``
         False keeps it from the rollout's guardrail (cache hits, refusals
         while no worker was ready: they say nothing of the model)."""
         conn = req.conn
@@ -472,15 +476,12 @@ class ModelQueue:
 
     def refuse(self, req: Pending, err) -> None:
         """Answer an accepted request with a ProtocolError found after it was
-        queued (a NaN in its row): counted as rejected input by the caller,
-        not as the model's answer."""
-        if req.done:
-            return
-        req.done = True
-        if req.lane is not SHADOW:
-            self.release(req)
-        req.conn.send({"id": req.id, "status": int(err.status), "error": err.message,
-                       "rid": req.rid})
+        queued (a NaN in its row): counted by status and logged like every
+        answer, and kept from the guardrail (bad input says nothing of the
+        model)."""
+        if claim(req):
+            status = int(err.status)
+            self.finished(req, status, error(req, status, err.message), observe=False)
 
     def expire(self, req: Pending) -> None:
         """Deadline passed: answer now, wherever the request is."""

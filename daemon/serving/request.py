@@ -4,6 +4,8 @@ sampler, which both make requests, need not import each other."""
 
 from __future__ import annotations
 
+from .answers import claim, error
+
 SHADOW = "shadow"  # the lane of mirrored requests; they are never answered to anyone
 
 
@@ -41,11 +43,9 @@ class Pending:
         self.defaulted = None  # names of the inputs it omitted and got the default of
 
     def answer_error(self, status: int, message: str) -> None:
-        if self.done:
+        if not claim(self):
             return
-        self.done = True
         if self.via is not None:  # its fallback version failed: the primary's error
             self.via.failed(self, status, message)
             return
-        self.queue.finished(self, status, {"id": self.id, "status": status, "error": message,
-                                           "rid": self.rid})
+        self.queue.finished(self, status, error(self, status, message))

@@ -82,7 +82,6 @@ class Shadow:
         refused = q.submit_shadow(p)
         if refused is not None:
             del self.waiting[sid]
-            p.done = True
             self.shed[refused] += 1
             return
         self.mirrored += 1

@@ -48,7 +48,8 @@ from ipc import shm
 from ipc.shm import Segment
 
 from ..config import ConfigError, load_config, with_overrides
-from ..front.limits import CONN_PAGE_BYTES
+from ..front.conncounts import PAGE_BYTES as CONN_PAGE_BYTES
+from ..front.conncounts import ConnCounts
 from ..front.rids import decode as decode_rid
 from ..observe.figures import Figures, MachineView, stats_answer
 from ..rollout.controller import Rollouts, weight_of
@@ -90,9 +91,9 @@ class Supervisor:
         self.figures = Figures()
         self.metrics = MetricsServer(self)
         self._gathers: dict[int, tuple[asyncio.Future, set[int]]] = {}
-        # Every front's open connections (daemon/front/app.py machine_conns).
+        # Every front's open connections (daemon/front/conncounts.py).
         self.conn_seg, self.conn_fd = Segment.anonymous("ringserve-connections", CONN_PAGE_BYTES)
-        self.conn_counts = self.conn_seg.buf.cast("Q")
+        self.conn_counts = ConnCounts(-1, self.conn_seg.buf)
         self._joins: dict[int, asyncio.Future] = {}
         self._gathering: asyncio.Task | None = None
         self._gather_next: asyncio.Future | None = None

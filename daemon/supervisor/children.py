@@ -418,7 +418,7 @@ class FrontProcess(Child):
         self.alive, self.listening = True, False
         self.last_beat = time.monotonic()
         self.tally_seq = 0
-        sup.conn_counts[self.slot] = 0
+        sup.conn_counts.forget(self.slot)
         self.send({"cmd": "start", "cfg": sup.cfg, "slot": self.slot, "fronts": sup.n_fronts,
                    "port": sup.port, "workers": sup.worker_ids(),
                    "infos": {w.uid: w.info() for w in sup.all_workers()},
@@ -470,7 +470,7 @@ class FrontProcess(Child):
 
     def on_exit(self, rc: int) -> None:
         self.alive = self.listening = False
-        self.sup.conn_counts[self.slot] = 0  # its connections are gone with it
+        self.sup.conn_counts.forget(self.slot)  # its connections are gone with it
         self.sup.figures.front_died(self.slot)
         self.sup.front_gone(self)
         for w in self.sup.all_workers():

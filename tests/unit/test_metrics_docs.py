@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.config import load_config
 from daemon.front.app import App
-from daemon.observe.figures import Figures, MachineView, front_figures
+from daemon.observe.figures import Figures, MachineView
 from daemon.rollout.controller import Rollouts
 from daemon.supervisor.metrics import MetricsServer
 
@@ -62,9 +62,9 @@ def exported(tmp_path) -> dict[str, str]:
     try:
         app = App(cfg, loop, chan=None, workers={("demo", "1"): [1]})
         for m in cfg.models:
-            app.queues[(m.name, m.version)] = app._make_queue(m, (1,))
+            app.add_model(m, (1,))
         figures = Figures()
-        figures.update(0, front_figures(app))
+        figures.update(0, app.figures())
         view = MachineView(figures.merged(), {}, Rollouts(None), cfg, True, False, 0.0)
         status, _, body = MetricsServer(None).render("/metrics", view)
     finally:

@@ -16,7 +16,7 @@ import pytest
 
 import daemon.serving.queue as batcher
 from daemon.config import load_config
-from daemon.serving.queue import Deadlines, ModelQueue
+from daemon.serving.queue import Deadlines, ModelQueue, Refused
 from daemon.serving.request import Pending
 from daemon.workers.port import WorkerPort
 from daemon.workers.spec import TensorDecl
@@ -244,11 +244,11 @@ def test_a_full_queue_and_a_client_over_its_share_are_refused_at_once(setup):
     for i in range(1, 14):  # 1 and 2-5 fill the two slots; 6-13 fill the queue (the limit)
         assert request(q, conn, clock, i, client="a")[1] is None
     assert q.queued == 8
-    assert request(q, conn, clock, 14, client="b")[1] == "busy"
+    assert request(q, conn, clock, 14, client="b")[1] is Refused.QUEUE_FULL
     w.finish_one()                                     # answers 1; 6-9 take its slot
     assert q.queued == 4
     # b was refused a moment ago: it counts, and a (holding 12) is over its half
-    assert request(q, conn, clock, 15, client="a")[1] == "share"
+    assert request(q, conn, clock, 15, client="a")[1] is Refused.FAIR_SHARE
     assert request(q, conn, clock, 16, client="b")[1] is None
 
 
@@ -260,7 +260,7 @@ def test_no_ready_worker_refuses_and_a_lost_port_answers_what_it_held(setup):
     lost = w.port.down("worker gone; retry")
     assert lost == 1
     assert [(a["id"], a["status"]) for a in conn.sent] == [(1, 14), (2, 14)]
-    assert request(q, conn, clock, 3)[1] == "unavailable"
+    assert request(q, conn, clock, 3)[1] is Refused.NO_WORKER
 
 
 def test_a_finished_batch_answers_each_request_with_its_own_rows(setup):
