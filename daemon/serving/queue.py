@@ -427,10 +427,12 @@ class ModelQueue:
                 # whole deadline later: measured, 0.6 us per request).
                 r.sdata = None
 
-    def finished(self, req: Pending, status: int, answer: dict, observe: bool = True) -> None:
-        """Send one answer (``claim``ed by the caller) and count it. ``observe``
-        False keeps it from the rollout's guardrail (cache hits, refusals
-        while no worker was ready: they say nothing of the model)."""
+    def finished(self, req: Pending, status: int, answer: dict, observe: bool = True,
+                 count: bool = True) -> None:
+        """Send one answer (``claim``ed by the caller), log it and count it.
+        ``observe`` False keeps it from the rollout's guardrail (cache hits,
+        refusals while no worker was ready: they say nothing of the model);
+        ``count`` False from the version's counts too (bad input)."""
         conn = req.conn
         if req.lane is SHADOW:  # to its Shadow, not to a caller; counted there
             conn.send(answer)
@@ -439,7 +441,8 @@ class ModelQueue:
         if req.client is not None:
             self.unhold(req.client)
         latency_us = (_monotonic_ns() - req.arrival) // 1000
-        self.stats.answered(status, latency_us, req.lane, req.arm)
+        if count:
+            self.stats.answered(status, latency_us, req.lane, req.arm)
         if observe and self.observer is not None:
             self.observer(req.lane, status, latency_us)
         if req.log is not None and self.reqlog is not None:
@@ -476,12 +479,13 @@ class ModelQueue:
 
     def refuse(self, req: Pending, err) -> None:
         """Answer an accepted request with a ProtocolError found after it was
-        queued (a NaN in its row): counted by status and logged like every
-        answer, and kept from the guardrail (bad input says nothing of the
-        model)."""
+        queued (a NaN in its row): logged like every answer, counted as
+        rejected input by the caller, and neither the model's answer in its
+        counts nor its guardrail's (bad input says nothing of the model)."""
         if claim(req):
             status = int(err.status)
-            self.finished(req, status, error(req, status, err.message), observe=False)
+            self.finished(req, status, error(req, status, err.message), observe=False,
+                          count=False)
 
     def expire(self, req: Pending) -> None:
         """Deadline passed: answer now, wherever the request is."""

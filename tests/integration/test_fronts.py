@@ -374,36 +374,75 @@ def test_a_client_spread_over_two_fronts_has_one_rate_budget(daemon_factory):
             c.close()
 
 
+def six_over_both_fronts(d) -> list[WireClient]:
+    """Six open connections of this test, spanning both fronts."""
+    conns = [d.client()]
+    # the fixture's own health checks have closed their connections
+    poll(lambda: conns[0].call({"id": 1, "op": "stats"})["connections"] == 1,
+         "only this connection open", log=d.log)
+    for _ in range(5):
+        conns.append(d.client())
+    # The kernel picks the front by the 4-tuple, so reconnect the last one
+    # until they span both.
+    for _ in range(40):
+        if {front_of(c, i) for i, c in enumerate(conns)} == {0, 1}:
+            return conns
+        conns.pop().close()
+        poll(lambda: conns[0].call({"id": 2, "op": "stats"})["connections"] == len(conns),
+             "the close counted", log=d.log)
+        conns.append(d.client())
+    raise AssertionError("six connections never spanned both fronts")
+
+
+def refused_of(d, n: int, limit: str) -> list[WireClient]:
+    """Open ``n`` more connections; each must be refused at once, naming ``limit``."""
+    extra = []
+    for _ in range(n):
+        c = d.client()
+        extra.append(c)
+        a = c.recv()
+        assert (a["id"], a["status"]) == (0, 8) and limit in a["error"], a
+    return extra
+
+
 def test_max_connections_counts_every_front(daemon_factory):
     d = daemon_factory(two_fronts(lines="max_connections = 6\nmax_connections_per_client = 100\n"))
-    conns = [d.client()]
+    conns = six_over_both_fronts(d)
     try:
-        # the fixture's own health checks have closed their connections
-        poll(lambda: conns[0].call({"id": 1, "op": "stats"})["connections"] == 1,
-             "only this connection open", log=d.log)
-        for _ in range(5):
-            conns.append(d.client())
-        # The six must span both fronts; the kernel picks by the 4-tuple, so
-        # reconnect the last one until they do.
-        for _ in range(40):
-            fronts = {front_of(c, i) for i, c in enumerate(conns)}
-            if fronts == {0, 1}:
-                break
-            conns.pop().close()
-            poll(lambda: conns[0].call({"id": 2, "op": "stats"})["connections"] == len(conns),
-                 "the close counted", log=d.log)
-            conns.append(d.client())
-        n_refused = 0
-        extra = []
-        for _ in range(6):
-            c = d.client()
-            extra.append(c)
-            a = c.recv()
-            if a["id"] == 0 and a["status"] == 8:
-                n_refused += 1
-        assert n_refused == 6 and fronts == {0, 1}, (n_refused, fronts)
-        for c in extra:
+        for c in refused_of(d, 6, "server.max_connections ="):
             c.close()
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_max_connections_per_client_counts_every_front(daemon_factory):
+    """One client (one address) spread over both fronts has one allowance;
+    a connection it closes on either front gives its place back."""
+    d = daemon_factory(two_fronts(lines="max_connections = 100\nmax_connections_per_client = 6\n"))
+    conns = six_over_both_fronts(d)
+    try:
+        for c in refused_of(d, 6, "server.max_connections_per_client = 6, all fronts"):
+            c.close()
+        for i in (0, 5):  # one of each front, in turn: the other front sees the place free
+            gone_front = front_of(conns[i], 50 + i)
+            conns[i].close()
+            poll(lambda: conns[3].call({"id": 3, "op": "stats"})["connections"] == 5,
+                 "the close counted", log=d.log)
+            for _ in range(40):  # a new connection that lands on the other front
+                c = d.client()
+                if front_of(c, 60 + i) != gone_front:
+                    break
+                c.close()
+                poll(lambda: conns[3].call({"id": 4, "op": "stats"})["connections"] == 5,
+                     "the close counted", log=d.log)
+            else:
+                raise AssertionError("no connection landed on the other front")
+            conns[i] = c
+        for c in refused_of(d, 2, "max_connections_per_client"):
+            c.close()
+        stats = conns[1].call({"id": 5, "op": "stats"})
+        assert stats["limits"]["closed"]["per_client"] == 8, stats["limits"]
     finally:
         for c in conns:
             c.close()

@@ -79,6 +79,11 @@ def test_every_answer_and_feedback_is_logged_without_raw_keys_or_secret(daemon_f
             sent[a["rid"]] = (key, x, a)
         magic = c.call({"model": "m", "inputs": [777.0, 0.0, 0.0], "key": "bob", "version": "2"})
         assert magic["status"] == 13
+        # A NaN found in its batch (the deferred check) is refused, and logged like any answer
+        nan = {"dtype": "float32", "shape": [3],
+               "data": np.array([np.nan, 1.0, 2.0], np.float32).tobytes()}
+        refused = c.call({"model": "m", "inputs": nan, "key": "carol", "version": "1"})
+        assert refused["status"] == 3 and "NaN" in refused["error"], refused
         rids = list(sent)
         for rid in rids[:10]:
             assert c.call({"op": "feedback", "ref": rid, "outcome": 1.0})["joined"] is True
@@ -88,7 +93,7 @@ def test_every_answer_and_feedback_is_logged_without_raw_keys_or_secret(daemon_f
     records, _ = read_log(d.dir / "logs")
     answers = {r["rid"]: r for r in records if r["type"] == "answer"}
     feedback = [r for r in records if r["type"] == "feedback"]
-    assert len(answers) == 61 and len(feedback) == 12
+    assert len(answers) == 62 and len(feedback) == 12
     for rid, (key, x, a) in sent.items():
         r = answers[rid]
         assert r["key"] == key_hash(key)
@@ -101,6 +106,8 @@ def test_every_answer_and_feedback_is_logged_without_raw_keys_or_secret(daemon_f
         assert r["features"] == expect and r["cache"] is False
     err = answers[magic["rid"]]
     assert (err["status"], err["version"], err["lane"], err["score"]) == (13, "2", "canary", None)
+    bad = answers[refused["rid"]]
+    assert (bad["status"], bad["version"], bad["score"]) == (3, "1", None)
     joined = [f for f in feedback if f["joined"]]
     assert len(joined) == 11 and {f["rid"] for f in joined} == set(rids[:10]) | {rids[20]}
     assert all(f["lane"] == answers[f["rid"]]["lane"] for f in joined)
