@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 
 from .config import DEFAULT_CONFIG
 
@@ -37,7 +38,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="validate FILE and exit (0 ok, 2 invalid) without serving")
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from .config import ConfigError, load_config
 
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
                 pass
 
 
-def _reload(argv) -> int:
+def _reload(argv: Sequence[str]) -> int:
     """Check the config file the daemon was started with, then send SIGHUP.
     The daemon validates again itself (and keeps the old config if the file
     changed in between); checking here first gives the operator the error at

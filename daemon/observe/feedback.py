@@ -19,9 +19,14 @@ import collections
 import hashlib
 import math
 import time
+from collections.abc import Callable
+from typing import Any
 
 WINDOW_S = 3600.0
 MAX_ENTRIES = 1_000_000
+
+# What an answer is joined to: (model, version, lane, arm).
+Group = tuple[str, str, str, str | None]
 
 
 def key_hash(key: str) -> bytes:
@@ -31,7 +36,7 @@ def key_hash(key: str) -> bytes:
 class Kpi:
     __slots__ = ("n", "sum", "sumsq")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.n = 0
         self.sum = 0.0
         self.sumsq = 0.0
@@ -41,7 +46,7 @@ class Kpi:
         self.sum += x
         self.sumsq += x * x
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, Any]:
         if not self.n:
             return {"n": 0, "mean": None, "stderr": None}
         mean = self.sum / self.n
@@ -58,20 +63,21 @@ class FeedbackJoin:
     the bound was reached, three quarters of the front's time went there)."""
 
     def __init__(self, window_s: float = WINDOW_S, max_entries: int = MAX_ENTRIES,
-                 clock=time.monotonic):
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.window_s = window_s
         self.max_entries = max_entries
         self.clock = clock
-        self.by_rid: dict[int, tuple] = {}   # rid -> (model, version, lane, arm)
-        self.order: collections.deque = collections.deque()   # rids, oldest first
-        self.times: collections.deque = collections.deque()   # their answer times
+        self.by_rid: dict[int, Group] = {}   # rid -> (model, version, lane, arm)
+        self.order: collections.deque[int] = collections.deque()   # rids, oldest first
+        self.times: collections.deque[float] = collections.deque()   # their answer times
         self.by_key: dict[bytes, int] = {}   # key hash -> latest rid
-        self.kpis: dict[tuple, Kpi] = {}     # (model, version, lane, arm) -> Kpi
+        self.kpis: dict[Group, Kpi] = {}     # (model, version, lane, arm) -> Kpi
         self.joined = 0
         self.unjoined = 0
-        self.last_rid = None  # the rid the latest ``record`` joined to (None: unjoined)
+        self.last_rid: int | None = None  # the rid the latest ``record`` joined to (None: unjoined)
 
-    def answered(self, rid: int, model: str, version: str, lane: str, arm, key,
+    def answered(self, rid: int, model: str, version: str, lane: str, arm: str | None,
+                 key: str | None,
                  now: float | None = None) -> None:
         """Remember an OK answer for later feedback. ``now``: the clock read
         once for a whole batch (the window is an hour; microseconds do not matter)."""
@@ -94,7 +100,7 @@ class FeedbackJoin:
         if len(self.by_key) > 2 * len(by_rid) + 1024:
             self.by_key = {k: r for k, r in self.by_key.items() if r in by_rid}
 
-    def record(self, ref, outcome: float, count_miss: bool = True) -> tuple | None:
+    def record(self, ref: int | str, outcome: float, count_miss: bool = True) -> Group | None:
         """Join an outcome; returns the (model, version, lane, arm) it joined
         to, or None when ``ref`` matches no remembered answer (counted as
         unjoined unless ``count_miss`` is False: another front may join it)."""
@@ -111,7 +117,7 @@ class FeedbackJoin:
         self.joined += 1
         return group
 
-    def snapshot(self, model: str | None = None) -> list[dict]:
+    def snapshot(self, model: str | None = None) -> list[dict[str, Any]]:
         return [dict(model=m, version=v, lane=lane, arm=arm, **k.snapshot())
                 for (m, v, lane, arm), k in sorted(self.kpis.items(), key=lambda e: str(e[0]))
                 if model is None or m == model]

@@ -29,9 +29,20 @@ import collections
 import copy
 import os
 import time
+from typing import TYPE_CHECKING, Any
 
 from ..workers.state import WorkerState
-from .stats import BusyMeter, ModelStats
+from .stats import BusyMeter, LatencyWindow, ModelStats
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from ..config import Config
+    from ..front.gate import Gate
+    from ..front.state import Serving
+    from ..rollout.controller import Rollouts
+    from ..serving.queue import ModelQueue
+    from ..serving.shadow import Shadow
 
 # Snapshot keys that are settings or states, not counts: the first front's
 # value stands (they are equal on every front), except where any front's does.
@@ -42,7 +53,7 @@ _SAME = frozenset({"ttl_s", "max_bytes", "queue_limit", "sample_rate", "rate_per
 _ANY = frozenset({"degraded"})
 
 
-def merge_snapshot(a, b):
+def merge_snapshot(a: Any, b: Any) -> Any:
     """Sum two JSON-shaped snapshots of the same thing (numbers add, maps
     merge key by key, everything else is the first one's)."""
     if isinstance(a, dict) and isinstance(b, dict):
@@ -62,7 +73,7 @@ def merge_snapshot(a, b):
 
 # -- in a front ---------------------------------------------------------------------------
 
-def _shadow(sh) -> dict:
+def _shadow(sh: Shadow) -> dict[str, Any]:
     return {"model": sh.model, "candidate": sh.candidate, "by_status": sh.by_status,
             "shed": sh.shed, "mirrored": sh.mirrored, "compared": sh.compared,
             "agreed": sh.agreed, "incomparable": sh.incomparable, "diff_sum": sh.diff_sum,
@@ -70,7 +81,8 @@ def _shadow(sh) -> dict:
             sh.cfg.sample_rate, "latency": sh.latency}
 
 
-def front_figures(serving, gate, queues_served, reloads) -> dict:
+def front_figures(serving: Serving, gate: Gate, queues_served: Iterable[ModelQueue],
+                  reloads: dict[str, int]) -> dict[str, Any]:
     """Everything the machine's stats and metrics read of a front: its
     request state (daemon/front/state.py), its connections' gate, every queue
     with live workers (serving and retiring) and its reload counts."""
@@ -105,7 +117,7 @@ def front_figures(serving, gate, queues_served, reloads) -> dict:
 _COUNTERS = ("closed_by", "rejected", "reloads")
 
 
-def _queue_copy(q: dict, live: bool) -> dict:
+def _queue_copy(q: dict[str, Any], live: bool) -> dict[str, Any]:
     nq = copy.deepcopy(q)
     if not live:
         lat = nq["stats"].latency
@@ -116,7 +128,7 @@ def _queue_copy(q: dict, live: bool) -> dict:
     return nq
 
 
-def _fold(into: dict | None, f: dict, live: bool) -> dict:
+def _fold(into: dict[str, Any] | None, f: dict[str, Any], live: bool) -> dict[str, Any]:
     """``into`` + ``f`` (a copy of ``f`` when ``into`` is None); ``live``
     False adds only what a dead front leaves: counters and histograms."""
     if into is None:
@@ -203,11 +215,11 @@ def _fold(into: dict | None, f: dict, live: bool) -> dict:
 class Figures:
     """The latest figures of each live front and what dead fronts left."""
 
-    def __init__(self):
-        self.live: dict[int, dict] = {}       # front slot -> its latest figures
-        self.retired: dict | None = None      # every dead front's last figures, summed
+    def __init__(self) -> None:
+        self.live: dict[int, dict[str, Any]] = {}  # front slot -> its latest figures
+        self.retired: dict[str, Any] | None = None  # every dead front's last figures, summed
 
-    def update(self, slot: int, figures: dict) -> None:
+    def update(self, slot: int, figures: dict[str, Any]) -> None:
         self.live[slot] = figures
 
     def front_died(self, slot: int) -> None:
@@ -215,7 +227,7 @@ class Figures:
         if f is not None:
             self.retired = _fold(self.retired, f, live=False)
 
-    def merged(self) -> dict | None:
+    def merged(self) -> dict[str, Any] | None:
         out = None
         for f in self.live.values():
             out = _fold(out, f, live=True)
@@ -227,8 +239,16 @@ class Figures:
 class _WorkerView:
     __slots__ = ("device", "index", "busy", "restarts", "state", "batches", "info",
                  "in_flight_batches")
+    device: str
+    index: int
+    busy: BusyMeter
+    restarts: int
+    state: str
+    batches: int
+    info: dict[str, Any]
+    in_flight_batches: int
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         i = self.info
         return {"device": self.device, "pid": i.get("pid"), "state": self.state,
                 "busy": self.busy.fraction(), "batches": self.batches, "restarts": self.restarts,
@@ -238,25 +258,55 @@ class _WorkerView:
 
 class _FallbackView:
     __slots__ = ("answered", "snap")
+    answered: collections.Counter[tuple[str, str | None, str, str]]  # (lane, arm, reason, by)
+    snap: dict[str, Any]
 
 
 class _DriftView:
     __slots__ = ("snap", "distances")
+    snap: dict[str, Any]
+    distances: list[tuple[str, float]]
 
-    def named_distances(self):
+    def named_distances(self) -> list[tuple[str, float]]:
         return self.distances
 
 
 class _QueueView:
     __slots__ = ("name", "version", "lane", "stats", "queued", "in_flight", "held", "cache",
                  "drift", "fallback", "workers")
+    name: str
+    version: str
+    lane: str
+    stats: ModelStats
+    queued: int
+    in_flight: int
+    held: int
+    cache: dict[str, Any] | None
+    drift: _DriftView | None
+    fallback: _FallbackView | None
+    workers: list[_WorkerView]
 
 
 class _ShadowView:
-    def __init__(self, s: dict):
+    # Set from the dict _shadow makes, by __dict__.update (which a type checker cannot follow).
+    model: str
+    candidate: str
+    by_status: collections.Counter[int]
+    shed: collections.Counter[str]
+    mirrored: int
+    compared: int
+    agreed: int
+    incomparable: int
+    diff_sum: float
+    diff_max: float
+    pending: int
+    sample_rate: float
+    latency: LatencyWindow
+
+    def __init__(self, s: dict[str, Any]) -> None:
         self.__dict__.update(s)
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, Any]:
         c = self.compared
         return {"model": self.model, "candidate": self.candidate,
                 "sample_rate": self.sample_rate, "mirrored": self.mirrored,
@@ -271,10 +321,13 @@ class _ShadowView:
 
 class _Refused:
     __slots__ = ("refused",)
+    refused: dict[str, int]
 
 
 class _Reqlog:
     __slots__ = ("written", "dropped")
+    written: int
+    dropped: int
 
 
 class MachineView:
@@ -282,8 +335,10 @@ class MachineView:
     them. ``workers`` is the supervisor's: uid -> (config key, device,
     index, info dict)."""
 
-    def __init__(self, merged: dict, workers: dict, rollouts, cfg, ready: bool,
-                 draining: bool, started: float):
+    def __init__(self, merged: dict[str, Any],
+                 workers: dict[int, tuple[tuple[str, str], str, int, dict[str, Any]]],
+                 rollouts: Rollouts | None, cfg: Config, ready: bool,
+                 draining: bool, started: float) -> None:
         self.cfg = cfg
         self.rollouts = rollouts
         self.draining = draining or merged["draining"]
@@ -296,6 +351,8 @@ class MachineView:
         self.frame_bytes = m["frame_bytes"]
         self.max_conns = m["max_connections"]
         self.merged = m
+        self.access: _Refused | None
+        self.reqlog: _Reqlog | None
         if m["access_refused"] is not None:
             self.access = _Refused()
             self.access.refused = m["access_refused"]
@@ -308,7 +365,8 @@ class MachineView:
         else:
             self.reqlog = None
         self.shadows = {(s["model"], s["candidate"]): _ShadowView(s) for s in m["shadows"]}
-        serving, draining_q = [], []
+        serving: list[_QueueView] = []
+        draining_q: list[_QueueView] = []
         for q in m["queues"]:
             v = _QueueView()
             v.name, v.version = q["key"]
@@ -337,7 +395,7 @@ class MachineView:
         self.queues = serving
         self.retiring = draining_q
 
-    def all_queues(self) -> list:
+    def all_queues(self) -> list[_QueueView]:
         return self.queues + self.retiring
 
     def ready(self) -> bool:
@@ -347,13 +405,14 @@ class MachineView:
         return self._degraded
 
 
-def stats_answer(view: MachineView, req_id: int, name: str | None, fronts: list[dict],
-                 answered_by: int) -> dict:
+def stats_answer(view: MachineView, req_id: int, name: str | None, fronts: list[dict[str, Any]],
+                 answered_by: int) -> dict[str, Any]:
     """The ``stats`` op's answer (docs/protocol.md), for the whole machine."""
     out = []
     for q in view.queues:
         if name is not None and q.name != name:
             continue
+        d: dict[str, Any]
         d = {"name": q.name, "version": q.version, "lane": q.lane,
              "queue_depth": q.queued, "in_flight_batches": q.in_flight}
         d.update(q.stats.snapshot())

@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import time
+from typing import TextIO
 
 _STD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
@@ -29,7 +30,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def setup(level: str = "info", stream=None) -> None:
+def setup(level: str = "info", stream: TextIO | None = None) -> None:
     root = logging.getLogger("ringserve")
     root.handlers.clear()
     h = logging.StreamHandler(stream or sys.stderr)

@@ -34,22 +34,29 @@ import os
 import random
 import threading
 import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from ipc.tensors import DTYPES, to_numpy
 
 from ..serving.cache import inputs_digest
 
+if TYPE_CHECKING:
+    from ..config import RequestLogConfig
+    from ..serving.request import Pending
+    from .feedback import Group
+
 log = logging.getLogger("ringserve.reqlog")
 FLUSH_S = 0.05
 
 
-def features_hash(data) -> str:
+def features_hash(data: Iterable[bytes]) -> str:
     """Hash of a request's input bytes, taken when the request arrives (the
     bytes are not kept for the writer: the buffer holds small records only)."""
     return inputs_digest(data, 8).hex()
 
 
-def _score(data, dtype: str) -> float | None:
+def _score(data: bytes, dtype: str) -> float | None:
     n = DTYPES[dtype].itemsize
     if len(data) < n:
         return None
@@ -58,7 +65,7 @@ def _score(data, dtype: str) -> float | None:
 
 
 class RequestLog:
-    def __init__(self, cfg, directory: str):
+    def __init__(self, cfg: RequestLogConfig, directory: str) -> None:
         self.cfg = cfg
         self.dir = directory
         os.makedirs(directory, exist_ok=True)
@@ -70,12 +77,12 @@ class RequestLog:
                         "and differ between nodes; set it to join logs across them")
         self.rate = cfg.sample_rate
         self.limit = cfg.buffer
-        self.buf: collections.deque = collections.deque()
+        self.buf: collections.deque[tuple[Any, ...]] = collections.deque()
         self.dropped = 0
         self.written = 0
         self._rand = random.random
         self._stop = threading.Event()
-        self._f = None
+        self._f: int | None = None  # the current file's descriptor
         self._size = 0
         self._seq = 0
         self._thread = threading.Thread(target=self._run, name="request-log", daemon=True)
@@ -85,14 +92,15 @@ class RequestLog:
     def sampled(self) -> bool:
         return self.rate >= 1.0 or self._rand() < self.rate
 
-    def _put(self, item: tuple) -> None:
+    def _put(self, item: tuple[Any, ...]) -> None:
         if len(self.buf) >= self.limit:
             self.dropped += 1
             return
         self.buf.append(item)
 
-    def answer(self, req, status: int, answer: dict, latency_us: int, model: str,
-               version: str, score_name: str | None, fallback: tuple | None = None) -> None:
+    def answer(self, req: Pending, status: int, answer: dict[str, Any], latency_us: int, model: str,
+               version: str, score_name: str | None,
+               fallback: tuple[str, str] | None = None) -> None:
         """``answer["outputs"]`` may view shared memory: only the score's
         bytes are copied, now. ``fallback``: (reason, the version the router
         chose) of a fallback's answer (daemon/serving/fallback.py)."""
@@ -102,6 +110,7 @@ class RequestLog:
             if "data" not in out:
                 out = out.get(score_name) or next(iter(out.values()))
             score = (bytes(out["data"][:8]), out["dtype"])
+        assert req.log is not None  # the callers log sampled requests only (req.log set)
         data, exp = req.log
         self._put(("a", time.time(), req.rid, req.key, exp, req.arm, req.lane, model, version,
                    # (a fallback's answer: what answered; a constant has none)
@@ -109,7 +118,7 @@ class RequestLog:
                    status, latency_us, answer.get("timing"), score, data,
                    fallback))
 
-    def feedback(self, rid, outcome: float, group) -> None:
+    def feedback(self, rid: int | None, outcome: float, group: Group | None) -> None:
         self._put(("f", time.time(), rid, outcome, group))
 
     # -- the writer thread ------------------------------------------------------
@@ -118,7 +127,7 @@ class RequestLog:
             return None
         return hashlib.blake2b(key.encode("utf-8"), key=self.secret, digest_size=16).hexdigest()
 
-    def _format(self, item: tuple) -> str:
+    def _format(self, item: tuple[Any, ...]) -> str:
         if item[0] == "f":
             _, ts, rid, outcome, group = item
             model, version, lane, arm = group if group is not None else (None,) * 4
@@ -156,6 +165,7 @@ class RequestLog:
 
     def _drain(self) -> None:
         buf, limit = self.buf, self.cfg.max_file_bytes
+        chunk: list[bytes]
         while buf:
             chunk, size = [], 0
             while buf and len(chunk) < 4096:
@@ -172,6 +182,7 @@ class RequestLog:
 
     def _write(self, lines: list[bytes], size: int) -> None:
         if lines:
+            assert self._f is not None  # _drain gathers lines only once a file is open
             os.write(self._f, b"".join(lines))
             self._size += size
             self.written += len(lines)
@@ -192,6 +203,6 @@ class RequestLog:
             os.close(self._f)
             self._f = None
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, Any]:
         return {"dir": self.dir, "written": self.written, "dropped": self.dropped,
                 "buffered": len(self.buf), "sample_rate": self.rate}

@@ -32,6 +32,8 @@ import collections
 import itertools
 import operator
 import time
+from collections.abc import Callable, Iterable
+from typing import Any
 
 LATENCY_WINDOW_S = 10.0  # latency percentiles cover the last 10-20 s of answers
 BUSY_WINDOW_S = 10.0
@@ -68,7 +70,8 @@ def bucket_value(i: int) -> int:
 _VALUES = tuple(bucket_value(i) for i in range(N_BUCKETS))
 
 
-def percentiles_of(counts, ps=(50, 95, 99)) -> dict:
+def percentiles_of(counts: Iterable[int],
+                   ps: Iterable[int] = (50, 95, 99)) -> dict[str, int | None]:
     """``{"p50": us, ...}`` of a bucket-count list: the bucket holding the
     element of rank ``int(p / 100 * n)`` (0-based), as a sort would pick it;
     None for every p when nothing was recorded."""
@@ -86,7 +89,8 @@ class LatencyWindow:
 
     __slots__ = ("window_s", "clock", "cur", "prev", "epoch", "countdown")
 
-    def __init__(self, window_s: float = LATENCY_WINDOW_S, clock=time.monotonic):
+    def __init__(self, window_s: float = LATENCY_WINDOW_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.window_s = window_s
         self.clock = clock
         self.cur = [0] * N_BUCKETS
@@ -118,7 +122,7 @@ class LatencyWindow:
             self.cur = [0] * N_BUCKETS
             self.epoch = epoch
 
-    def percentiles(self, ps=(50, 95, 99)) -> dict:
+    def percentiles(self, ps: Iterable[int] = (50, 95, 99)) -> dict[str, int | None]:
         self.tick()
         return percentiles_of(map(operator.add, self.cur, self.prev), ps)
 
@@ -134,6 +138,7 @@ class LatencyWindow:
         self.tick()
         other.tick()
         d = self.epoch - other.epoch
+        pairs: tuple[tuple[list[int], list[int]], ...]
         if d == 0:
             pairs = ((self.cur, other.cur), (self.prev, other.prev))
         elif d == 1:
@@ -159,12 +164,12 @@ class Histogram:
 
     __slots__ = ("bounds", "counts", "sum")
 
-    def __init__(self, bounds=_DURATION_BOUNDS_US):
+    def __init__(self, bounds: tuple[int, ...] = _DURATION_BOUNDS_US) -> None:
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
         self.sum = 0
 
-    def add(self, v) -> None:
+    def add(self, v: int) -> None:
         self.counts[_bisect_left(self.bounds, v)] += 1
         self.sum += v
 
@@ -181,19 +186,20 @@ class Histogram:
 
 
 class ModelStats:
-    def __init__(self, buckets=(1,)):
-        self.by_route: collections.Counter = collections.Counter()  # (lane, arm, status)
+    def __init__(self, buckets: Iterable[int] = (1,)) -> None:
+        # (lane, arm, status) -> answers
+        self.by_route: collections.Counter[tuple[str, str | None, int]] = collections.Counter()
         self.latency = LatencyWindow()  # OK answers, all lanes: the stats op's percentiles
         self.duration: dict[str, Histogram] = {}  # lane -> OK answers, arrival to answer
         self.queue_time = Histogram()    # per request: arrival to hand-over to a worker
         self.compute_time = Histogram()  # per batch, as the worker measured it
         self.batch_hist = Histogram(tuple(buckets))
-        self.batch_sizes: collections.Counter = collections.Counter()
-        self.dispatch: collections.Counter = collections.Counter()  # why batches left
-        self.shed: collections.Counter = collections.Counter()      # why requests were refused
-        self.cache: collections.Counter = collections.Counter()     # hit, miss
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
+        self.dispatch: collections.Counter[str] = collections.Counter()  # why batches left
+        self.shed: collections.Counter[str] = collections.Counter()  # why requests were refused
+        self.cache: collections.Counter[str] = collections.Counter()  # hit, miss
         # input name -> accepted requests that left it out and took its default
-        self.defaulted: collections.Counter = collections.Counter()
+        self.defaulted: collections.Counter[str] = collections.Counter()
         self.batches = 0
         self.padded_rows = 0
 
@@ -213,23 +219,24 @@ class ModelStats:
         self.compute_time.merge(o.compute_time)
         if self.batch_hist.bounds == o.batch_hist.bounds:
             self.batch_hist.merge(o.batch_hist)
-        for mine, theirs in ((self.batch_sizes, o.batch_sizes), (self.dispatch, o.dispatch),
-                             (self.shed, o.shed), (self.cache, o.cache),
-                             (self.defaulted, o.defaulted)):
-            mine.update(theirs)
+        self.batch_sizes.update(o.batch_sizes)
+        for counts, more in ((self.dispatch, o.dispatch), (self.shed, o.shed),
+                             (self.cache, o.cache), (self.defaulted, o.defaulted)):
+            counts.update(more)
         self.batches += o.batches
         self.padded_rows += o.padded_rows
 
     @property
-    def by_status(self) -> collections.Counter:
+    def by_status(self) -> collections.Counter[int]:
         """Answers by status, summed over lanes and arms (read, not kept: one
         counter less per answer)."""
-        out: collections.Counter = collections.Counter()
+        out: collections.Counter[int] = collections.Counter()
         for (_, _, status), n in self.by_route.items():
             out[status] += n
         return out
 
-    def answered(self, status: int, latency_us: int, lane: str = "stable", arm=None) -> None:
+    def answered(self, status: int, latency_us: int, lane: str = "stable",
+                 arm: str | None = None) -> None:
         self.by_route[(lane, arm, status)] += 1
         if status == 0:
             # LatencyWindow.add, inlined: this runs once per answer, and the call
@@ -260,7 +267,7 @@ class ModelStats:
         self.compute_time.add(compute_us)
         self.padded_rows += bucket - n
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, Any]:
         by_status = self.by_status
         return {
             "counts": {str(k): v for k, v in sorted(by_status.items())},
@@ -278,9 +285,10 @@ class BusyMeter:
     """Fraction of the recent wall time a worker spent computing, from the
     compute time it reports with each batch (per-second buckets)."""
 
-    def __init__(self, window_s: float = BUSY_WINDOW_S):
+    def __init__(self, window_s: float = BUSY_WINDOW_S) -> None:
         self.window = int(window_s)
-        self.buckets = collections.deque(maxlen=self.window + 1)  # (second, busy_ns)
+        # [second, busy_ns]
+        self.buckets: collections.deque[list[int]] = collections.deque(maxlen=self.window + 1)
         self.total_ns = 0
         self.since = time.monotonic()
 

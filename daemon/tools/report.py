@@ -76,8 +76,10 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from statistics import NormalDist
+from typing import Any
 
 import numpy as np
 
@@ -140,7 +142,7 @@ def chi2_sf(x: float, df: int) -> float:
 
 
 def srm_check(observed: dict[str, int], expected: dict[str, float],
-              alpha: float = SRM_ALPHA) -> dict:
+              alpha: float = SRM_ALPHA) -> dict[str, Any]:
     """Chi-square goodness of fit of the arms' counts against the expected
     shares (normalised here). An arm of ``expected`` that got nothing counts
     as 0; an arm that got traffic but is not in ``expected`` is an error."""
@@ -170,7 +172,7 @@ class Group:
 
     __slots__ = ("answers", "statuses", "latency", "versions", "kpi_n", "kpi_mean", "kpi_m2")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.answers = 0
         self.statuses: dict[int, int] = {}
         self.latency = LatencyHistogram()
@@ -179,7 +181,7 @@ class Group:
         self.kpi_mean = 0.0
         self.kpi_m2 = 0.0   # sum of squared deviations from the mean
 
-    def add(self, status: int, latency_us: float, version) -> None:
+    def add(self, status: int, latency_us: float, version: str | None) -> None:
         self.answers += 1
         self.statuses[status] = self.statuses.get(status, 0) + 1
         if status == 0:
@@ -205,7 +207,7 @@ class Group:
     def kpi_var(self) -> float | None:
         return self.kpi_m2 / (self.kpi_n - 1) if self.kpi_n > 1 else None
 
-    def summary(self, name: str, z: float) -> dict:
+    def summary(self, name: str, z: float) -> dict[str, Any]:
         errors = sum(c for s, c in self.statuses.items() if s in ERROR_STATUSES)
         non_ok = self.answers - self.statuses.get(0, 0)
         var = self.kpi_var()
@@ -221,7 +223,7 @@ class Group:
             "kpi": {"joined": self.kpi_n,
                     "joined_share": self.kpi_n / self.answers if self.answers else None,
                     "mean": mean, "stderr": se,
-                    "ci": None if se is None else [mean - z * se, mean + z * se]},
+                    "ci": None if se is None or mean is None else [mean - z * se, mean + z * se]},
             "vs_control": None,
         }
 
@@ -235,7 +237,7 @@ def _status_name(s: int) -> str:
         return str(s)
 
 
-def compare(t: Group, c: Group, z: float) -> dict | None:
+def compare(t: Group, c: Group, z: float) -> dict[str, Any] | None:
     """Treatment minus control: difference of KPI means, Welch standard
     error, normal interval, two-sided p-value, relative difference."""
     vt, vc = t.kpi_var(), c.kpi_var()
@@ -258,7 +260,7 @@ def log_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.glob("*.jsonl*") if p.is_file())
 
 
-def read_records(paths, tally: dict):
+def read_records(paths: Iterable[Path], tally: dict[str, int]) -> Iterator[dict[str, Any]]:
     """Yield each record (a dict) of the files in turn. A last line with no
     newline that does not parse is a torn write (a crash mid-record): it is
     skipped and counted in ``tally["torn_lines"]``; any other line that does
@@ -280,7 +282,8 @@ def read_records(paths, tally: dict):
                     tally["bad_lines"] += 1
 
 
-def build(paths, exp: str | None = None, model: str | None = None) -> dict:
+def build(paths: Iterable[Path], exp: str | None = None,
+          model: str | None = None) -> dict[str, Any]:
     """Stream the files and join; returns the raw material of the report:
     groups by (exp, arm, model, lane) with their KPI filled in, and tallies."""
     tally = {"answers": 0, "feedback": 0, "other": 0, "bad_lines": 0, "torn_lines": 0,
@@ -318,8 +321,7 @@ def build(paths, exp: str | None = None, model: str | None = None) -> dict:
                     ts_min, ts_max = min(ts_min, ts), max(ts_max, ts)
             elif kind == "feedback":
                 tally["feedback"] += 1
-                rid = rec.get("rid")
-                if rid is None or not rec.get("joined", True):
+                if rec.get("rid") is None or not rec.get("joined", True):
                     fb_unjoined += 1
                     continue
                 f_y.append(float(rec["outcome"]))
@@ -334,7 +336,8 @@ def build(paths, exp: str | None = None, model: str | None = None) -> dict:
     return {"tally": tally, "join": join, "codes": codes, "groups": groups, "span": span}
 
 
-def _join(a_rid, a_code, f_rid, f_y, groups: list[Group]) -> dict:
+def _join(a_rid: array.array[int], a_code: array.array[int], f_rid: array.array[int],
+          f_y: array.array[float], groups: list[Group]) -> dict[str, int]:
     """Sort the answers' rids once, find each feedback's answer by binary
     search, sum the outcomes per answer, then per group: count, mean and
     squared deviations (two passes, so the variance does not cancel)."""
@@ -382,7 +385,7 @@ def _combine(members: dict[str, list[Group]]) -> dict[str, Group]:
     return out
 
 
-def _section(groups: dict[str, Group], control: str, z: float) -> list[dict]:
+def _section(groups: dict[str, Group], control: str, z: float) -> list[dict[str, Any]]:
     rows = []
     for name, g in groups.items():
         row = g.summary(name, z)
@@ -392,8 +395,9 @@ def _section(groups: dict[str, Group], control: str, z: float) -> list[dict]:
     return rows
 
 
-def report(raw: dict, *, alpha: float = 0.05, control: str | None = None,
-           split: dict[str, float] | None = None, srm_alpha: float = SRM_ALPHA) -> dict:
+def report(raw: dict[str, Any], *, alpha: float = 0.05, control: str | None = None,
+           split: dict[str, float] | None = None,
+           srm_alpha: float = SRM_ALPHA) -> dict[str, Any]:
     """The report as a JSON-ready dict, from ``build``'s output."""
     z = z_quantile(alpha)
     arms: dict[str, dict[str, list[Group]]] = {}
@@ -425,7 +429,7 @@ def report(raw: dict, *, alpha: float = 0.05, control: str | None = None,
 # -- output ----------------------------------------------------------------------
 
 
-def _us(v) -> str:
+def _us(v: float | None) -> str:
     if v is None:
         return "-"
     if v < 1000:
@@ -435,19 +439,19 @@ def _us(v) -> str:
     return f"{v / 1e6:.3g}s"
 
 
-def _pct(v) -> str:
+def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.2f}%"
 
 
-def _num(v, signed=False) -> str:
+def _num(v: float | None, signed: bool = False) -> str:
     return "-" if v is None else (f"{v:+.4g}" if signed else f"{v:.4g}")
 
 
-def _interval(ci, signed=False) -> str:
+def _interval(ci: Sequence[float] | None, signed: bool = False) -> str:
     return "" if ci is None else f" [{_num(ci[0], signed)}, {_num(ci[1], signed)}]"
 
 
-def _table(rows: list[dict], label: str, control: str, conf: float) -> list[str]:
+def _table(rows: list[dict[str, Any]], label: str, control: str, conf: float) -> list[str]:
     head = (label, "answers", "err", "non-OK", "p50", "p95", "p99", "joined",
             f"KPI mean [{conf:.0%} CI]", f"diff vs control [{conf:.0%} CI]", "p")
     body = []
@@ -462,14 +466,14 @@ def _table(rows: list[dict], label: str, control: str, conf: float) -> list[str]
                      "" if v is None else f"{v['p_value']:.2g}"))
     widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
 
-    def fmt(row) -> str:
+    def fmt(row: Sequence[str]) -> str:
         return "  " + "  ".join(c.ljust(w) if i in (0, 8, 9) else c.rjust(w)
                                 for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip()
 
     return [fmt(head), *map(fmt, body)]
 
 
-def render(doc: dict, log_dir: str, files: int) -> str:
+def render(doc: dict[str, Any], log_dir: str, files: int) -> str:
     rec, join = doc["records"], doc["join"]
     lines = [f"ringserve report: {files} file(s) in {log_dir}: {rec['answers']} answers, "
              f"{rec['feedback']} feedback records"]
@@ -512,7 +516,7 @@ def render(doc: dict, log_dir: str, files: int) -> str:
     return "\n".join(lines)
 
 
-def plot(doc: dict, path: str) -> None:
+def plot(doc: dict[str, Any], path: str) -> None:
     """One row per experiment and per model: the KPI mean of each arm (lane)
     with its interval, and its latency p50/p95/p99."""
     import matplotlib
@@ -593,7 +597,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     try:
         a = parser().parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as e:   # --help (0) or a usage error (2): a status, not an exception

@@ -41,7 +41,9 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ipc.tensors import DTYPES
 
@@ -87,9 +89,9 @@ class ModelMetadata:
                 return spec.features
         return None
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         """For the ``models`` op: every field but the path."""
-        schema = {}
+        schema: dict[str, dict[str, Any]] = {}
         for n, s in self.feature_schema:
             schema[n] = {"dtype": s.dtype, "shape": list(s.shape)}
             if s.features is not None:
@@ -117,7 +119,7 @@ def read_metadata(path: str) -> ModelMetadata:
     return parse_metadata(raw, os.path.abspath(path))
 
 
-def _no_duplicates(pairs):
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out = {}
     for k, v in pairs:
         if k in out:
@@ -126,7 +128,7 @@ def _no_duplicates(pairs):
     return out
 
 
-def _short(v, limit: int = 60) -> str:
+def _short(v: Any, limit: int = 60) -> str:
     s = json.dumps(v) if not isinstance(v, (dict, list)) else type(v).__name__
     return s if len(s) <= limit else s[:limit - 3] + "..."
 
@@ -175,7 +177,7 @@ def parse_metadata(raw: bytes, path: str) -> ModelMetadata:
                          training=json.dumps(training, sort_keys=True, separators=(",", ":")))
 
 
-def _feature(name: str, spec, bad) -> FeatureSpec:
+def _feature(name: str, spec: Any, bad: Callable[[str], MetadataError]) -> FeatureSpec:
     where = f"feature_schema.{name[:64]}"
     if not _NAME_RE.fullmatch(name):
         raise bad(f"{where}: input names are Python identifiers of at most 64 characters, as "
@@ -208,12 +210,13 @@ def _feature(name: str, spec, bad) -> FeatureSpec:
     return FeatureSpec(dtype, tuple(shape), features)
 
 
-def describe_inputs(inputs) -> str:
+def describe_inputs(inputs: Iterable[tuple[str, str, Sequence[int]]]) -> str:
     """``[(name, dtype, shape)]`` as ``{input: float32[128]}`` for messages."""
     return "{" + ", ".join(f"{n}: {d}{list(s)}" for n, d, s in inputs) + "}"
 
 
-def schema_mismatch(meta: ModelMetadata, inputs) -> str | None:
+def schema_mismatch(meta: ModelMetadata,
+                    inputs: Iterable[tuple[str, str, Sequence[int]]]) -> str | None:
     """None when the declared ``inputs`` (``[(name, dtype, shape)]``, the
     config's) are the feature schema's, else a message naming the first
     input that differs and both schemas."""

@@ -12,6 +12,8 @@ import contextlib
 import hashlib
 import importlib
 import time
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -38,7 +40,7 @@ def resolve_compile(mode: str, device: torch.device) -> str:
     return mode
 
 
-def import_factory(path: str):
+def import_factory(path: str) -> Callable[[], Any]:
     module, _, attr = path.partition(":")
     try:
         mod = importlib.import_module(module)
@@ -63,7 +65,7 @@ def weights_hash(module: torch.nn.Module) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _normalise_outputs(out) -> tuple[list[tuple[str, torch.Tensor]], bool]:
+def _normalise_outputs(out: object) -> tuple[list[tuple[str, torch.Tensor]], bool]:
     if isinstance(out, torch.Tensor):
         return [("output", out)], True
     if isinstance(out, dict):
@@ -77,20 +79,21 @@ def _normalise_outputs(out) -> tuple[list[tuple[str, torch.Tensor]], bool]:
 class Runner:
     """One model on one device, ready to run padded batches."""
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         self.device = torch.device(spec.device)
         self.compile_mode = "off"
-        self.model = None
-        self.forward = None
+        self.model: torch.nn.Module | None = None
+        self.forward: Callable[..., object] | None = None
         self.weights_hash = ""
         self.outputs: list[TensorDecl] = []
         self.single_output = True
-        self.stream = None
+        self.stream: torch.cuda.Stream | None = None
         self._dev_inputs: list[torch.Tensor] = []
         self.h2d: H2DTimes | None = None  # CUDA only
-        self._h2d_events = None
-        self._autocast = contextlib.nullcontext
+        self._h2d_events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+        self._autocast: Callable[[], contextlib.AbstractContextManager[object]] = \
+            contextlib.nullcontext
 
     # -- loading --------------------------------------------------------
     def load(self) -> None:
@@ -108,12 +111,16 @@ class Runner:
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, spec.threads))
         self._check_metadata()
+        model: torch.nn.Module
         if spec.artifact:
             try:
                 model = torch.export.load(spec.artifact).module()
             except Exception as e:
                 raise LoadError(f"cannot load torch.export artifact {spec.artifact!r}: {e}") from e
         else:
+            if spec.factory is None:
+                raise LoadError(f"model {spec.name!r} has neither a factory nor an artifact; "
+                                "set one of them in its [[models]] entry")
             fn = import_factory(spec.factory)
             try:
                 model = fn()
@@ -151,7 +158,7 @@ class Runner:
             self.h2d = H2DTimes()
             self._h2d_events = (torch.cuda.Event(enable_timing=True),
                                 torch.cuda.Event(enable_timing=True))
-        self._discover_outputs()
+        self._discover_outputs(self.model)
 
     def _check_metadata(self) -> None:
         """The metadata file again, before the weights are read: the front
@@ -176,19 +183,21 @@ class Runner:
                             f"{meta.data_version!r}); reload the config (SIGHUP) to validate "
                             "and serve it")
 
-    def _call(self, xs: list[torch.Tensor]):
+    def _call(self, xs: list[torch.Tensor]) -> object:
+        forward = self.forward
+        assert forward is not None  # set by load, which runs before any batch
         if self.spec.single_input:
-            return self.forward(xs[0])
-        return self.forward(**{t.name: x for t, x in zip(self.spec.inputs, xs, strict=True)})
+            return forward(xs[0])
+        return forward(**{t.name: x for t, x in zip(self.spec.inputs, xs, strict=True)})
 
-    def infer(self, xs: list[torch.Tensor]):
+    def infer(self, xs: list[torch.Tensor]) -> object:
         """The model alone on inputs already on its device, under
         inference_mode and the configured autocast: no copies, and on CUDA no
         synchronise (the caller times it; bench/forward_times.py)."""
         with torch.inference_mode(), self._autocast():
             return self._call(xs)
 
-    def compile_counts(self) -> dict | None:
+    def compile_counts(self) -> dict[str, int] | None:
         """What torch.compile has built in this process: ``graphs`` (dynamo
         graphs; one per bucket for a model without graph breaks) and
         ``cudagraph_skips`` (graphs that reduce-overhead ran without CUDA
@@ -200,14 +209,14 @@ class Runner:
         return {"graphs": int(counters["stats"]["unique_graphs"]),
                 "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"])}
 
-    def _discover_outputs(self) -> None:
+    def _discover_outputs(self, model: torch.nn.Module) -> None:
         """Run one zero sample to learn (or check) the output schema."""
         xs = [torch.zeros((1, *t.shape), dtype=TORCH_DTYPES[t.dtype], device=self.device)
               for t in self.spec.inputs]
         try:
             with torch.inference_mode(), self._autocast():
-                out = self.model(xs[0]) if self.spec.single_input else \
-                    self.model(**{t.name: x for t, x in zip(self.spec.inputs, xs, strict=True)})
+                out = model(xs[0]) if self.spec.single_input else \
+                    model(**{t.name: x for t, x in zip(self.spec.inputs, xs, strict=True)})
         except Exception as e:
             raise LoadError(
                 "the model failed on a zero sample of its declared input ("
@@ -248,31 +257,35 @@ class Runner:
         for (_, o), dst in zip(named, out_views, strict=False):
             dst[:n].copy_(o[:n])
 
-    def _run_cuda(self, in_views, out_views, n) -> None:
+    def _run_cuda(self, in_views: list[torch.Tensor], out_views: list[torch.Tensor],
+                  n: int) -> None:
         bucket = in_views[0].shape[0]
-        h2d_start, h2d_end = self._h2d_events
-        with torch.cuda.stream(self.stream), torch.inference_mode():
+        stream, events, h2d = self.stream, self._h2d_events, self.h2d
+        assert stream is not None and events is not None and h2d is not None  # load sets all three
+        h2d_start, h2d_end = events
+        with torch.cuda.stream(stream), torch.inference_mode():
             # The host views are registered (pinned) shared memory, so these
             # copies are truly asynchronous on this worker's own stream.
             xs = [d[:bucket] for d in self._dev_inputs]
-            h2d_start.record(self.stream)
+            h2d_start.record(stream)
             for d, h in zip(xs, in_views, strict=True):
                 d.copy_(h, non_blocking=True)
-            h2d_end.record(self.stream)
+            h2d_end.record(stream)
             with self._autocast():
                 out = self._call(xs)
             named, _ = _normalise_outputs(out)
             for (_, o), dst in zip(named, out_views, strict=False):
                 dst[:n].copy_(o[:n], non_blocking=True)
-        self.stream.synchronize()  # once per batch
+        stream.synchronize()  # once per batch
         # Both events are complete now: reading them costs no wait. The
         # batch's results are in place already; a figure must not fail it.
         try:
-            self.h2d.add(bucket, h2d_start.elapsed_time(h2d_end))
+            h2d.add(bucket, h2d_start.elapsed_time(h2d_end))
         except RuntimeError:
             pass
 
-    def warm_up(self, in_views_by_bucket, out_views) -> float:
+    def warm_up(self, in_views_by_bucket: Callable[[int], list[torch.Tensor]],
+                out_views: list[torch.Tensor]) -> float:
         """Run every bucket (twice: compile, then steady state) before the
         worker reports ready. Returns seconds spent."""
         t0 = time.perf_counter()
@@ -285,7 +298,7 @@ class Runner:
         return time.perf_counter() - t0
 
 
-def _fmt(decls) -> str:
+def _fmt(decls: Iterable[TensorDecl]) -> str:
     return "[" + ", ".join(f"{d.name}: {d.dtype}{list(d.shape)}" for d in decls) + "]"
 
 
@@ -295,8 +308,8 @@ class H2DTimes:
     the ring slot, read after the batch's one synchronise (two event records
     a batch; no extra wait)."""
 
-    def __init__(self):
-        self.by_bucket: dict[int, list] = {}  # bucket -> [batches, total ms, max ms]
+    def __init__(self) -> None:
+        self.by_bucket: dict[int, list[float]] = {}  # bucket -> [batches, total ms, max ms]
 
     def add(self, bucket: int, ms: float) -> None:
         e = self.by_bucket.get(bucket)
@@ -311,7 +324,7 @@ class H2DTimes:
     def reset(self) -> None:
         self.by_bucket.clear()
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, Any]:
         """{"batches", "mean_us", "max_us", "by_bucket": {bucket: {"batches",
         "mean_us", "max_us"}}}, over every batch since warm-up."""
         # list() first: the serving thread may add a bucket meanwhile

@@ -22,7 +22,7 @@ def _seeded(module: nn.Module, seed: int) -> nn.Module:
 
 
 class MLPScorer(nn.Module):
-    def __init__(self, features: int = 128, hidden: int = 256, classes: int = 2):
+    def __init__(self, features: int = 128, hidden: int = 256, classes: int = 2) -> None:
         super().__init__()
         self.net = nn.Sequential(
             nn.Linear(features, hidden), nn.ReLU(),
