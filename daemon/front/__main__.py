@@ -7,7 +7,7 @@ import argparse
 import sys
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m daemon.front")
     p.add_argument("--ctrl-fd", type=int, required=True)
     a = p.parse_args(argv)

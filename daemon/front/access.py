@@ -28,8 +28,14 @@ from __future__ import annotations
 
 import hmac
 import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from ipc.status import ResourceExhausted, Unauthenticated, Unavailable, brief
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import AuthConfig, Config, RateLimitConfig
+    from .connection import Connection
 
 PRUNE_ABOVE = 4096  # buckets kept before quiet clients are pruned
 
@@ -37,7 +43,7 @@ PRUNE_ABOVE = 4096  # buckets kept before quiet clients are pruned
 class Access:
     """The [auth] and [rate_limit] sections, applied to one request at a time."""
 
-    def __init__(self, auth_cfg, rate_cfg):
+    def __init__(self, auth_cfg: AuthConfig, rate_cfg: RateLimitConfig):
         self.tokens = tuple((n, t.encode()) for n, t in auth_cfg.tokens)
         self.auth = auth_cfg.enabled
         self.exempt = frozenset(auth_cfg.exempt_ops)
@@ -52,13 +58,13 @@ class Access:
         self.spent: dict[tuple, float] | None = None
 
     @classmethod
-    def from_config(cls, cfg) -> "Access | None":
+    def from_config(cls, cfg: Config) -> Access | None:
         """None when neither auth nor a rate limit is configured: the hot path skips it."""
         if not cfg.auth.enabled and not cfg.rate_limit.requests_per_s:
             return None
         return cls(cfg.auth, cfg.rate_limit)
 
-    def client_of(self, token) -> str | None:
+    def client_of(self, token: Any) -> str | None:
         """The client name whose token this is, or None."""
         if type(token) is not str:
             return None
@@ -69,7 +75,7 @@ class Access:
                 found = name
         return found
 
-    def revoke_stale(self, conns) -> int:
+    def revoke_stale(self, conns: Iterable[Connection]) -> int:
         """After a reload: connections that are not authenticated by a token
         still listed (their token was removed, or auth was off when they
         connected) must authenticate again. Their next request is answered
@@ -86,7 +92,7 @@ class Access:
                 n += 1
         return n
 
-    def check(self, conn, msg: dict, op: str) -> None:
+    def check(self, conn: Connection, msg: dict[str, Any], op: str) -> None:
         """Raise the ProtocolError that answers ``msg`` instead, if any."""
         if self.auth:
             token = msg.get("token")

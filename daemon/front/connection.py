@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from ipc.framing import FrameDecoder, encode_frame
 from ipc.proxy import ProxyHeaderParser
@@ -70,18 +70,19 @@ class Connection(asyncio.Protocol):
                  "last_active", "frame_started", "proxy", "counted", "read_paused", "write_paused",
                  "turn_scheduled", "ident", "eof")
 
+    transport: asyncio.Transport  # from connection_made on, before any other call
+
     def __init__(self, gate: Gate, intake: Intake, loop: asyncio.AbstractEventLoop) -> None:
         self.gate = gate
         self.intake = intake
         self.loop = loop
         self.decoder = FrameDecoder(gate.max_frame_bytes, gate.frame_limits)
-        self.transport = None
         self.closed = False
-        self.peer = None
+        self.peer: Any = None  # the transport's peername
         self.host = "?"
         # the client name once a valid token was presented (daemon/front/access.py)
-        self.client = None
-        self.cred = None     # that token, so a reload that revokes it can tell
+        self.client: str | None = None
+        self.cred: bytes | None = None  # that token, so a reload that revokes it can tell
         self.reauth = False  # a reload changed [auth] under it (daemon/front/access.py)
         self.close_after_answer = False
         self.inflight = 0    # infer requests accepted and not yet answered
@@ -107,8 +108,8 @@ class Connection(asyncio.Protocol):
         self.client, self.cred = name, cred
         self.ident = ("client", name) if name is not None else ("ip", self.host)
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # a stream's (asyncio's or uvloop's)
         self.peer = transport.get_extra_info("peername")
         if self.peer:
             self.set_host(str(self.peer[0]))
@@ -145,7 +146,9 @@ class Connection(asyncio.Protocol):
     def _proxy_header(self, data: bytes) -> bytes:
         """Feed the PROXY header parser; the bytes after the header, if any."""
         try:
-            res = self.proxy.feed(data)
+            proxy = self.proxy
+            assert proxy is not None  # only while a PROXY header is awaited
+            res = proxy.feed(data)
         except ProtocolError as e:
             self.proxy = None
             self.gate.opened(self, proxy_failed=True)
@@ -296,6 +299,6 @@ class Connection(asyncio.Protocol):
         elif not self.eof:
             self.transport.resume_reading()
 
-    def connection_lost(self, exc) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.gate.closed(self)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from collections.abc import Callable
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
@@ -49,7 +50,7 @@ class Closed(StrEnum):
 
 class Gate:
     def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop, serving: Serving,
-                 counts: ConnCounts, log_warning) -> None:
+                 counts: ConnCounts, log_warning: Callable[[str, int], None]) -> None:
         self.loop = loop
         self.serving = serving
         self.counts = counts

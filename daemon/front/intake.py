@@ -207,9 +207,9 @@ class Intake:
                 return
         refused = q.submit(req, conn.ident)
         if refused is not None:
-            self.refused(q, req, refused)
+            self.refused(q, req, refused, conn)
 
-    def refused(self, q: ModelQueue, req: Pending, why: Refused) -> None:
+    def refused(self, q: ModelQueue, req: Pending, why: Refused, conn: Connection) -> None:
         """The queue did not take ``req``: its fallback answers, or the error."""
         if why is Refused.NO_WORKER:
             status = int(Status.UNAVAILABLE)
@@ -218,7 +218,7 @@ class Intake:
                    f"(workers: {states}); retry shortly")
         elif why is Refused.FAIR_SHARE:
             status = int(Status.RESOURCE_EXHAUSTED)
-            client = req.conn.ident
+            client = conn.ident
             err = (f"model {q.name!r} version {q.version!r} is busy: its queue is more than "
                    f"half full and this client already holds its share of it ("
                    f"{q.held.get(client, 0)} of queue_limit = {q.limit}, shared by "
@@ -238,8 +238,10 @@ class Intake:
 
     def cached(self, q: ModelQueue, req: Pending) -> bool:
         """Answer ``req`` from the response cache if it can be (a hit)."""
-        k = q.cache.key(req.data)
-        outputs = q.cache.get(k)
+        cache, data = q.cache, req.data
+        assert cache is not None and data is not None  # a caching model's new request
+        k = cache.key(data)
+        outputs = cache.get(k)
         if outputs is None:
             q.stats.cache["miss"] += 1
             req.ckey = k

@@ -21,8 +21,13 @@ from __future__ import annotations
 
 import os
 import resource
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from ipc.framing import FrameLimits
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import Config, ModelConfig
 
 # Head-room over a valid request's needs: clients may add fields later
 # (protocol.md allows it), and the cost of a few dozen objects is nothing.
@@ -57,7 +62,7 @@ def _input_needs(shape: tuple[int, ...]) -> tuple[int, int, int]:
     return max(listed, 3 + len(shape)), max(longest, len(shape)), max(len(shape), 2)
 
 
-def frame_limits(models) -> FrameLimits:
+def frame_limits(models: Iterable[ModelConfig]) -> FrameLimits:
     elements, array, depth, keys = 0, 16, 4, 16
     for m in models:
         need = 16 + len(m.inputs)  # the request map and the inputs map
@@ -73,12 +78,12 @@ def frame_limits(models) -> FrameLimits:
                        max_depth=depth + 2)
 
 
-def own_fds(cfg) -> int:
+def own_fds(cfg: Config) -> int:
     workers = sum(len(m.devices) for m in cfg.models)
     return FDS_BASE + FDS_PER_WORKER * workers
 
 
-def raise_nofile(cfg) -> tuple[int, str | None]:
+def raise_nofile(cfg: Config) -> tuple[int, str | None]:
     """Raise the soft descriptor limit as far as ``max_connections`` needs
     (never above the hard limit). Returns (connections the daemon can
     serve, a warning for the log or None)."""

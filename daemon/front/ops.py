@@ -77,7 +77,8 @@ class Ops:
         if not (type(ref) is int and ref >= 0 or type(ref) is str and ref):
             raise InvalidArgument("feedback needs 'ref': the 'rid' of an earlier answer "
                                   "(unsigned int) or the routing key it was sent with (string)")
-        if type(outcome) not in (int, float) or not abs(outcome) <= MAX_OUTCOME:
+        if (not isinstance(outcome, (int, float)) or type(outcome) is bool
+                or not abs(outcome) <= MAX_OUTCOME):
             raise InvalidArgument(f"feedback needs 'outcome', a finite number of magnitude at "
                                   f"most {MAX_OUTCOME:g} (label, click 0/1, reward), got "
                                   f"{brief(outcome)}")

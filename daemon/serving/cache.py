@@ -17,11 +17,13 @@ from __future__ import annotations
 import collections
 import hashlib
 import time
+from collections.abc import Callable, Iterable
+from typing import Any
 
 ENTRY_OVERHEAD = 200  # bytes of Python objects per entry, counted against the bound
 
 
-def inputs_digest(data, digest_size: int) -> bytes:
+def inputs_digest(data: Iterable[bytes | memoryview], digest_size: int) -> bytes:
     """BLAKE2b of a request's input bytes, every input in order: the cache
     key here, the ``features`` field of the request log."""
     h = hashlib.blake2b(digest_size=digest_size)
@@ -30,14 +32,14 @@ def inputs_digest(data, digest_size: int) -> bytes:
     return h.digest()
 
 
-def outputs_nbytes(outputs: dict) -> int:
+def outputs_nbytes(outputs: dict[str, Any]) -> int:
     if "data" in outputs:
         return len(outputs["data"])
     return sum(len(t["data"]) for t in outputs.values())
 
 
 class ResponseCache:
-    def __init__(self, ttl_s: float, max_bytes: int, clock=time.monotonic):
+    def __init__(self, ttl_s: float, max_bytes: int, clock: Callable[[], float] = time.monotonic):
         self.ttl_s = ttl_s
         self.max_bytes = max_bytes
         self.clock = clock
@@ -46,7 +48,7 @@ class ResponseCache:
         self.nbytes = 0
 
     @staticmethod
-    def key(data) -> bytes:
+    def key(data: Iterable[bytes | memoryview]) -> bytes:
         return inputs_digest(data, 16)
 
     def get(self, key: bytes) -> dict | None:

@@ -69,12 +69,19 @@ from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ipc.status import Status
 from ipc.tensors import non_finite_rows, not_finite_error
 
 from ..rollout.guardrails import FALLBACK
 from .answers import claim, error, ok
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import FallbackConfig, ModelConfig
+    from .queue import ModelQueue
+    from .request import Inputs, Pending
 
 NO_WORKER, QUEUE_FULL, DEADLINE_NEAR, MODEL_ERROR = (
     "no_worker", "queue_full", "deadline_near", "model_error")
@@ -85,7 +92,7 @@ _DEADLINE = int(Status.DEADLINE_EXCEEDED)
 _monotonic_ns = time.monotonic_ns
 
 
-def wire_outputs(model_cfg, consts) -> dict:
+def wire_outputs(model_cfg: ModelConfig, consts: tuple[tuple[str, bytes], ...]) -> dict[str, Any]:
     """A constant fallback's outputs in the answer's form: one tensor map
     for a model that declares ``output``, else name -> tensor map."""
     specs = dict(model_cfg.outputs)
@@ -94,7 +101,7 @@ def wire_outputs(model_cfg, consts) -> dict:
     return next(iter(maps.values())) if model_cfg.single_output else maps
 
 
-def wire_defaults(model_cfg) -> dict | None:
+def wire_defaults(model_cfg: ModelConfig) -> dict[str, Any] | None:
     """name -> tensor map of each input that declares a default (what
     ``fill_inputs`` puts in place of an omitted one); None without any."""
     out = {n: {"dtype": s.dtype, "shape": list(s.shape), "data": s.default}
@@ -102,13 +109,16 @@ def wire_defaults(model_cfg) -> dict | None:
     return out or None
 
 
-def fill_inputs(obj, q, decode):
+def fill_inputs(obj: Any, q: ModelQueue, decode: Callable[..., Inputs]
+                ) -> tuple[Inputs, list[str]] | None:
     """A request's ``inputs`` with the omitted ones that have a default put
     in: ``(data, names defaulted)``, or None when that does not make it
     whole (an input without a default is missing, or the inputs are wrong
     in another way) and the caller raises the codec's own error. ``decode``
     is ``ipc.tensors.decode_inputs``; only called after it refused ``obj``."""
     defaults = q.defaults
+    if defaults is None:
+        return None
     if obj is None:
         obj = {}
     elif type(obj) is not dict or ("data" in obj and "dtype" in obj):
@@ -127,13 +137,15 @@ def fill_inputs(obj, q, decode):
 class Fallback:
     """The fallback of one model version (its ``ModelQueue.fallback``)."""
 
-    def __init__(self, cfg, primary, count_rejected):
+    def __init__(self, cfg: FallbackConfig, primary: ModelQueue,
+                 count_rejected: Callable[[int], None]):
         self.cfg = cfg
         self.primary = primary
         self.on = frozenset(cfg.on)
         self.by = cfg.version or CONSTANT
         self.constant = wire_outputs(primary.cfg, cfg.outputs) if cfg.outputs is not None else None
-        self.target = None   # the fallback version's ModelQueue (App._set_fallbacks)
+        # the fallback version's ModelQueue (App._set_fallbacks)
+        self.target: ModelQueue | None = None
         self.limit = cfg.queue_limit
         self.live = True     # False once the daemon drains
         self.count_rejected = count_rejected
@@ -162,7 +174,7 @@ class Fallback:
                 f"model {p.name!r} version {p.version!r} ({self._p95_ns / 1e6:g} ms); raise "
                 "deadline_ms or reduce load")
 
-    def take(self, req, reason: str, status: int, message: str) -> bool:
+    def take(self, req: Pending, reason: str, status: int, message: str) -> bool:
         """Answer ``req`` from the fallback for ``reason``, instead of the
         error (``status``, ``message``) the primary would give; False, with
         nothing changed, when the fallback does not cover the reason or
@@ -195,7 +207,7 @@ class Fallback:
         req.shadow = req.ckey = None  # a fallback answer is never mirrored nor cached
         return True
 
-    def _refused_nan(self, req) -> bool:
+    def _refused_nan(self, req: Pending) -> bool:
         """A NaN/Inf the primary's per-batch check would have refused and
         nobody will check now (a constant answers at once; a fallback version
         whose inputs are checked per request, drift on, does not check its
@@ -204,8 +216,10 @@ class Fallback:
         if not checks or req.dispatched or (self.target is not None and
                                             self.target.finite_checks):
             return False
+        data = req.data
+        assert data is not None  # not dispatched: it still holds its bytes
         for k, dtype, elems, where in checks:
-            bad = non_finite_rows(req.data[k], dtype, 1, elems)
+            bad = non_finite_rows(data[k], dtype, 1, elems)
             if bad:
                 index, value = bad[0]
                 e = not_finite_error(index, value, where)
@@ -215,7 +229,7 @@ class Fallback:
         return False
 
     # -- the answer -------------------------------------------------------------------
-    def finish(self, req, answer: dict, reason: str, queue) -> None:
+    def finish(self, req: Pending, answer: dict[str, Any], reason: str, queue: ModelQueue) -> None:
         """Send a fallback answer (``req`` claimed) and count it apart;
         ``queue`` holds the request (``release``)."""
         queue.release(req)
@@ -263,14 +277,14 @@ class Via:
         self.status = status
         self.message = message
 
-    def answered(self, req, outputs, timing: dict) -> None:
+    def answered(self, req: Pending, outputs: dict[str, Any], timing: dict[str, int]) -> None:
         """The fallback version's OK result (``ModelQueue.complete_batch``;
         ``req`` claimed)."""
         fb, t = self.fallback, req.queue
         fb.finish(req, ok(req, outputs, fb.primary.name, t.version, t.data_version, timing,
                           self.reason), self.reason, t)
 
-    def failed(self, req, status: int, message: str) -> None:
+    def failed(self, req: Pending, status: int, message: str) -> None:
         """The fallback version could not answer either
         (``Pending.answer_error``; ``req`` claimed): the ordinary
         error, answered and counted as the primary's."""

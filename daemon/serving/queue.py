@@ -39,19 +39,31 @@ import collections
 import heapq
 import itertools
 import time
+from collections.abc import Callable
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from ipc.status import Status
+from ipc.status import ProtocolError, Status
 
 from ..observe.stats import ModelStats
 from ..workers.state import WorkerState
 from .answers import claim, error, ok
 from .fallback import MODEL_ERROR, NO_WORKER
-from .request import SHADOW, Pending
+from .request import SHADOW, Client, Pending
 
 if TYPE_CHECKING:  # pragma: no cover
+    import asyncio
+
+    from ipc.tensors import TensorSpec
+
+    from ..config import ModelConfig
+    from ..observe.drift import DriftTracker
+    from ..observe.feedback import FeedbackJoin
+    from ..observe.reqlog import RequestLog
     from ..workers.port import WorkerPort
+    from ..workers.spec import TensorDecl
+    from .cache import ResponseCache
+    from .fallback import Fallback
 
 _monotonic_ns = time.monotonic_ns
 class Refused(StrEnum):
@@ -72,14 +84,14 @@ WAITING_S = 1.0
 WAITING_NS = int(WAITING_S * 1e9)
 
 
-def loop_time_at(loop, monotonic_ns: int) -> float:
+def loop_time_at(loop: asyncio.AbstractEventLoop, monotonic_ns: int) -> float:
     """The event loop's clock reading at a ``time.monotonic_ns()`` instant.
     Converted relative to now: uvloop's clock is libuv's, which need not share
     time.monotonic()'s origin or resolution."""
     return loop.time() + (monotonic_ns - _monotonic_ns()) / 1e9
 
 
-def _owned(outputs: dict) -> dict:
+def _owned(outputs: dict[str, Any]) -> dict[str, Any]:
     """A copy of an answer's outputs that owns its bytes (the answer's own
     ``data`` are views of a result slot that is about to be reused)."""
     if "data" in outputs:
@@ -101,11 +113,11 @@ class Deadlines:
 
     COMPACT_MIN = 4096
 
-    def __init__(self, loop):
+    def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        self.heap: list = []
+        self.heap: list[tuple[int, int, Pending]] = []
         self.seq = itertools.count()
-        self.timer = None
+        self.timer: asyncio.TimerHandle | None = None
         self.timer_at = 0
         self._compact_at = self.COMPACT_MIN
 
@@ -140,7 +152,8 @@ class Deadlines:
 class ModelQueue:
     """The queue and workers of one model version."""
 
-    def __init__(self, model_cfg, loop, deadlines: Deadlines, lane: str = "stable"):
+    def __init__(self, model_cfg: ModelConfig, loop: asyncio.AbstractEventLoop,
+                 deadlines: Deadlines, lane: str = "stable"):
         self.cfg = model_cfg
         self.name = model_cfg.name
         self.version = model_cfg.version
@@ -164,30 +177,38 @@ class ModelQueue:
             self.bucket_for[n] = self.buckets[b]
         self.q: collections.deque[Pending] = collections.deque()
         self.queued = 0  # live (unanswered) requests in q
-        self.held: dict = {}  # client -> its unanswered requests here, queued or running
-        self.waiting: dict = {}  # client -> when it was last refused for a full queue (ns)
+        # client -> its unanswered requests here, queued or running
+        self.held: dict[Client, int] = {}
+        # client -> when it was last refused for a full queue (ns)
+        self.waiting: dict[Client, int] = {}
         self._pruned = 0
         self.workers: list[WorkerPort] = []
         self.has_ready = False  # any worker ready: kept by worker_changed, read per request
         self.stats = ModelStats(self.buckets)
-        self.window_timer = None
-        self.outputs = []  # TensorDecl list, learned from the first worker
+        self.window_timer: asyncio.TimerHandle | None = None
+        self.outputs: list[TensorDecl] = []  # TensorDecl list, learned from the first worker
         self.single_output = True
-        self.on_idle = None  # called when nothing is queued or in flight (drain)
-        self.joins = None  # FeedbackJoin: OK answers are remembered for feedback
-        self.observer = None  # guardrail of a rollout: observer(lane, status, latency_us)
+        # called when nothing is queued or in flight (drain)
+        self.on_idle: Callable[[], None] | None = None
+        # FeedbackJoin: OK answers are remembered for feedback
+        self.joins: FeedbackJoin | None = None
+        # guardrail of a rollout: observer(lane, status, latency_us)
+        self.observer: Callable[[str, int, int], None] | None = None
         self.shadow_q: collections.deque[Pending] = collections.deque()
         self.shadow_queued = 0
         self.shadow_limit = 0  # set when a [[shadows]] entry names this version
-        self.cache = None  # ResponseCache when the model has cache = true
-        self.drift = None  # DriftTracker when the model has drift = true
-        self.reqlog = None  # RequestLog, when [request_log] is enabled
+        self.cache: ResponseCache | None = None  # ResponseCache when the model has cache = true
+        self.drift: DriftTracker | None = None  # DriftTracker when the model has drift = true
+        self.reqlog: RequestLog | None = None  # RequestLog, when [request_log] is enabled
         # (input index, dtype, elements per sample, where) of the float inputs
         # whose NaN/Inf check runs once per batch (WorkerPort.submit_batch)
-        self.finite_checks: tuple = ()
+        self.finite_checks: tuple[tuple[int, str, int, str], ...] = ()
         # Fallback (daemon/serving/fallback.py), when the entry has [models.fallback]
-        self.fallback = None
-        self.defaults = None  # input name -> wire tensor map of the inputs with a default
+        self.fallback: Fallback | None = None
+        # (name, spec) of each declared input, in order: what decode_inputs checks against
+        self.specs: tuple[tuple[str, TensorSpec], ...] = ()
+        # input name -> wire tensor map of the inputs with a default
+        self.defaults: dict[str, Any] | None = None
         # Answers here may need more than the plain OK answer: requests with
         # defaulted inputs, with a fallback (their input bytes are kept until
         # the answer), or moved here by another version's fallback. Set by
@@ -195,10 +216,10 @@ class ModelQueue:
         self.special = False
 
     # -- intake ------------------------------------------------------------
-    def ready_workers(self):
+    def ready_workers(self) -> list[WorkerPort]:
         return [w for w in self.workers if w.state == WorkerState.READY]
 
-    def submit(self, req: Pending, client=None) -> Refused | None:
+    def submit(self, req: Pending, client: Client | None = None) -> Refused | None:
         """Queue a request; returns why instead when it cannot be taken:
         QUEUE_FULL, FAIR_SHARE (see below) or NO_WORKER.
 
@@ -242,10 +263,10 @@ class ModelQueue:
         self.dispatch()
         return None
 
-    def _waiting(self, client, now: int) -> None:
+    def _waiting(self, client: Client, now: int) -> None:
         self.waiting[client] = now
 
-    def _clients(self, client, mine: int, now: int) -> int:
+    def _clients(self, client: Client, mine: int, now: int) -> int:
         """How many clients share the queue now (``submit``'s n)."""
         waiting = self.waiting
         if waiting and now - self._pruned > WAITING_NS // 4:
@@ -276,8 +297,8 @@ class ModelQueue:
             q.popleft()
         return q[0] if q else None
 
-    def _pick_worker(self, oldest: Pending):
-        """(worker, why) for the next batch, or (None, None) to wait."""
+    def _pick_worker(self, oldest: Pending) -> tuple[WorkerPort | None, str]:
+        """(worker, why) for the next batch, or (None, "") to wait."""
         best = None
         for w in self.workers:
             if w.state != WorkerState.READY:
@@ -288,7 +309,7 @@ class ModelQueue:
             if w.free_slots and (best is None or inflight < best.in_flight):
                 best = w
         if best is None:
-            return None, None
+            return None, ""
         if self.queued >= self.max_batch:
             return best, "full"
         now = _monotonic_ns()
@@ -301,7 +322,7 @@ class ModelQueue:
         if self.window_timer is None:
             at = min(oldest.arrival + self.window_ns, oldest.deadline - self.window_ns)
             self.window_timer = self.loop.call_at(loop_time_at(self.loop, at), self._window_passed)
-        return None, None
+        return None, ""
 
     def _window_passed(self) -> None:
         self.window_timer = None
@@ -334,7 +355,7 @@ class ModelQueue:
     def _take(self, q: collections.deque) -> list[Pending]:
         """Up to max_batch live requests from the front of ``q`` (requests
         already answered, by their deadline, are skipped)."""
-        batch = []
+        batch: list[Pending] = []
         mb = self.max_batch
         while q and len(batch) < mb:
             r = q.popleft()
@@ -355,14 +376,16 @@ class ModelQueue:
                 w.submit_batch(batch, self.bucket_for[len(batch)])
 
     # -- completion ------------------------------------------------------------
-    def set_outputs(self, outputs, single: bool) -> None:
+    def set_outputs(self, outputs: list[TensorDecl], single: bool) -> None:
         self.outputs = outputs
         self.single_output = single
         # (name, dtype, shape) of each output, built once: answers only add data
         self._out_meta = [(t.name, t.dtype, list(t.shape)) for t in outputs]
 
-    def complete_batch(self, batch, out_mvs, out_nbytes, status, compute_ns, err, t_sub, bucket,
-                       ran: int = 0, ran_bucket: int = 0, lead: bool = True):
+    def complete_batch(self, batch: list[Pending], out_mvs: list[memoryview],
+                       out_nbytes: tuple[int, ...] | list[int], status: int, compute_ns: int,
+                       err: str | None, t_sub: int, bucket: int, ran: int = 0,
+                       ran_bucket: int = 0, lead: bool = True) -> None:
         """Answer every request of a finished batch from the result slot.
 
         Output bytes go from shared memory straight into the answer frame:
@@ -400,7 +423,8 @@ class ModelQueue:
             if single:
                 nb = out_nbytes[0]
                 _, dt, shape = meta[0]
-                outputs = {"dtype": dt, "shape": shape, "data": out_mvs[0][i * nb:(i + 1) * nb]}
+                outputs: dict[str, Any] = {"dtype": dt, "shape": shape,
+                                           "data": out_mvs[0][i * nb:(i + 1) * nb]}
             else:
                 outputs = {}
                 for k, (oname, dt, shape) in enumerate(meta):
@@ -414,7 +438,7 @@ class ModelQueue:
             finished(r, OK, ok(r, outputs, name, version, data_version, timing))
             if r.lane is shadow_lane:
                 continue
-            if r.ckey is not None:
+            if r.ckey is not None and cache is not None:
                 cache.put(r.ckey, _owned(outputs))
             if joined is not None:
                 joined(r.rid, name, version, r.lane, r.arm, r.key, now)
@@ -457,7 +481,7 @@ class ModelQueue:
         if req.client is not None:
             self.unhold(req.client)
 
-    def unhold(self, client) -> None:
+    def unhold(self, client: Client) -> None:
         """``release``'s share part alone: a request moved to a fallback
         version gives its client's place here back (daemon/serving/fallback.py)."""
         held = self.held
@@ -477,7 +501,7 @@ class ModelQueue:
             return
         req.answer_error(status, message)
 
-    def refuse(self, req: Pending, err) -> None:
+    def refuse(self, req: Pending, err: ProtocolError) -> None:
         """Answer an accepted request with a ProtocolError found after it was
         queued (a NaN in its row): logged like every answer, counted as
         rejected input by the caller, and neither the model's answer in its

@@ -4,7 +4,30 @@ sampler, which both make requests, need not import each other."""
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+from typing import TYPE_CHECKING, Any, Protocol
+
 from .answers import claim, error
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .fallback import Fallback, Via
+    from .queue import ModelQueue
+    from .shadow import Shadow
+
+# A request's input bytes, one part per declared input, in order.
+Inputs = list[bytes]
+# Who holds a place in a queue's fair share: a connection's ("client", name)
+# or ("ip", host), or a Fallback for what it moved to its version.
+Client = Hashable
+
+
+class Sink(Protocol):
+    """Where a request's answer goes: a client's connection, or the Shadow
+    that mirrored it; ``inflight`` is the connection's cap count."""
+
+    inflight: int
+
+    def send(self, answer: dict[str, Any]) -> None: ...
 
 SHADOW = "shadow"  # the lane of mirrored requests; they are never answered to anyone
 
@@ -16,7 +39,9 @@ class Pending:
                  "lane", "arm", "key", "shadow", "sdata", "log", "ckey", "client", "fb", "via",
                  "defaulted")
 
-    def __init__(self, req_id, conn, data, arrival, deadline, queue, rid, lane, arm, key):
+    def __init__(self, req_id: Any, conn: Sink, data: Inputs | None, arrival: int,
+                 deadline: int, queue: ModelQueue, rid: int, lane: str, arm: str | None,
+                 key: str | None):
         self.id = req_id
         self.lane = lane
         self.arm = arm
@@ -29,18 +54,21 @@ class Pending:
         self.queue = queue
         self.rid = rid
         self.dispatched = 0
-        self.shadow = None  # the Shadow to mirror this request to once answered
+        self.shadow: Shadow | None = None  # the Shadow to mirror this request to once answered
         # its input bytes, kept for the mirror or the fallback (``data`` is dropped)
-        self.sdata = None
-        self.log = None     # (input bytes, exp) when the request log samples this request
-        self.ckey = None    # response-cache key, when the model caches and this was a miss
-        self.client = None  # who holds it in ModelQueue.held, once queued
+        self.sdata: Inputs | None = None
+        # (features hash, exp) when the request log samples this request
+        self.log: tuple[str, Any] | None = None
+        # response-cache key, when the model caches and this was a miss
+        self.ckey: bytes | None = None
+        self.client: Client | None = None  # who holds it in ModelQueue.held, once queued
         # daemon/serving/fallback.py: the Fallback that may answer it (routed, not
         # pinned, to a version that has one); once moved to a fallback
         # version, the Via that answers it from there (and fb is None).
-        self.fb = None
-        self.via = None
-        self.defaulted = None  # names of the inputs it omitted and got the default of
+        self.fb: Fallback | None = None
+        self.via: Via | None = None
+        # names of the inputs it omitted and got the default of
+        self.defaulted: list[str] | None = None
 
     def answer_error(self, status: int, message: str) -> None:
         if not claim(self):

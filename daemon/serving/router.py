@@ -31,6 +31,10 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import Config
 
 BUCKETS = 10000
 STABLE = "stable"
@@ -127,7 +131,7 @@ class RoutingTable:
         return self.default_version[model], STABLE, arm
 
     @classmethod
-    def from_config(cls, cfg, weights: dict[str, float] | None = None,
+    def from_config(cls, cfg: Config, weights: dict[str, float] | None = None,
                     routed: dict[str, list] | None = None) -> "RoutingTable":
         """Build from a Config. ``weights`` (rollout model -> weight) overrides
         the configured stage: what the rollout state says now (auto-advanced,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import random
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -34,22 +35,31 @@ from ..observe.stats import LatencyWindow
 from .request import SHADOW, Pending
 from .router import BUCKETS, bucket
 
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import ShadowConfig
+    from .queue import ModelQueue
+
 _monotonic_ns = time.monotonic_ns
 
 
-def _array(data, dtype: str):
+def _array(data: bytes | memoryview, dtype: str) -> np.ndarray:
     n = len(data) // DTYPES[dtype].itemsize
     return to_numpy({"dtype": dtype, "shape": [n], "data": data}).astype(np.float64)
 
 
 class Shadow:
-    def __init__(self, cfg, deadline_ns: int):
+    # A mirror's Sink count (serving/request.py): mirrors are answered to the
+    # Shadow, never released against a connection's cap, so it stays 0.
+    inflight = 0
+
+    def __init__(self, cfg: ShadowConfig, deadline_ns: int):
         self.cfg = cfg
         self.model = cfg.model
         self.candidate = cfg.candidate
         self.threshold = int(round(cfg.sample_rate * BUCKETS))
         self.deadline_ns = deadline_ns
-        self.queue = None  # the candidate's ModelQueue, set by the app (start, reload)
+        # the candidate's ModelQueue, set by the app (start, reload)
+        self.queue: ModelQueue | None = None
         self._rand = random.Random()
         self._seq = 0
         self.waiting: dict[int, tuple] = {}  # mirror id -> (t_sent_ns, primary bytes, dtype)
@@ -68,7 +78,7 @@ class Shadow:
         b = bucket(self.cfg.salt, key) if key is not None else self._rand.randrange(BUCKETS)
         return b < self.threshold
 
-    def mirror(self, req, primary_out, dtype: str) -> None:
+    def mirror(self, req: Pending, primary_out: bytes | memoryview, dtype: str) -> None:
         """Send a copy of an answered request to the candidate."""
         q = self.queue
         if q is None:
