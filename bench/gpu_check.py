@@ -13,8 +13,8 @@ measured what matters most first:
 1. ``env``: torch, CUDA, the device, package versions, the locked-memory
    limit (cudaHostRegister needs it), and which front path runs (the pure
    Python one unless a compiled extension is in the checkout and imports).
-2. ``cuda_tests``: ``pytest tests/integration/test_cuda.py
-   tests/unit/test_runtime_devices.py`` with ``RINGSERVE_REQUIRE=cuda``, so
+2. ``cuda_tests``: ``pytest tests/integration/workers/test_cuda.py
+   tests/unit/workers/test_runtime_devices.py`` with ``RINGSERVE_REQUIRE=cuda``, so
    that a missing CUDA fails them instead of skipping them.
 3. ``inprocess_demo``: forward times per bucket (1, 8, max_batch), eager,
    ``compile = "default"`` and ``"reduce-overhead"``, float32 and bfloat16
@@ -43,7 +43,7 @@ Without CUDA (or with ``--cpu-smoke``) the same steps run on the CPU:
 in-process timings (eager only, unless ``--modes`` says otherwise:
 torch.compile takes seconds per graph there), the daemon on ``cpu``, kill -9
 of its worker; the CUDA tests are skipped. That run takes about half a
-minute on two cores (tests/integration/test_gpu_check.py runs it).
+minute on two cores (tests/integration/bench/test_gpu_check.py runs it).
 
 Exit status: 0 every step ok (or skipped for a stated reason), 1 a step
 failed or could not run, 3 the run is incomplete (budget or interrupt).
@@ -298,12 +298,12 @@ _COUNTS = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|dese
 
 
 def step_cuda_tests(rec: Record, ctx: dict) -> dict:
-    files = ["tests/integration/test_cuda.py"]
+    files = ["tests/integration/workers/test_cuda.py"]
     env = dict(os.environ)
     if ctx["smoke"]:
         env.pop("RINGSERVE_REQUIRE", None)
     else:
-        files.append("tests/unit/test_runtime_devices.py")
+        files.append("tests/unit/workers/test_runtime_devices.py")
         env["RINGSERVE_REQUIRE"] = ",".join(
             x for x in (env.get("RINGSERVE_REQUIRE", ""), "cuda") if x)
     log = ctx["dir"] / "pytest.log"

@@ -1,4 +1,4 @@
-"""Helpers for the fault-path integration tests (tests/integration/test_drain.py,
+"""Helpers for the fault-path integration tests (tests/integration/supervisor/test_drain.py,
 test_worker_faults.py, ...): configs of the test models, the daemon's JSON
 log, an HTTP probe, and bounded polls. Nothing here mocks ringserve: the
 tests drive real daemons over real sockets."""

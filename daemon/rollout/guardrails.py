@@ -14,7 +14,7 @@ to fix):
   sequential probability ratio test (mSPRT, Robbins 1970; Johari et al.,
   "Always valid inference", 2017) on the difference of the two lanes, with a
   normal mixing distribution. Its false-rollback rate over the whole stage is
-  at most ``alpha`` (asymptotically; ``tests/unit/test_guardrails.py``
+  at most ``alpha`` (asymptotically; ``tests/unit/rollout/test_guardrails.py``
   measures it on A/A streams), however often it is checked. The data of a
   test is everything since the stage began, not a sliding window: a sliding
   window forgets and restarts, and a test restarted every window is no longer

@@ -213,7 +213,7 @@ def test_flags_win_over_the_job_file(tmp_path):
 
 
 def test_docs_options_table_matches_the_code():
-    doc = (Path(__file__).resolve().parents[2] / "docs" / "batch.md").read_text()
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "batch.md").read_text()
     table = doc.split("<!-- options:begin -->\n", 1)[1].split("\n<!-- options:end -->", 1)[0]
     assert table == cli.render_options(), \
         "docs/batch.md is stale: paste daemon.offline.cli.render_options() between the markers"

@@ -85,13 +85,13 @@ def test_compile_warm_up_compiles_every_bucket_before_ready(daemon_factory):
 def test_require_cuda_turns_the_cuda_tests_skips_into_failures():
     env = dict(os.environ, RINGSERVE_REQUIRE="node,cuda", CUDA_VISIBLE_DEVICES="")
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        "tests/integration/test_cuda.py"], cwd=REPO, env=env,
+                        "tests/integration/workers/test_cuda.py"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 1, p.stdout[-3000:]
     assert "4 failed" in p.stdout and "skipped" not in p.stdout.splitlines()[-1], p.stdout[-3000:]
     assert "RINGSERVE_REQUIRE names cuda, but CUDA is not available" in p.stdout
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        "tests/integration/test_cuda.py"], cwd=REPO,
+                        "tests/integration/workers/test_cuda.py"], cwd=REPO,
                        env=dict(env, RINGSERVE_REQUIRE="node"), capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 0 and "4 skipped" in p.stdout, p.stdout[-3000:]

@@ -2,7 +2,7 @@
 pinned memory, async copies, one synchronise per batch, torch.compile per
 bucket, a worker killed and restarted. Runs only where CUDA is available
 (the GPU machines); on the CPU the same worker code is exercised by every
-other integration test, and tests/integration/test_device_paths.py covers
+other integration test, and tests/integration/workers/test_device_paths.py covers
 the CUDA logic that needs no GPU.
 
 Skipped without CUDA, unless ``RINGSERVE_REQUIRE`` names ``cuda`` (as

@@ -33,7 +33,7 @@ from daemon.config import (
     render_reference,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_TOML = ROOT / "configs" / "default.toml"
 DOCS = ROOT / "docs" / "config.md"
 SRC = "t.toml"

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -132,7 +133,7 @@ def test_two_processes_with_eventfd_wakeups(ring):
         r.close()
     """)
     p = subprocess.Popen([sys.executable, "-c", child], pass_fds=(wake, done),
-                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+                         cwd=str(Path(__file__).resolve().parents[3]))
     try:
         sent = got = 0
         t_end = time.monotonic() + 30

@@ -5,7 +5,7 @@ documented. The exporter runs in-process on the figures of a real
 (unstarted) front App, merged as the supervisor merges them
 (daemon/observe/figures.py), so families appear whether or not they have
 samples yet; that each one gets samples from a real daemon is
-tests/integration/test_metrics.py's part."""
+tests/integration/observe/test_metrics.py's part."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from daemon.observe.figures import Figures, MachineView
 from daemon.rollout.controller import Rollouts
 from daemon.supervisor.metrics import MetricsServer
 
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
+DOCS = Path(__file__).resolve().parents[3] / "docs" / "operations.md"
 
 CONFIG = """
 [server]

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 
 from tests.conftest import REPO
-from tests.integration.test_metrics import sample, scrape
+from tests.integration.observe.test_metrics import sample, scrape
 
 DRIFTED = """
 [[models]]

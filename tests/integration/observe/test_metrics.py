@@ -165,7 +165,7 @@ def test_every_documented_family_is_scraped_with_its_documented_labels(daemon_fa
     lists (a rollout with guardrails, a shadow, the cache, drift, the request
     log, auth, overload, a per-address connection cap), scraped: every family
     has samples, and their label names are the documented ones."""
-    from tests.unit.test_metrics_docs import documented
+    from tests.unit.observe.test_metrics_docs import documented
     (tmp_path / "tokens").write_text(f"tester:{TOKEN}\n")
     (tmp_path / "tokens").chmod(0o600)
     d = daemon_factory(EVERY_FAMILY.format(tokens=tmp_path / "tokens"), token=TOKEN)

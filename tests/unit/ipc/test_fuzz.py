@@ -38,7 +38,7 @@ from ipc.framing import FrameDecoder, encode_frame
 from ipc.status import ProtocolError, Status
 from ipc.tensors import DTYPES, TensorSpec, decode_inputs, to_numpy, to_torch
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 # By hand, a longer hunt: RINGSERVE_FUZZ_EXAMPLES=5000, and RINGSERVE_FUZZ_RANDOM=1
 # for other inputs than CI's (hypothesis prints the seed of a failure, for

@@ -20,7 +20,7 @@ from clients.sync import Client
 from ipc.framing import encode_frame
 from tests.conftest import REPO, segment_creator, shm_segments
 from tests.faults import OK, UNAVAILABLE, X4, decisions, model, poll, server, sighup, slow_model
-from tests.integration.test_rollouts import GUARDED
+from tests.integration.rollout.test_rollouts import GUARDED
 from tests.wire import WireClient, out_array
 
 TWO = 'fronts = 2\n'
