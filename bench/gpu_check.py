@@ -558,7 +558,13 @@ def main(argv=None) -> int:
            "cuda": None}
     rec.save()
 
+    # Where the handler's exception lands inside an event loop's C callbacks
+    # (uvloop) it can be reported and swallowed instead of unwinding; the flag
+    # stops the run after that step all the same.
+    stopped: list[str] = []
+
     def on_term(signum, frame):
+        stopped.append("SIGTERM")
         raise Terminated("SIGTERM")
 
     def on_alarm(signum, frame):
@@ -594,6 +600,8 @@ def main(argv=None) -> int:
                 import traceback
                 out = {"status": "error", "error": f"{type(e).__name__}: {e}"[:3000],
                        "traceback": traceback.format_exc(limit=6)[-3000:]}
+            if stopped:
+                raise Terminated(stopped[0])
             res.update(out)
             res["elapsed_s"] = round(time.monotonic() - t0, 1)
             current = None
